@@ -1,0 +1,144 @@
+"""Write and read curated-sample WebDataset shards (see metamorph/data/schema.py).
+
+    python -c "from metamorph.data.shards import iter_samples; print(sum(1 for _ in iter_samples('runs/mix/KEY/mixture')))"
+
+Shards are plain POSIX tars readable by the `webdataset` library: per sample ``{key}.json`` and
+``{key}.{i}.{ext}``. Names are deterministic (``shard-{split}-{NNNNN}.tar``) and a shard is
+closed once it would exceed ``max_bytes`` or ``max_samples``, so a rerun on the same input writes
+byte-identical files. ``index.parquet`` lists every sample; readers trust it for counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from metamorph.data.schema import Sample, dumps
+
+INDEX_FILE = "index.parquet"
+QUARANTINE_FILE = "quarantine.jsonl"
+INDEX_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("family", pa.string()),
+        ("task", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.string()),
+        ("n_images", pa.int32()),
+    ]
+)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0  # deterministic bytes across reruns
+    ti.mode = 0o644
+    ti.uname = ti.gname = ""
+    return ti
+
+
+@dataclass
+class ShardWriter:
+    """Size-bounded, deterministic tar shards for one split. Use as a context manager."""
+
+    out_dir: Path
+    split: str
+    max_bytes: int = 64 * 2**20  # ~64 MB shards: large enough for streaming, small for retries
+    max_samples: int = 10_000
+    _tar: tarfile.TarFile | None = None
+    _n_shard: int = 0
+    _bytes: int = 0
+    _count: int = 0
+    rows: list[dict] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def _open(self) -> None:
+        name = f"shard-{self.split}-{self._n_shard:05d}.tar"
+        self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+        self.shards.append(name)
+        self._n_shard += 1
+        self._bytes = 0
+        self._count = 0
+
+    def write(self, sample: Sample, images: list[bytes]) -> None:
+        sample.validate()
+        if len(images) != len(sample.images):
+            raise ValueError(f"sample {sample.id}: {len(images)} image payloads for {len(sample.images)} refs")
+        size = sum(len(b) for b in images)
+        record = dumps(sample)
+        size += len(record)
+        if self._tar is None or (self._count > 0 and (self._bytes + size > self.max_bytes or self._count >= self.max_samples)):
+            self.close_shard()
+            self._open()
+        key = sample.key
+        assert self._tar is not None
+        self._tar.addfile(_tarinfo(f"{key}.json", len(record)), io.BytesIO(record))
+        for i, (ref, payload) in enumerate(zip(sample.images, images)):
+            self._tar.addfile(_tarinfo(f"{key}.{i}.{ref.ext}", len(payload)), io.BytesIO(payload))
+        self._bytes += size
+        self._count += 1
+        self.rows.append(
+            {
+                "id": sample.id,
+                "key": key,
+                "source": sample.source,
+                "family": sample.family,
+                "task": sample.task,
+                "split": sample.split,
+                "shard": self.shards[-1],
+                "n_images": len(images),
+            }
+        )
+
+    def close_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close_shard()
+
+
+def write_index(out_dir: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    pq.write_table(table, Path(out_dir) / INDEX_FILE)
+
+
+def read_index(out_dir: Path) -> pa.Table:
+    return pq.read_table(Path(out_dir) / INDEX_FILE)
+
+
+def list_shards(out_dir: Path, split: str | None = None) -> list[Path]:
+    pattern = f"shard-{split}-*.tar" if split else "shard-*.tar"
+    return sorted(Path(out_dir).glob(pattern))
+
+
+def iter_samples(out_dir: Path | str, split: str | None = None) -> Iterator[tuple[Sample, list[bytes]]]:
+    """Yield (sample, image payloads) from the shards under ``out_dir`` (via ``webdataset``)."""
+    import webdataset as wds
+
+    urls = [str(p) for p in list_shards(Path(out_dir), split)]
+    if not urls:
+        return
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    for rec in ds:
+        sample = Sample.from_json(json.loads(rec["json"]))
+        images = [rec[f"{i}.{ref.ext}"] for i, ref in enumerate(sample.images)]
+        yield sample, images

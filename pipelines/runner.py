@@ -1,0 +1,389 @@
+"""The engine: plan a run (what is cached, what must run), then execute the DAG on Ray.
+
+    metamorph run --preset smoke            # the CLI drives this module
+
+Each stage runs in its own driver thread (its Ray Data / Ray Train work is distributed by Ray);
+independent stages overlap up to ``engine.max_parallel_stages``. A stage that raises is recorded
+as a ``failed`` child run; nothing downstream of it starts; stages on other branches finish; what
+finished stays promoted, so the next invocation resumes from there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import queue
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from pipelines import cache
+from pipelines.config import LoadedConfig, flatten, to_plain
+from pipelines.graph import Dag, GraphError, Pipeline, build_dag, select
+from pipelines.stage import StageContext, TrackingHandle
+
+RUN, CACHED, SKIP = "run", "cached", "skip"
+
+
+class StageFailed(RuntimeError):
+    """One or more stages raised; the message lists them. Upstream outputs are kept."""
+
+    def __init__(self, failures: dict[str, BaseException], blocked: list[str]):
+        self.failures = failures
+        self.blocked = blocked
+        lines = [f"stage {n!r} failed: {type(e).__name__}: {e}" for n, e in failures.items()]
+        if blocked:
+            lines.append(f"not run because an upstream stage failed: {blocked}")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class PlanItem:
+    name: str
+    key: str
+    action: str  # run | cached | skip
+    reason: str
+    out_dir: Path
+
+
+@dataclass
+class RunSummary:
+    parent_run_id: str | None
+    statuses: dict[str, str] = field(default_factory=dict)  # stage -> ran | cached | failed | blocked
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    out_dirs: dict[str, Path] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, pipeline: Pipeline, loaded: LoadedConfig):
+        self.pipeline = pipeline
+        self.loaded = loaded
+        self.run_root = loaded.run_root
+        self.stage_cfgs = {s.name: loaded.stage(s.name) for s in pipeline.stages}
+        self.dag: Dag = build_dag(pipeline, self.stage_cfgs)
+        self.keys: dict[str, str] = {}
+        self.external: dict[str, dict[str, Any]] = {}
+        for n in self.dag.order:
+            stage = self.dag.stages[n]
+            cfg = self.stage_cfgs[n]
+            self.external[n] = stage.fingerprint(cfg)
+            upstream = {a: self.keys[self.dag.producer[a]] for a in self.dag.inputs[n]}
+            self.keys[n] = cache.cache_key(
+                n,
+                stage.version,
+                cache.cache_config(cfg, stage.operational),
+                upstream,
+                self.external[n],
+            )
+
+    # ------------------------------------------------------------------ planning
+    def out_dir(self, name: str) -> Path:
+        return cache.stage_dirs(self.run_root, name, self.keys[name])[0]
+
+    def artifact_dir(self, artifact: str) -> Path:
+        return self.out_dir(self.dag.producer[artifact]) / artifact
+
+    def plan(
+        self,
+        only: Iterable[str] = (),
+        from_: str | None = None,
+        until: str | None = None,
+        force: Iterable[str] = (),
+    ) -> list[PlanItem]:
+        selected = select(self.dag, only, from_, until)
+        force = list(force)
+        forced: set[str] = set()
+        for f in force:
+            if f in ("all", "*"):
+                forced |= selected
+            elif f not in self.dag.stages:
+                raise GraphError(f"--force names unknown stage {f!r}; stages: {self.dag.order}")
+            elif f not in selected:
+                raise GraphError(f"--force {f!r}: that stage is not selected by --only/--from/--until")
+            else:
+                forced.add(f)
+        items: dict[str, PlanItem] = {}
+        dirty: set[str] = set()
+        for n in self.dag.order:
+            out = self.out_dir(n)
+            complete = cache.is_complete(out, self.keys[n])
+            ups = self.dag.upstream(n)
+            if n not in selected:
+                items[n] = PlanItem(n, self.keys[n], SKIP, "not selected" + (" (cached)" if complete else ""), out)
+                continue
+            if n in forced:
+                action, reason = RUN, "forced"
+            elif any(u in dirty for u in ups):
+                action, reason = RUN, "upstream reruns"
+            elif complete:
+                action, reason = CACHED, "manifest present"
+            else:
+                ckpt = cache.stage_dirs(self.run_root, n, self.keys[n])[2]
+                resumable = self.dag.stages[n].resumable and ckpt.exists() and any(ckpt.iterdir())
+                action, reason = RUN, "resume from checkpoint" if resumable else "no cached output"
+            if action == RUN:
+                dirty.add(n)
+            items[n] = PlanItem(n, self.keys[n], action, reason, out)
+        for n, it in items.items():
+            if it.action == SKIP:
+                continue
+            for u in self.dag.upstream(n):
+                if items[u].action == SKIP and not cache.is_complete(items[u].out_dir, self.keys[u]):
+                    raise GraphError(
+                        f"stage {n!r} needs the output of {u!r} (key {self.keys[u]}), which is not "
+                        f"cached and not selected; run it first or widen the selection"
+                    )
+        return [items[n] for n in self.dag.order]
+
+    def validate_stages(self, plan: list[PlanItem]) -> None:
+        for it in plan:
+            if it.action == RUN:
+                self.dag.stages[it.name].validate(self.stage_cfgs[it.name])
+
+    # ------------------------------------------------------------------ execution
+    def run(
+        self,
+        plan: list[PlanItem],
+        tracker=None,
+        run_name: str | None = None,
+        on_event: Callable[[str, str, str], None] | None = None,
+    ) -> RunSummary:
+        """Execute ``plan``. ``tracker`` is a pipelines.tracking.Tracker (or None: no MLflow)."""
+        emit = on_event or (lambda stage, event, detail: None)
+        todo = [it for it in plan if it.action != SKIP]
+        by_name = {it.name: it for it in plan}
+        parent = TrackingHandle()
+        started = time.time()
+        if tracker is not None:
+            parent = tracker.start_run(
+                run_name or default_run_name(self.loaded.typed.preset),
+                tags={
+                    "git_sha": cache.git_sha(),
+                    "preset": self.loaded.typed.preset or "none",
+                    "run_root": str(self.run_root),
+                    "pipeline": self.pipeline.name,
+                    "host": socket.gethostname(),
+                    "stages_planned": ",".join(it.name for it in todo if it.action == RUN),
+                },
+                params=flatten(self.loaded.plain),
+            )
+            tracker.log_dict(parent.run_id, self.loaded.plain, "resolved_config.json")
+        summary = RunSummary(parent_run_id=parent.run_id)
+        events: queue.Queue = queue.Queue()
+        running: dict[str, tuple[threading.Thread, TrackingHandle]] = {}
+        done: set[str] = set()
+        failures: dict[str, BaseException] = {}
+        blocked: list[str] = []
+        pending = [it.name for it in todo]
+        max_par = self.loaded.typed.engine.max_parallel_stages
+        try:
+            while pending or running:
+                for n in list(pending):
+                    ups = [u for u in self.dag.upstream(n) if by_name[u].action != SKIP]
+                    if any(u in failures or u in blocked for u in ups):
+                        pending.remove(n)
+                        blocked.append(n)
+                        summary.statuses[n] = "blocked"
+                        emit(n, "blocked", "an upstream stage failed")
+                        continue
+                    if not all(u in done for u in ups):
+                        continue
+                    it = by_name[n]
+                    if it.action == CACHED:
+                        pending.remove(n)
+                        self._record_cached(it, tracker, parent, summary)
+                        done.add(n)
+                        emit(n, "cached", it.key)
+                        continue
+                    if len(running) >= max_par:
+                        continue
+                    pending.remove(n)
+                    child = TrackingHandle()
+                    if tracker is not None:
+                        child = tracker.start_run(
+                            n,
+                            tags={"stage": n, "cache_key": it.key, "status": "running", "resumed": it.reason.startswith("resume")},
+                            params=flatten(to_plain(self.stage_cfgs[n])),
+                            parent_id=parent.run_id,
+                        )
+                    th = threading.Thread(
+                        target=self._execute, args=(it, child, parent, events), name=f"stage-{n}", daemon=True
+                    )
+                    running[n] = (th, child)
+                    emit(n, "start", f"{it.key} ({it.reason})")
+                    th.start()
+                if not running:
+                    if pending:  # nothing can start and nothing runs: only blocked stages remain
+                        continue
+                    break
+                try:
+                    n, ok, payload, secs = events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                th, child = running.pop(n)
+                th.join()
+                summary.seconds[n] = secs
+                if ok:
+                    done.add(n)
+                    summary.statuses[n] = "ran"
+                    summary.stats[n] = payload
+                    summary.out_dirs[n] = by_name[n].out_dir
+                    if tracker is not None:
+                        tracker.set_tags(child.run_id, {"status": "ran"})
+                        tracker.end(child.run_id, "FINISHED")
+                    emit(n, "done", f"{secs:.1f}s")
+                else:
+                    failures[n] = payload
+                    summary.statuses[n] = "failed"
+                    if tracker is not None:
+                        tb = "".join(traceback.format_exception(payload))
+                        tracker.set_tags(
+                            child.run_id,
+                            {"status": "failed", "error": f"{type(payload).__name__}: {payload}"[:4000]},
+                        )
+                        tracker.log_text(child.run_id, tb, "error.txt")
+                        tracker.end(child.run_id, "FAILED")
+                    emit(n, "failed", f"{type(payload).__name__}: {payload}")
+        except KeyboardInterrupt:
+            if tracker is not None:
+                for n, (_, child) in running.items():
+                    tracker.set_tags(child.run_id, {"status": "killed"})
+                    tracker.end(child.run_id, "KILLED")
+                tracker.set_tags(parent.run_id, {"status": "killed"})
+                tracker.end(parent.run_id, "KILLED")
+            raise
+        if tracker is not None:
+            n_ran = sum(1 for s in summary.statuses.values() if s == "ran")
+            n_cached = sum(1 for s in summary.statuses.values() if s == "cached")
+            tracker.log_metrics(
+                parent.run_id,
+                {"stages_ran": n_ran, "stages_cached": n_cached, "stages_failed": len(failures),
+                 "wall_seconds": time.time() - started},
+            )
+            tracker.set_tags(parent.run_id, {"status": "failed" if failures else "finished"})
+            tracker.end(parent.run_id, "FAILED" if failures else "FINISHED")
+        if failures:
+            raise StageFailed(failures, blocked)
+        return summary
+
+    def _record_cached(self, it: PlanItem, tracker, parent: TrackingHandle, summary: RunSummary) -> None:
+        manifest = cache.read_manifest(it.out_dir) or {}
+        summary.statuses[it.name] = "cached"
+        summary.stats[it.name] = manifest.get("stats", {})
+        summary.out_dirs[it.name] = it.out_dir
+        if tracker is None:
+            return
+        child = tracker.start_run(
+            it.name,
+            tags={
+                "stage": it.name,
+                "cache_key": it.key,
+                "status": "cached",
+                "cached_from_run_id": manifest.get("mlflow_run_id", ""),
+            },
+            params=flatten(to_plain(self.stage_cfgs[it.name])),
+            parent_id=parent.run_id,
+        )
+        tracker.log_metrics(child.run_id, _numeric(manifest.get("stats", {})))
+        tracker.log_dict(child.run_id, manifest, "manifest.json")
+        tracker.end(child.run_id, "FINISHED")
+
+    def _execute(self, it: PlanItem, child: TrackingHandle, parent: TrackingHandle, events: queue.Queue) -> None:
+        n = it.name
+        stage = self.dag.stages[n]
+        cfg = self.stage_cfgs[n]
+        t0 = time.time()
+        try:
+            final, tmp, ckpt = cache.prepare_attempt(self.run_root, n, it.key)
+            if not stage.resumable and ckpt.exists():
+                import shutil
+
+                shutil.rmtree(ckpt)
+            ctx = StageContext(
+                stage=n,
+                key=it.key,
+                cfg=cfg,
+                seed=self.loaded.typed.seed,
+                inputs={a: self.artifact_dir(a) for a in self.dag.inputs[n]},
+                work_dir=tmp,
+                checkpoint_dir=ckpt,
+                run_root=self.run_root,
+                tracking=child,
+                parent_tracking=parent,
+            )
+            stats = stage.run(ctx) or {}
+            missing = [a for a in stage.outputs if not (tmp / a).exists()]
+            if missing:
+                raise RuntimeError(f"stage {n!r} finished without writing its outputs {missing}")
+            resolved = to_plain(cfg)
+            manifest = cache.promote(
+                tmp,
+                final,
+                {
+                    "stage": n,
+                    "version": stage.version,
+                    "key": it.key,
+                    "config": resolved,
+                    "upstream": {a: self.keys[self.dag.producer[a]] for a in self.dag.inputs[n]},
+                    "external": self.external[n],
+                    "stats": stats,
+                    "git_sha": cache.git_sha(),
+                    "started_at": t0,
+                    "seconds": time.time() - t0,
+                    "mlflow_run_id": child.run_id,
+                    "seed": self.loaded.typed.seed,
+                },
+                ctx.row_counts,
+            )
+            if ckpt.exists():  # the promoted export supersedes the checkpoints
+                import shutil
+
+                shutil.rmtree(ckpt, ignore_errors=True)
+            if child.run_id:
+                from pipelines.tracking import Tracker  # noqa: F401  (mlflow already imported)
+
+                child.log_metrics(_numeric(stats))
+                client = child._client()
+                client.log_dict(child.run_id, manifest, "manifest.json")
+                client.log_text(child.run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
+            events.put((n, True, stats, time.time() - t0))
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread, which decides
+            events.put((n, False, e, time.time() - t0))
+
+
+def _numeric(stats: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in flatten(stats).items():
+        if isinstance(v, (int, float)):
+            out[k.replace(":", "_")] = float(v)
+    return out
+
+
+def default_run_name(preset: str | None) -> str:
+    return f"{preset or 'run'}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def init_ray(ray_cfg, address: str | None = None) -> str:
+    """Connect to a cluster (``address`` / ray.address / RAY_ADDRESS) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = address or ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return f"cluster {address}"
+    ray.init(
+        num_cpus=ray_cfg.num_cpus,
+        object_store_memory=ray_cfg.object_store_memory_mb * 2**20,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+    return "local"
