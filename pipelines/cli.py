@@ -217,6 +217,32 @@ def stages(pipeline: str = PIPELINE) -> None:
 
 
 @app.command()
+def sweep(
+    file: Path = typer.Argument(..., help="a sweep YAML (conf/experiments/...) with a `sweep:` block"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value applied to every cell"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="overrides the sweep file's preset"),
+    address: Optional[str] = typer.Option(None, "--address"),
+    pipeline: str = PIPELINE,
+) -> None:
+    """Run a grid of pipeline variants (one MLflow parent run per cell, shared cache)."""
+    from pipelines.definitions import PIPELINES
+    from pipelines.sweep import run_sweep
+
+    if pipeline not in PIPELINES:
+        _fail(f"unknown pipeline {pipeline!r}")
+    try:
+        out = run_sweep(PIPELINES[pipeline], file, preset=preset, overrides=list(overrides or []), address=address)
+    except (ConfigError, GraphError) as e:
+        _fail(str(e))
+    for c in out["cells"]:
+        console.print(f"cell {c['cell']}: {c['params']} -> {c['status']}")
+    if "plot" in out:
+        console.print(f"plot: {out['plot']}")
+    if any(c["status"] != "finished" for c in out["cells"]):
+        raise typer.Exit(1)
+
+
+@app.command()
 def ui(
     run_root: Path = typer.Option(Path("./runs"), "--run-root", help="the run root whose MLflow store to show"),
     port: int = typer.Option(5000, "--port"),

@@ -1,0 +1,155 @@
+"""Sweeps: a grid of pipeline variants as one MLflow experiment, one parent run per cell.
+
+    metamorph sweep conf/experiments/gen_data_scaling.yaml
+
+A sweep file is an experiment file (merged over the preset like `--config`) plus a `sweep:` block:
+
+    sweep:
+      preset: tiny                        # default preset for every cell
+      grid:                               # the cartesian product of these overrides
+        stages.mix.families.generation.max_samples: [100, 400, 1600]
+        stages.mix.families.understanding.ratio: [0.0, 1.0]
+      plot:                               # optional: one figure, a curve per `series` value
+        x: stages.mix.families.generation.max_samples
+        y: gen/attr_accuracy              # a metric on each cell's parent run
+        series: stages.mix.families.understanding.ratio
+        series_labels: {"0.0": generation only, "1.0": with understanding data}
+
+Cells share every upstream stage whose key does not change (the cache), so a sweep over mixture
+sizes reuses the world, curation and vision-encoder outputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import ConfigError, load_config
+
+
+def read_sweep(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    sweep = data.get("sweep")
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("grid"), dict) or not sweep["grid"]:
+        raise ConfigError(f"{path}: a sweep file needs a `sweep.grid` mapping of key -> list of values")
+    for k, v in sweep["grid"].items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"{path}: sweep.grid.{k} must be a non-empty list")
+    unknown = set(sweep) - {"preset", "grid", "plot", "name"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) in sweep block: {sorted(unknown)}")
+    return sweep
+
+
+def cells(grid: dict[str, list]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _override(k: str, v: Any) -> str:
+    return f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+
+
+def run_sweep(
+    pipeline_factory,
+    path: Path,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    address: str | None = None,
+    execute_fn=None,
+) -> dict[str, Any]:
+    """Validate every cell's config first, then run the cells in order; return a summary."""
+    from pipelines.cli import console, execute, make_tracker
+
+    execute_fn = execute_fn or execute
+    sweep = read_sweep(path)
+    preset = preset or sweep.get("preset")
+    name = sweep.get("name") or path.stem
+    pipeline = pipeline_factory()
+    grid_cells = cells(sweep["grid"])
+    loaded_cells = []
+    for cell in grid_cells:  # every cell's config is checked before the first one runs
+        ov = [*(overrides or []), *(_override(k, v) for k, v in cell.items())]
+        loaded_cells.append(load_config(pipeline.stages, preset=preset, overrides=ov, experiment_file=path))
+    results = []
+    for i, (cell, loaded) in enumerate(zip(grid_cells, loaded_cells)):
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.items())
+        console.print(f"[bold]sweep {name}: cell {i + 1}/{len(grid_cells)}[/] {label}")
+        status, run_id = "finished", None
+        try:
+            summary = execute_fn(pipeline_factory(), loaded, address=address, name=f"{name}[{i}] {label}")
+            run_id = summary.parent_run_id if summary else None
+        except SystemExit as e:  # typer.Exit from a failed cell: record it and go on
+            status = f"failed ({e})"
+        except Exception as e:  # noqa: BLE001 - a failed cell must not stop the grid
+            status = f"failed ({type(e).__name__}: {e})"
+            if hasattr(e, "exit_code"):
+                status = f"failed (exit {e.exit_code})"
+        if run_id:
+            tracker = make_tracker(loaded)
+            tracker.set_tags(run_id, {"sweep": name, "sweep_cell": i, **{f"sweep.{k}": v for k, v in cell.items()}})
+        results.append({"cell": i, "params": cell, "status": status, "run_id": run_id})
+    out = {"name": name, "cells": results}
+    loaded0 = loaded_cells[0]
+    sweep_dir = loaded0.run_root / "sweeps" / name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    tracker = make_tracker(loaded0)
+    summary_run = tracker.start_run(f"{name} (summary)", tags={"sweep": name, "sweep_summary": "true"})
+    if sweep.get("plot"):
+        table = collect(tracker, results, sweep["plot"]["y"])
+        out["table"] = table
+        plot_path = sweep_dir / "plot.png"
+        plot(table, sweep["plot"], plot_path)
+        (sweep_dir / "results.json").write_text(json.dumps(out, indent=2, default=str))
+        tracker.client.log_artifact(summary_run.run_id, str(plot_path))
+        tracker.client.log_artifact(summary_run.run_id, str(sweep_dir / "results.json"))
+        out["plot"] = str(plot_path)
+    else:
+        (sweep_dir / "results.json").write_text(json.dumps(out, indent=2, default=str))
+        tracker.client.log_artifact(summary_run.run_id, str(sweep_dir / "results.json"))
+    failed = [r for r in results if r["status"] != "finished"]
+    tracker.end(summary_run.run_id, "FAILED" if failed else "FINISHED")
+    return out
+
+
+def collect(tracker, results: list[dict], metric: str) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        value = None
+        if r["run_id"]:
+            value = tracker.client.get_run(r["run_id"]).data.metrics.get(metric)
+        rows.append({**r["params"], metric: value, "status": r["status"]})
+    return rows
+
+
+def plot(table: list[dict], spec: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y, series = spec["x"], spec["y"], spec.get("series")
+    labels = {str(k): v for k, v in (spec.get("series_labels") or {}).items()}
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    groups: dict[Any, list] = {}
+    for row in table:
+        groups.setdefault(row.get(series) if series else "all", []).append(row)
+    for key, rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        pts = sorted((r[x], r[y]) for r in rows if r.get(y) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels.get(str(key), f"{series}={key}"))
+    ax.set_xscale("log")
+    ax.set_xlabel(spec.get("x_label", x))
+    ax.set_ylabel(spec.get("y_label", y))
+    ax.set_title(spec.get("title", "sweep"))
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
