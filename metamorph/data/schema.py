@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -67,7 +67,18 @@ class Sample:
         return sample_key(self.id)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # by hand, not dataclasses.asdict: asdict deep-copies ``meta`` (toy-world scene dicts),
+        # which made serialisation the slowest step of writing shards. ``meta`` is shared, not copied.
+        return {
+            "id": self.id,
+            "source": self.source,
+            "family": self.family,
+            "task": self.task,
+            "split": self.split,
+            "conversation": [{"role": t.role, "content": t.content} for t in self.conversation],
+            "images": [{"ext": i.ext, "role": i.role} for i in self.images],
+            "meta": self.meta,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Sample":

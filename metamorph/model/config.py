@@ -1,0 +1,91 @@
+"""Configs of the VPiT model: the LLM (checkpoint path or a Llama built from fields) and the heads.
+
+    python -c "from metamorph.model.config import MetaMorphConfig; print(MetaMorphConfig())"
+
+Defaults are the `tiny` preset's model (a ~0.5M-parameter Llama with a ~2k-token BPE vocab:
+DESIGN.md measured that size learning QA and generation on the toy world in 2 minutes on 2
+cores). `vocab_size` and the special-token ids come from the tokenizer at build time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+@dataclass(kw_only=True)
+class LLMConfig:
+    # HF causal-LM checkpoint dir (cluster: Llama-3.1-8B). None: build a Llama from the fields
+    # below with random init (smoke/tiny). With a path, the architecture fields are ignored.
+    path: Optional[str] = None
+    hidden_size: int = 64  # d; 4096 for Llama-3.1-8B
+    num_layers: int = 4
+    num_heads: int = 4  # head dim = hidden_size / num_heads
+    num_kv_heads: int = 2  # grouped-query attention (8 in Llama-3.1-8B); must divide num_heads
+    intermediate_size: int = 176  # SwiGLU width, ~2.7x hidden as in Llama
+    # Set from len(tokenizer) at build time (0 = not set yet). A checkpoint's embedding is
+    # resized to it; rows past the checkpoint's vocab start at the mean of the existing rows.
+    vocab_size: int = 0
+    max_position: int = 2048  # >= the tokenize stage's max_length (RoPE has no learned table)
+    rope_theta: float = 10000.0  # 500000 in Llama-3
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False  # Llama-3.1-8B is untied
+    # Attention kernel. sdpa/eager get an explicit block-diagonal causal mask from segment_ids;
+    # flash/flex rely on transformers' packed-sequence detection from restarting position_ids.
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"llm.attn_implementation={self.attn_implementation!r}: use one of {ATTN_IMPLEMENTATIONS}")
+        if self.vocab_size < 0:
+            raise ValueError(f"llm.vocab_size={self.vocab_size} must be >= 0 (0: set from the tokenizer)")
+        if self.path is not None:
+            return
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"llm.{key}={getattr(self, key)} must be > 0")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"llm.hidden_size={self.hidden_size} must be divisible by llm.num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"llm.num_kv_heads={self.num_kv_heads} must divide llm.num_heads={self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("llm.hidden_size / llm.num_heads must be even (RoPE rotates pairs)")
+
+
+@dataclass(kw_only=True)
+class MetaMorphConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision_dim: int = 64  # D_v, the vision encoder's feature dim (1152 for SigLIP so400m)
+    n_tokens: int = 16  # N visual positions per image (64 at paper scale); a square
+    # Weight of the visual term (-mean cosine) in stage 2; the paper uses 1.0. Stage 1
+    # (set_trainable("connector")) never adds the visual term whatever this says.
+    vision_coef: float = 1.0
+    # Token ids, from the tokenizer (-1 = not set yet). pad_id fills visual positions in
+    # input_ids (their embeddings come from the projector) and padding.
+    image_start_id: int = -1
+    image_end_id: int = -1
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.vision_dim <= 0:
+            raise ValueError(f"model.vision_dim={self.vision_dim} must be > 0 (the encoder's feature dim)")
+        r = int(round(self.n_tokens**0.5)) if self.n_tokens > 0 else 0
+        if r * r != self.n_tokens or self.n_tokens <= 0:
+            raise ValueError(f"model.n_tokens={self.n_tokens} must be a positive perfect square")
+        if self.vision_coef < 0:
+            raise ValueError(f"model.vision_coef={self.vision_coef} must be >= 0")
+
+    def check_buildable(self) -> None:
+        """Raise unless the tokenizer-derived fields are filled in (called by from_config)."""
+        if self.llm.path is None and self.llm.vocab_size <= 0:
+            raise ValueError("model.llm.vocab_size is 0: set it to len(tokenizer) before building the model")
+        ids = {"image_start_id": self.image_start_id, "image_end_id": self.image_end_id, "pad_id": self.pad_id}
+        for k, v in ids.items():
+            if v < 0:
+                raise ValueError(f"model.{k}={v}: set it from the tokenizer before building the model")
+            if self.llm.vocab_size and v >= self.llm.vocab_size:
+                raise ValueError(f"model.{k}={v} is outside the vocabulary (llm.vocab_size={self.llm.vocab_size})")
+        if self.image_start_id == self.image_end_id:
+            raise ValueError("model.image_start_id and model.image_end_id must differ")

@@ -1,0 +1,406 @@
+"""MetaMorph / VPiT: a Hugging Face causal LM that reads and predicts continuous visual tokens.
+
+    python -m metamorph.model.modeling     # builds a tiny model, runs one forward on a toy batch
+
+Architecture (MetaMorph paper, official code): any HF causal LM + a projector
+``Linear(D_v, d) - GELU - Linear(d, d)`` that maps the frozen encoder's L2-normalised visual
+tokens into the LLM's input space (for prompt images, teacher-forced response images and, at
+generation, fed-back predictions) + a vision head ``Linear(d, d) - GELU - Linear(d, D_v)`` on the
+final post-norm hidden state whose L2-normalised output predicts the next visual token.
+
+Loss = CE on labelled tokens (response text incl. ``<image_start>``/``<image_end>``; labels are
+unshifted, position t predicts labels[t+1]) + vision_coef * (-mean cosine) between the head at t
+and the feature of t+1 for every t+1 in a response image. A batch with no response image adds an
+exact zero (the official code returns NaN there). Nothing is predicted across a packed-segment
+boundary, and attention never crosses one.
+
+Tensor names: B batch, L sequence, d LLM width, V vocab, D vision feature dim, K visual positions
+in the batch, T selected targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from metamorph.model.config import LLMConfig, MetaMorphConfig
+
+IGNORE_INDEX = -100
+TRAIN_STAGES = ("connector", "vpit")
+CONFIG_FILE = "config.json"
+HEADS_FILE = "heads.safetensors"
+LLM_DIR = "llm"
+
+
+@dataclass
+class MetaMorphOutput:
+    loss: torch.Tensor  # text_loss + coef * vision_loss (coef = 0 in the connector stage)
+    text_loss: torch.Tensor  # mean CE over the n_text_tokens targets (0 when there are none)
+    vision_loss: torch.Tensor  # -mean cosine over n_visual_targets, unweighted (0 when none)
+    logits: Optional[torch.Tensor]  # [B, L, V]; None with return_logits=False
+    n_text_tokens: int
+    n_visual_targets: int
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    # exact GELU as in the official projector ("mlp2x_gelu")
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+class MetaMorphForCausalLM(nn.Module):
+    def __init__(self, config: MetaMorphConfig, llm: PreTrainedModel):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        d = llm.get_input_embeddings().embedding_dim
+        self.projector = _mlp(config.vision_dim, d, d)
+        self.vision_head = _mlp(d, d, config.vision_dim)
+        self.train_stage = "vpit"  # see set_trainable
+        self._decoder_cache_kw = (
+            "cache" if "cache" in inspect.signature(llm.get_decoder().forward).parameters else "past_key_values"
+        )
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: MetaMorphConfig, dtype: Optional[torch.dtype] = None, seed: int = 0) -> "MetaMorphForCausalLM":
+        """Load ``config.llm.path`` (resizing its vocab to ``llm.vocab_size``) or build a Llama.
+
+        The special-token rows (and any rows added by the resize) of the input embedding and the
+        LM head start at the mean of the pre-existing rows. Random inits are seeded by ``seed``
+        without touching the caller's RNG.
+        """
+        config.check_buildable()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if config.llm.path is not None:
+                llm = AutoModelForCausalLM.from_pretrained(
+                    config.llm.path, dtype=dtype, attn_implementation=config.llm.attn_implementation
+                )
+                old_v = llm.get_input_embeddings().num_embeddings
+                new_v = max(config.llm.vocab_size, old_v)
+                if new_v > old_v:
+                    llm.resize_token_embeddings(new_v, mean_resizing=False)
+            else:
+                llm = LlamaForCausalLM(_llama_config(config.llm))
+                if dtype is not None:
+                    llm.to(dtype)
+                old_v = new_v = config.llm.vocab_size
+            new_rows = sorted(set(range(old_v, new_v)) | {config.image_start_id, config.image_end_id})
+            _init_rows_to_mean(llm, new_rows)
+            config = _synced_config(config, llm)
+            model = cls(config, llm)
+            if dtype is not None:
+                model.projector.to(dtype)
+                model.vision_head.to(dtype)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: Optional[torch.dtype] = None) -> "MetaMorphForCausalLM":
+        """Reload a ``save_pretrained`` dir in one call (LLM, projector, head, config)."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a MetaMorph save_pretrained dir")
+        raw = json.loads((path / CONFIG_FILE).read_text())
+        config = MetaMorphConfig(**{**raw, "llm": LLMConfig(**raw["llm"])})
+        llm = AutoModelForCausalLM.from_pretrained(
+            str(path / LLM_DIR), dtype=dtype, attn_implementation=config.llm.attn_implementation
+        )
+        model = cls(config, llm)
+        heads = load_file(str(path / HEADS_FILE))
+        missing, unexpected = model.load_state_dict(heads, strict=False)
+        bad_missing = [k for k in missing if not k.startswith("llm.")]
+        if bad_missing or unexpected:
+            raise ValueError(f"{path / HEADS_FILE}: missing {bad_missing}, unexpected {unexpected}")
+        model.projector.to(llm.dtype)
+        model.vision_head.to(llm.dtype)
+        return model
+
+    def save_pretrained(self, path: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write ``config.json``, ``llm/`` (an ordinary HF checkpoint, safetensors) and the heads.
+
+        ``state_dict``: a full (gathered) state dict of this module, e.g. from FSDP2's
+        ``get_model_state_dict(..., full_state_dict=True)``; default ``self.state_dict()``.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = self.state_dict() if state_dict is None else state_dict
+        llm_sd = {k[len("llm.") :]: v for k, v in sd.items() if k.startswith("llm.")}
+        heads = {k: v.detach().contiguous().cpu() for k, v in sd.items() if not k.startswith("llm.")}
+        self.llm.save_pretrained(str(path / LLM_DIR), state_dict=llm_sd)
+        save_file(heads, str(path / HEADS_FILE))
+        cfg = dataclasses.asdict(self.config)
+        cfg["llm"]["path"] = None  # the weights now live in llm/
+        (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+
+    # --- trainable sets -----------------------------------------------------------------------
+
+    def set_trainable(self, stage: str) -> list[str]:
+        """Switch between the paper's two stages; returns the names of trainable parameters.
+
+        ``connector`` (stage 1): the projector + the ``<image_start>``/``<image_end>`` rows of the
+        input embedding and LM head; the visual term is left out of the loss. Only those rows
+        must learn, but a row of a weight cannot carry its own requires_grad, so the embedding
+        and head weights are marked trainable and ``forward`` lets gradient reach only the
+        special rows (non-special embedding outputs and head rows are ``detach``ed). That masks
+        in the graph itself, so it holds under DDP and FSDP alike, with no hooks. The other rows
+        get an exact-zero gradient: with AdamW they stay put only with weight decay 0 on these
+        two weights (the paper uses 0 everywhere).
+        ``vpit`` (stage 2): everything in this module (the vision encoder is not part of it).
+        """
+        if stage not in TRAIN_STAGES:
+            raise ValueError(f"train stage {stage!r}: use one of {TRAIN_STAGES}")
+        self.train_stage = stage
+        if stage == "vpit":
+            self.requires_grad_(True)
+        else:
+            self.requires_grad_(False)
+            self.projector.requires_grad_(True)
+            self.llm.get_input_embeddings().weight.requires_grad_(True)
+            self.llm.get_output_embeddings().weight.requires_grad_(True)
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    # --- pieces shared with generation --------------------------------------------------------
+
+    @property
+    def special_ids(self) -> tuple[int, int]:
+        return (self.config.image_start_id, self.config.image_end_id)
+
+    def embed_tokens(self, input_ids_BL: torch.Tensor) -> torch.Tensor:
+        x_BLd = self.llm.get_input_embeddings()(input_ids_BL)
+        if self.train_stage == "connector" and torch.is_grad_enabled():
+            special_BL = (input_ids_BL == self.config.image_start_id) | (input_ids_BL == self.config.image_end_id)
+            x_BLd = torch.where(special_BL[..., None], x_BLd, x_BLd.detach())
+        return x_BLd
+
+    def project(self, feats_KD: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (L2-normalised, [..., D]) -> LLM input embeddings [..., d]."""
+        w = self.projector[0].weight
+        return self.projector(feats_KD.to(w.dtype))
+
+    def predict_visual(self, h_Td: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) vision-head output; callers normalise (after CFG mixing, if any)."""
+        return self.vision_head(h_Td)
+
+    def lm_logits(self, h_Td: torch.Tensor) -> torch.Tensor:
+        head = self.llm.get_output_embeddings()
+        if self.train_stage == "connector" and torch.is_grad_enabled():
+            W_Vd = head.weight
+            keep_V = torch.zeros(W_Vd.shape[0], 1, dtype=torch.bool, device=W_Vd.device)
+            keep_V[list(self.special_ids)] = True
+            bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
+            return F.linear(h_Td, torch.where(keep_V, W_Vd, W_Vd.detach()), bias)
+        return head(h_Td)
+
+    def decode(
+        self,
+        inputs_embeds_BLd: torch.Tensor,
+        position_ids_BL: Optional[torch.Tensor] = None,
+        attention_mask=None,
+        cache=None,
+    ) -> torch.Tensor:
+        """Run the LLM body; returns the final post-norm hidden states [B, L, d]."""
+        kw = {self._decoder_cache_kw: cache} if cache is not None else {}
+        out = self.llm.get_decoder()(
+            inputs_embeds=inputs_embeds_BLd,
+            attention_mask=attention_mask,
+            position_ids=position_ids_BL,
+            use_cache=cache is not None,
+            **kw,
+        )
+        return out.last_hidden_state
+
+    def _segment_mask(self, segment_ids_BL: torch.Tensor, dtype: torch.dtype):
+        """Block-diagonal causal mask for packed rows, in the form the attention kernel takes.
+
+        Returns None when a plain causal mask is exact (one sample per row, padding at the end:
+        padding never precedes a real token, so letting it attend causally changes nothing)."""
+        B, L = segment_ids_BL.shape
+        single = (segment_ids_BL <= 1).all() and (segment_ids_BL[:, 1:] <= segment_ids_BL[:, :-1]).all()
+        if bool(single):
+            return None
+        impl = self.llm.config._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            # flash/flex: transformers detects packing from restarting position_ids itself
+            return None
+        causal_LL = torch.ones(L, L, dtype=torch.bool, device=segment_ids_BL.device).tril()
+        allow_B1LL = ((segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]) & causal_LL)[:, None]
+        if impl == "sdpa":
+            return allow_B1LL  # bool: True = may attend
+        return torch.zeros(allow_B1LL.shape, dtype=dtype, device=allow_B1LL.device).masked_fill(
+            ~allow_B1LL, torch.finfo(dtype).min
+        )
+
+    # --- training forward ---------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        visual_mask: Optional[torch.Tensor] = None,
+        response_visual_mask: Optional[torch.Tensor] = None,
+        vision_feats: Optional[torch.Tensor] = None,
+        num_tokens: Optional[torch.Tensor] = None,  # a collate column; unused here
+        return_logits: bool = True,
+    ) -> MetaMorphOutput:
+        """One teacher-forced pass over the batch dict of docs/CONTRACTS.md ("Tokenized rows")."""
+        B, L = input_ids.shape
+        dev = input_ids.device
+        if segment_ids is None:
+            segment_ids = torch.ones(B, L, dtype=torch.long, device=dev)
+        if position_ids is None:
+            position_ids = torch.arange(L, device=dev).expand(B, L)
+        if visual_mask is None:
+            visual_mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        if response_visual_mask is None:
+            response_visual_mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        if bool((response_visual_mask & ~visual_mask).any()):
+            raise ValueError("response_visual_mask marks positions that visual_mask does not")
+        K = int(visual_mask.sum())
+        if (vision_feats.shape[0] if vision_feats is not None else 0) != K:
+            got = None if vision_feats is None else tuple(vision_feats.shape)
+            raise ValueError(f"visual_mask has {K} positions but vision_feats is {got}")
+
+        # Inputs: token embeddings, with every visual position (prompt images and, teacher-forced,
+        # response images) replaced by the projected ground-truth feature.
+        x_BLd = self.embed_tokens(input_ids)
+        proj_Kd = None
+        if vision_feats is not None:
+            proj_Kd = self.project(vision_feats)
+            x_BLd = x_BLd.masked_scatter(visual_mask[..., None], proj_Kd.to(x_BLd.dtype))
+
+        attn = self._segment_mask(segment_ids, x_BLd.dtype)
+        h_BLd = self.decode(x_BLd, position_ids, attention_mask=attn)
+
+        # position t predicts t+1, never across a packed-segment boundary
+        same_next_BL = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        same_next_BL[:, :-1] = segment_ids[:, :-1] == segment_ids[:, 1:]
+
+        # Text: CE on every labelled next token (labels are -100 outside assistant content).
+        text_tgt_BL = torch.full_like(input_ids, IGNORE_INDEX)
+        if labels is not None:
+            text_tgt_BL[:, :-1] = labels[:, 1:]
+        text_sel_BL = (text_tgt_BL != IGNORE_INDEX) & same_next_BL
+        n_text = int(text_sel_BL.sum())
+        logits_BLV = None
+        if return_logits:
+            logits_BLV = self.lm_logits(h_BLd)
+            text_logits_TV = logits_BLV[text_sel_BL]
+        else:
+            text_logits_TV = self.lm_logits(h_BLd[text_sel_BL])
+        # sum / max(n, 1): an exact 0 with a graph (not NaN) when nothing is labelled
+        text_loss = F.cross_entropy(text_logits_TV.float(), text_tgt_BL[text_sel_BL], reduction="sum") / max(n_text, 1)
+
+        # Vision: the head at t regresses the feature of t+1 for each t+1 in a response image;
+        # the position before the first visual token is <image_start>.
+        vis_sel_BL = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        vis_sel_BL[:, :-1] = response_visual_mask[:, 1:]
+        vis_sel_BL &= same_next_BL
+        n_vis = int(vis_sel_BL.sum())
+        coef = 0.0 if self.train_stage == "connector" else float(self.config.vision_coef)
+        h_vis_Td = h_BLd[vis_sel_BL]
+        if coef == 0.0:
+            h_vis_Td = h_vis_Td.detach()  # reported only: keep it out of the graph
+        pred_TD = F.normalize(self.predict_visual(h_vis_Td).float(), dim=-1)
+        if n_vis:
+            # row of vision_feats for each position (row-major order over visual_mask)
+            feat_row_BL = visual_mask.flatten().long().cumsum(0).view(B, L) - 1
+            tgt_row_T = feat_row_BL[:, 1:][vis_sel_BL[:, :-1]]
+            tgt_TD = F.normalize(vision_feats[tgt_row_T].float(), dim=-1)
+            vision_loss = -(pred_TD * tgt_TD).sum(-1).mean()
+        else:
+            # an exact 0 that still touches the head, so DDP sees every parameter used
+            vision_loss = pred_TD.sum() * 0.0
+
+        if coef:
+            loss = text_loss + coef * vision_loss
+        else:
+            loss = text_loss
+            vision_loss = vision_loss.detach()
+        if proj_Kd is not None and K == 0 and torch.is_grad_enabled():
+            loss = loss + proj_Kd.sum() * 0.0  # no images in this batch: keep the projector used
+        return MetaMorphOutput(
+            loss=loss,
+            text_loss=text_loss,
+            vision_loss=vision_loss,
+            logits=logits_BLV,
+            n_text_tokens=n_text,
+            n_visual_targets=n_vis,
+        )
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def generate(self, *args, **kwargs):
+        """See ``metamorph.model.generation.generate``."""
+        from metamorph.model.generation import generate
+
+        return generate(self, *args, **kwargs)
+
+
+def _llama_config(c: LLMConfig) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        max_position_embeddings=c.max_position,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=c.tie_word_embeddings,
+        attn_implementation=c.attn_implementation,
+    )
+
+
+@torch.no_grad()
+def _init_rows_to_mean(llm: PreTrainedModel, rows: list[int]) -> None:
+    """Set ``rows`` of the input embedding and LM head to the mean of the other rows."""
+    weights = {id(m.weight): m.weight for m in (llm.get_input_embeddings(), llm.get_output_embeddings())}
+    for W in weights.values():
+        keep = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
+        keep[rows] = False
+        W[rows] = W[keep].float().mean(0).to(W.dtype)
+
+
+def _synced_config(config: MetaMorphConfig, llm: PreTrainedModel) -> MetaMorphConfig:
+    """Record the LLM's real architecture (a checkpoint decides it) in the config we save."""
+    hc = llm.config
+    d = llm.get_input_embeddings().embedding_dim
+    llm_cfg = dataclasses.replace(
+        config.llm,
+        vocab_size=llm.get_input_embeddings().num_embeddings,
+        hidden_size=d,
+        num_layers=int(getattr(hc, "num_hidden_layers", config.llm.num_layers)),
+        num_heads=int(getattr(hc, "num_attention_heads", config.llm.num_heads)),
+        num_kv_heads=int(getattr(hc, "num_key_value_heads", None) or getattr(hc, "num_attention_heads", 1)),
+        intermediate_size=int(getattr(hc, "intermediate_size", config.llm.intermediate_size)),
+        max_position=int(getattr(hc, "max_position_embeddings", config.llm.max_position)),
+        tie_word_embeddings=bool(getattr(hc, "tie_word_embeddings", False)),
+    )
+    return dataclasses.replace(config, llm=llm_cfg)
+
+
+if __name__ == "__main__":
+    cfg = MetaMorphConfig(llm=LLMConfig(vocab_size=100), image_start_id=98, image_end_id=99)
+    m = MetaMorphForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in m.parameters())
+    ids = torch.tensor([[1, 2, 98] + [0] * 16 + [99, 3]])
+    vm = torch.zeros_like(ids, dtype=torch.bool)
+    vm[0, 3:19] = True
+    out = m(input_ids=ids, labels=ids.masked_fill(vm, -100), visual_mask=vm, response_visual_mask=vm,
+            vision_feats=F.normalize(torch.randn(16, 64), dim=-1))
+    print(f"params {n/1e6:.2f}M loss {out.loss.item():.3f} text {out.text_loss.item():.3f} "
+          f"vision {out.vision_loss.item():.3f} n_text {out.n_text_tokens} n_vis {out.n_visual_targets}")

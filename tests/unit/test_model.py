@@ -1,0 +1,251 @@
+"""MetaMorph model: loss positions and values by hand, trainable sets, packing mask, persistence.
+
+    pytest tests/unit/test_model.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from metamorph.model.config import LLMConfig, MetaMorphConfig
+from metamorph.model.modeling import MetaMorphForCausalLM
+
+V, D, N = 40, 8, 4
+BOS, USER, ASSIST, EOT, PAD = 1, 5, 6, 2, 0
+START, END = 38, 39
+
+
+def _cfg(**llm_kw) -> MetaMorphConfig:
+    llm = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=V)
+    llm.update(llm_kw)
+    return MetaMorphConfig(llm=LLMConfig(**llm), vision_dim=D, n_tokens=N, image_start_id=START, image_end_id=END)
+
+
+def _model(**llm_kw) -> MetaMorphForCausalLM:
+    return MetaMorphForCausalLM.from_config(_cfg(**llm_kw), seed=0)
+
+
+def _example():
+    """One row: prompt image (unsupervised), response text + response image, eot, padding.
+
+    pos: 0 BOS | 1 USER | 2 <is> | 3-6 prompt image | 7 <ie> | 8 ASSIST | 9 '7' | 10 <is> |
+         11-14 response image | 15 <ie> | 16 EOT | 17-19 pad
+    """
+    ids = [BOS, USER, START] + [PAD] * N + [END, ASSIST, 7, START] + [PAD] * N + [END, EOT] + [PAD] * 3
+    labels = [-100] * 9 + [7, START] + [-100] * N + [END, EOT] + [-100] * 3
+    L = len(ids)
+    vm = [False] * L
+    rvm = [False] * L
+    for p in range(3, 7):
+        vm[p] = True
+    for p in range(11, 15):
+        vm[p] = rvm[p] = True
+    seg = [1] * 17 + [0] * 3
+    g = torch.Generator().manual_seed(0)
+    feats = F.normalize(torch.randn(2 * N, D, generator=g), dim=-1)
+    return dict(
+        input_ids=torch.tensor([ids]),
+        labels=torch.tensor([labels]),
+        position_ids=torch.arange(L)[None],
+        segment_ids=torch.tensor([seg]),
+        visual_mask=torch.tensor([vm]),
+        response_visual_mask=torch.tensor([rvm]),
+        vision_feats=feats,
+    )
+
+
+def _by_hand(model, batch, ce_pos, ce_tgt, vis_pos, vis_rows):
+    """The loss recomputed with plain torch ops from the weights (the LLM body is HF's)."""
+    ids, feats = batch["input_ids"][0], batch["vision_feats"]
+    E = model.llm.get_input_embeddings().weight
+    x = E[ids].clone()
+    p0, p2 = model.projector[0], model.projector[2]
+    proj = F.gelu(feats @ p0.weight.T + p0.bias) @ p2.weight.T + p2.bias
+    x[batch["visual_mask"][0]] = proj
+    h = model.llm.model(inputs_embeds=x[None], position_ids=batch["position_ids"]).last_hidden_state[0]
+    logits = h @ model.llm.lm_head.weight.T
+    logp = torch.log_softmax(logits, -1)
+    text = -torch.stack([logp[t, y] for t, y in zip(ce_pos, ce_tgt)]).mean()
+    h0, h2 = model.vision_head[0], model.vision_head[2]
+    cos = []
+    for t, r in zip(vis_pos, vis_rows):
+        pred = F.gelu(h[t] @ h0.weight.T + h0.bias) @ h2.weight.T + h2.bias
+        pred = pred / pred.norm()
+        cos.append((pred * feats[r]).sum() / feats[r].norm())
+    vision = -torch.stack(cos).mean() if cos else torch.tensor(0.0)
+    return text, vision
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="n_tokens"):
+        MetaMorphConfig(n_tokens=5)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        LLMConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        MetaMorphForCausalLM.from_config(MetaMorphConfig(image_start_id=1, image_end_id=2))
+    with pytest.raises(ValueError, match="image_start_id"):
+        MetaMorphForCausalLM.from_config(MetaMorphConfig(llm=LLMConfig(vocab_size=10)))
+
+
+def test_loss_positions_and_value_by_hand():
+    torch.manual_seed(0)
+    model = _model()
+    batch = _example()
+    out = model(**batch)
+    # CE: t predicts labels[t+1]: '7' (t=8), <image_start> (t=9), <image_end> from the LAST
+    # visual token (t=14), EOT (t=15). Prompt, prompt image and image positions: none.
+    ce_pos, ce_tgt = [8, 9, 14, 15], [7, START, END, EOT]
+    # Visual: the head at t regresses the feature at t+1 for t+1 in 11..14 -> t = 10..13, so
+    # <image_start> (t=10) predicts the first visual token; feature rows 4..7 (the prompt
+    # image's rows 0..3 come first) and the prompt image gets no visual loss.
+    vis_pos, vis_rows = [10, 11, 12, 13], [4, 5, 6, 7]
+    assert out.n_text_tokens == 4 and out.n_visual_targets == 4
+    text, vision = _by_hand(model, batch, ce_pos, ce_tgt, vis_pos, vis_rows)
+    assert torch.allclose(out.text_loss, text, atol=1e-5)
+    assert torch.allclose(out.vision_loss, vision, atol=1e-5)
+    assert torch.allclose(out.loss, text + 1.0 * vision, atol=1e-5)
+    # the CE gradient reaches exactly the logits of the CE positions
+    out.logits.retain_grad()
+    out.text_loss.backward()
+    rows = out.logits.grad[0].abs().sum(-1).nonzero().flatten().tolist()
+    assert rows == ce_pos
+
+
+def test_vision_coef_scales_visual_term():
+    model = _model()
+    model.config = dataclasses.replace(model.config, vision_coef=0.25)
+    out = model(**_example())
+    assert torch.allclose(out.loss, out.text_loss + 0.25 * out.vision_loss, atol=1e-6)
+
+
+def test_no_response_image_gives_exact_zero_and_a_clean_graph():
+    model = _model()
+    batch = _example()
+    batch["response_visual_mask"] = torch.zeros_like(batch["response_visual_mask"])
+    batch["labels"][0, 10] = -100  # now an input image: no <image_start> target either
+    out = model(**batch)
+    assert out.n_visual_targets == 0
+    assert out.vision_loss.item() == 0.0 and not torch.isnan(out.loss)
+    assert torch.equal(out.loss, out.text_loss)
+    out.loss.backward()
+    # every trainable parameter got a (possibly zero) gradient: DDP would not complain
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.vision_head[2].weight.grad.abs().sum() == 0
+
+    # a text-only batch (no images at all, empty feature tensor) is fine too
+    model.zero_grad()
+    ids = torch.tensor([[BOS, USER, ASSIST, 7, EOT]])
+    out = model(input_ids=ids, labels=torch.tensor([[-100, -100, -100, 7, EOT]]), vision_feats=torch.zeros(0, D))
+    out.loss.backward()
+    assert out.vision_loss.item() == 0.0 and out.n_text_tokens == 2
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def _grad_report(model, batch):
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_trainable_sets():
+    model = _model()
+    batch = _example()
+    names = model.set_trainable("connector")
+    grads = _grad_report(model, batch)
+    emb = "llm.model.embed_tokens.weight"
+    head = "llm.lm_head.weight"
+    assert set(names) == {emb, head} | {n for n in grads if n.startswith("projector.")}
+    for n, g in grads.items():
+        if n.startswith("projector."):
+            assert g is not None and g.abs().sum() > 0, n
+        elif n in (emb, head):
+            nonzero = g.abs().sum(-1).nonzero().flatten().tolist()
+            assert nonzero == [START, END], (n, nonzero)  # only the new special-token rows
+        else:
+            assert g is None, n
+    # stage 1 has no visual term: loss is the text CE alone
+    out = model(**batch)
+    assert torch.equal(out.loss, out.text_loss) and out.vision_loss.item() != 0.0
+
+    names = model.set_trainable("vpit")
+    grads = _grad_report(model, batch)
+    assert set(names) == set(grads)
+    for n, g in grads.items():
+        assert g is not None and g.abs().sum() > 0, n
+    with pytest.raises(ValueError, match="connector"):
+        model.set_trainable("decoder")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_match_unpacked(attn):
+    """Two samples in one row (positions restart, segments 1/2, padding 0) = each alone."""
+    model = _model(attn_implementation=attn)
+    a_ids = [BOS, USER, START] + [PAD] * N + [END, ASSIST, 7, EOT]
+    b_ids = [BOS, USER, ASSIST, 9, 10, EOT]
+    g = torch.Generator().manual_seed(1)
+    feats = F.normalize(torch.randn(N, D, generator=g), dim=-1)
+    vm_a = [False, False, False] + [True] * N + [False] * 4
+
+    def lab(ids):
+        return [-100] * (len(ids) - 2) + ids[-2:]
+
+    packed = dict(
+        input_ids=torch.tensor([a_ids + b_ids + [PAD] * 2]),
+        labels=torch.tensor([lab(a_ids) + lab(b_ids) + [-100] * 2]),
+        position_ids=torch.tensor([list(range(len(a_ids))) + list(range(len(b_ids))) + [0, 1]]),
+        segment_ids=torch.tensor([[1] * len(a_ids) + [2] * len(b_ids) + [0] * 2]),
+        visual_mask=torch.tensor([vm_a + [False] * (len(b_ids) + 2)]),
+        vision_feats=feats,
+    )
+    out = model(**packed)
+    alone_a = model(input_ids=torch.tensor([a_ids]), labels=torch.tensor([lab(a_ids)]),
+                    visual_mask=torch.tensor([vm_a]), vision_feats=feats)
+    alone_b = model(input_ids=torch.tensor([b_ids]), labels=torch.tensor([lab(b_ids)]))
+    la = len(a_ids)
+    assert torch.allclose(out.logits[0, :la], alone_a.logits[0], atol=1e-5)
+    assert torch.allclose(out.logits[0, la : la + len(b_ids)], alone_b.logits[0], atol=1e-5)
+    # token-mean over both samples' targets (2 each); nothing predicted across the boundary
+    assert out.n_text_tokens == 4
+    assert torch.allclose(out.text_loss, (alone_a.text_loss + alone_b.text_loss) / 2, atol=1e-5)
+
+
+def test_special_rows_start_at_mean_and_checkpoint_resize(tmp_path):
+    model = _model()
+    for W in (model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight):
+        mean = W[:START].mean(0)
+        assert torch.allclose(W[START], mean) and torch.allclose(W[END], mean)
+    # an HF checkpoint with a smaller vocab: resized, new rows at the mean of the old ones
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=36, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = dataclasses.replace(_cfg(), llm=LLMConfig(path=str(tmp_path / "hf"), vocab_size=V))
+    m = MetaMorphForCausalLM.from_config(cfg)
+    W = m.llm.get_input_embeddings().weight
+    assert W.shape == (V, 32) and m.config.llm.vocab_size == V and m.config.llm.num_layers == 1
+    old = hf.get_input_embeddings().weight
+    assert torch.equal(W[:36], old)
+    assert torch.allclose(W[36:], old.mean(0).expand(4, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_round_trip(tmp_path, tie):
+    model = _model(tie_word_embeddings=tie)
+    with torch.no_grad():  # make the heads differ from any fresh init
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = _example()
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "llm" / "model.safetensors").exists()
+    assert (tmp_path / "m" / "heads.safetensors").exists()
+    back = MetaMorphForCausalLM.from_pretrained(tmp_path / "m")
+    assert back.config == model.config
+    with torch.no_grad():
+        a, b = model(**batch), back(**batch)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.loss, b.loss)
