@@ -381,6 +381,7 @@ def init_ray(ray_cfg, address: str | None = None) -> str:
         ray.init(address=address, log_to_driver=True)
         return f"cluster {address}"
     ray.init(
+        address="local",  # never join some other Ray that happens to run on this machine
         num_cpus=ray_cfg.num_cpus,
         object_store_memory=ray_cfg.object_store_memory_mb * 2**20,
         include_dashboard=False,

@@ -1,4 +1,4 @@
-"""Shared test setup: offline env, one local Ray per test session, GPU skipping.
+"""Shared test setup: offline env, GPU skipping (the Ray fixture is in tests/integration/conftest.py).
 
     pytest -q                      # everything (unit + integration), see README
     pytest -q -m "not integration" # fast tier, no Ray
@@ -16,22 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test session (each ray.init costs seconds)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=400 * 2**20,
-            log_to_driver=True,
-        )
-    yield ray
-    # left running for later tests; pytest exit shuts Ray down via its atexit hook
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,188 @@
+"""Ray Train glue shared by the LLM training stages (train_connector, train_vpit).
+
+    python -m pytest tests/integration/test_training_stages.py -q -m integration
+
+``fit`` runs ``metamorph.train.loop.train_loop`` in a ``TorchTrainer`` worker group (gloo on
+CPU, nccl on GPU). Restarts are the loop's business: it resumes from the newest complete
+checkpoint under ``{ctx.checkpoint_dir}/loop``, a path that is the same for every worker-group
+restart (``FailureConfig.max_failures``) and, because the engine keeps the checkpoint dir of a
+``resumable`` stage whose key did not change, for a rerun of the stage too. Ray Train gets each
+log window's metrics through ``ray.train.report`` (metrics only: the checkpoints already live on
+storage every worker sees, so Ray need not copy them) and the run's stats in a last report
+(with a tiny checkpoint holding them: Ray hands metrics to the driver only with a checkpoint).
+
+Every worker records ``{pid, hostname, rank, attempt start}`` in ``{ctx.checkpoint_dir}/workers/``
+so an operator (or a test) can find the training processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from metamorph.train.config import OPERATIONAL_FIELDS, TrainConfig
+from pipelines.stage import StageContext, TrackingHandle
+
+# Stage-config paths (``train.<field>``) that do not change the trained weights: outside the key.
+TRAIN_OPERATIONAL = frozenset(f"train.{f}" for f in OPERATIONAL_FIELDS)
+
+
+@dataclass
+class WorkerJob:
+    """What one Ray Train worker needs; pickled to the workers (keep it small and plain)."""
+
+    build_model: Callable[[], Any]  # a module-level function (or partial): returns the model, trainable set
+    train: dict[str, Any]  # TrainConfig fields
+    shards: str  # tokenized dir
+    feature_dim: int  # collate needs it for a batch without images
+    checkpoint_root: str
+    workers_dir: str
+    export_dir: str
+    tracking: TrackingHandle
+    flops_seq_len: int  # sequence length for the MFU attention term
+
+
+def worker_fn(config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker (the process group is already up)."""
+    import functools
+
+    import torch
+    import torch.distributed as dist
+    from ray.train.torch import get_device
+
+    from metamorph.data.packing import BATCH_KEYS, collate
+    from metamorph.train.loop import flops_per_token, train_loop
+    from metamorph.train.reader import ShardReader
+
+    job: WorkerJob = config["job"]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = TrainConfig(**job.train)
+    # one intra-op thread per reserved CPU: more would oversubscribe the cores other workers hold
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    _record_worker(Path(job.workers_dir), rank)
+
+    model = job.build_model()
+    reader = ShardReader(
+        job.shards,
+        rank=rank,
+        world_size=world,
+        micro_batch_size=cfg.micro_batch_size,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        collate=functools.partial(collate, feature_dim=job.feature_dim),
+        columns=BATCH_KEYS,  # skip sample_ids/num_tokens: nothing in the batch reads them
+    )
+    llm_cfg = getattr(getattr(model, "config", None), "llm", None)
+    fpt = flops_per_token(
+        model,
+        n_layers=getattr(llm_cfg, "num_layers", 0),
+        hidden=getattr(llm_cfg, "hidden_size", 0),
+        seq_len=job.flops_seq_len,
+    )
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if rank == 0:
+            job.tracking.log_metrics(metrics, step=step)
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "text_loss", "vision_loss", "lr", "tokens_per_s"))
+            print(f"[train] step {step} {shown}", flush=True)
+        ray.train.report({"step": step, **metrics})  # a barrier: every rank reports
+
+    stats = train_loop(
+        model,
+        cfg,
+        reader,
+        checkpoint_root=job.checkpoint_root,
+        export_dir=job.export_dir,
+        device=get_device(),
+        on_log=on_log,
+        flops_per_tok=fpt,
+    )
+    # Ray attaches metrics to the driver's Result only with a checkpoint: rank 0 reports a tiny
+    # one holding the stats (the model itself is the export, the resumable state is in
+    # checkpoint_root).
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            (Path(tmp) / "stats.json").write_text(json.dumps(stats, indent=1))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"done": 1.0, **stats}, checkpoint=checkpoint)
+
+
+def _record_worker(workers_dir: Path, rank: int) -> None:
+    workers_dir.mkdir(parents=True, exist_ok=True)
+    info = {"pid": os.getpid(), "hostname": socket.gethostname(), "rank": rank, "started": time.time()}
+    tmp = workers_dir / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, workers_dir / f"rank{rank}.json")
+
+
+def fit(
+    ctx: StageContext,
+    train: TrainConfig,
+    build_model: Callable[[], Any],
+    shards: Path,
+    feature_dim: int,
+    seq_len: int,
+    export_dir: Path,
+) -> dict[str, float]:
+    """Run the worker group to completion (resuming from any checkpoint); return the loop's stats."""
+    ckpt_dir = Path(ctx.checkpoint_dir).resolve()
+    job = WorkerJob(
+        build_model=build_model,
+        train=asdict(train),
+        shards=str(Path(shards).resolve()),
+        feature_dim=feature_dim,
+        checkpoint_root=str(ckpt_dir / "loop"),
+        workers_dir=str(ckpt_dir / "workers"),
+        export_dir=str(Path(export_dir).resolve()),
+        tracking=ctx.tracking,
+        flops_seq_len=seq_len,
+    )
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"{ctx.stage}-{ctx.key}",
+            storage_path=str(ckpt_dir / "ray"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
+    stats = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and k != "done"}
+    if not (result.metrics or {}).get("done"):
+        raise RuntimeError(f"{ctx.stage}: Ray Train finished without the workers' final report: {result.metrics}")
+    stats["fit_seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def train_resources(train: TrainConfig) -> dict[str, float]:
+    """Peak Ray resources of the worker group (for ``metamorph run --dry-run``)."""
+    need = {"CPU": train.num_workers * train.cpus_per_worker}
+    if train.use_gpu:
+        need["GPU"] = train.num_workers * train.gpus_per_worker
+    return need
+
+
+def publish(ctx: StageContext, export_dir: Path, tokenizer, artifact: str) -> None:
+    """Put the tokenizer beside the exported model (downstream loads one dir) and log it to MLflow."""
+    tokenizer.save_pretrained(export_dir)
+    ctx.log_artifact(export_dir, artifact)

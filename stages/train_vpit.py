@@ -1,0 +1,88 @@
+"""Stage 2 of VPiT: visual-predictive instruction tuning on Ray Train (everything but the encoder).
+
+    metamorph run --preset tiny --only train_vpit
+
+Starts from ``train_connector``'s export (weights, config, tokenizer: one dir),
+``set_trainable("vpit")``, adds the visual loss (``vision_coef`` x -cosine on response-image
+tokens) and trains with ``metamorph.train.loop`` in a TorchTrainer worker group. Output
+``vpit_model``: a ``save_pretrained`` dir with the tokenizer beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass, field
+
+from metamorph.train.config import TrainConfig
+from pipelines.stage import Stage, StageConfig, StageContext
+from stages import _training
+
+
+@dataclass(kw_only=True)
+class TrainVPiTConfig(StageConfig):
+    # Weight of the visual term (-mean cosine) against text CE; the paper uses 1.0.
+    vision_coef: float = 1.0
+    # Everything trains from a random-init LLM in `tiny`, so several epochs (paper: 1 epoch of a
+    # pretrained 8B): ~4 x 80 steps, a few minutes on 2 CPU workers.
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=3e-3, epochs=4.0, checkpoint_every=50, log_every=10)
+    )
+
+    def __post_init__(self) -> None:
+        if self.vision_coef < 0:
+            raise ValueError(f"train_vpit.vision_coef={self.vision_coef} must be >= 0")
+
+
+def build_vpit_model(connector_dir: str, vision_coef: float):
+    """Runs in each Ray Train worker: load the connector export, train everything."""
+    from metamorph.model.modeling import MetaMorphForCausalLM
+
+    model = MetaMorphForCausalLM.from_pretrained(connector_dir)
+    model.config.vision_coef = vision_coef
+    model.set_trainable("vpit")
+    return model
+
+
+class TrainVPiT(Stage):
+    name = "train_vpit"
+    version = "1"
+    inputs = ("tokenized", "connector_model")
+    outputs = ("vpit_model",)
+    config_cls = TrainVPiTConfig
+    operational = _training.TRAIN_OPERATIONAL
+    resumable = True
+    description = "stage 2: VPiT, LLM + projector + vision head with the visual loss, on Ray Train"
+
+    def resources(self, cfg: TrainVPiTConfig) -> dict[str, float]:
+        return _training.train_resources(cfg.train)
+
+    def run(self, ctx: StageContext) -> dict[str, float]:
+        from metamorph.data.packing import read_metadata
+        from metamorph.data.tokenizer import load_tokenizer
+
+        cfg: TrainVPiTConfig = ctx.cfg
+        shards = ctx.input("tokenized")
+        connector = ctx.input("connector_model")
+        info = read_metadata(shards)
+        tok = load_tokenizer(connector)
+        model_dim = json.loads((connector / "config.json").read_text())["vision_dim"]
+        if model_dim != int(info["feature_dim"]):
+            raise ValueError(
+                f"connector_model expects {model_dim}-dim visual features but the tokenized shards hold "
+                f"{info['feature_dim']}-dim ones: both stages must read the same tokenize output"
+            )
+        train = dataclasses.replace(cfg.train, seed=cfg.train.seed + ctx.seed)
+        out = ctx.output("vpit_model")
+        stats = _training.fit(
+            ctx,
+            train,
+            functools.partial(build_vpit_model, str(connector.resolve()), cfg.vision_coef),
+            shards,
+            feature_dim=int(info["feature_dim"]),
+            seq_len=int(info["max_length"]),
+            export_dir=out,
+        )
+        _training.publish(ctx, out, tok, "vpit_model")
+        return stats
