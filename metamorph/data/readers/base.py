@@ -1,0 +1,226 @@
+"""Shared pieces of the upstream-format readers: source config, raw records, safe line/path reading.
+
+    python -c "from metamorph.data.readers.base import SourceConfig; print(SourceConfig(name='x', format='llava', path='a.jsonl'))"
+
+A reader turns one upstream dataset into ``RawRecord``s in two steps so that the work spreads
+over Ray tasks: ``plan(src)`` lists small JSON-able *units* (a byte range of a JSONL file, one tar,
+one Parquet row group) cheaply on the driver, and ``read(src, unit)`` yields the records of one
+unit inside a worker. Readers never decode images or videos (the curation step does, in
+parallel); they only parse text, pick up inline bytes (tars, Parquet), and reject what is already
+unreadable with a quarantine reason. Paths in a record are absolute, so any worker can open them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+
+BBOX_FORMATS = ("xyxy", "xywh")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One upstream dataset a curation stage reads (several per family are allowed)."""
+
+    name: str  # short, unique within the stage; prefixes every sample id ("{name}-{upstream id}")
+    format: str  # reader name: llava | videoqa | img2dataset | parquet | ssv2 | howto100m | viscot | instructpix2pix
+    # file or directory; "world:<relative path>" resolves inside the toy-world artifact
+    path: str
+    # root that relative image paths in the records resolve against; None: the annotation file's directory
+    image_root: Optional[str] = None
+    # same for videos (videoqa, ssv2, howto100m)
+    video_root: Optional[str] = None
+    # viscot only: how the source writes boxes, in pixels; never guessed from the numbers
+    bbox_format: str = "xyxy"
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
+            raise ValueError(f"sources[].name={self.name!r}: use letters, digits, '_' or '-' (it prefixes sample ids)")
+        if not self.path:
+            raise ValueError(f"sources[{self.name}].path is empty: point it at the dataset file or directory")
+        if self.bbox_format not in BBOX_FORMATS:
+            raise ValueError(f"sources[{self.name}].bbox_format={self.bbox_format!r}: use one of {BBOX_FORMATS}")
+
+
+class Reject(Exception):
+    """A record cannot be used; ``reason`` is the quarantine reason (a short snake_case word)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail[:500]
+
+
+@dataclass
+class RawRecord:
+    """One upstream record before decoding. ``kind`` names the converter in ``metamorph.data.curate``.
+
+    Image/video references in ``payload`` are ``{"blob": i}`` (bytes in ``blobs[i]``, from tars and
+    Parquet) or ``{"path": "/abs/file"}``. A record the reader already rejected has ``reason`` set
+    (and usually an empty payload); it still counts as one record in.
+    """
+
+    source: str
+    rid: str  # upstream id ("" when the record is too broken to have one)
+    locator: str  # where it came from, for humans: "file:line", "shard.tar:key"
+    order: str  # sortable position within the stage ("{unit:06d}:{pos:09d}"), ties broken by it
+    kind: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    blobs: list[bytes] = field(default_factory=list)
+    reason: str = ""
+    detail: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "rid": self.rid,
+            "locator": self.locator,
+            "order": self.order,
+            "kind": self.kind,
+            "payload": json.dumps(self.payload, ensure_ascii=False),
+            "blobs": list(self.blobs),
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "RawRecord":
+        return cls(
+            source=row["source"],
+            rid=row["rid"],
+            locator=row["locator"],
+            order=row["order"],
+            kind=row["kind"],
+            payload=json.loads(row["payload"]) if row["payload"] else {},
+            blobs=list(row["blobs"] or []),
+            reason=row["reason"] or "",
+            detail=row["detail"] or "",
+        )
+
+
+RAW_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("rid", pa.string()),
+        ("locator", pa.string()),
+        ("order", pa.string()),
+        ("kind", pa.string()),
+        ("payload", pa.string()),
+        ("blobs", pa.list_(pa.binary())),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def raw_table(records: list[RawRecord]) -> pa.Table:
+    return pa.Table.from_pylist([r.to_row() for r in records], schema=RAW_SCHEMA)
+
+
+def rejected(src: SourceConfig, kind: str, locator: str, order: str, reason: str, detail: str = "", rid: str = "") -> RawRecord:
+    return RawRecord(source=src.name, rid=rid, locator=locator, order=order, kind=kind, reason=reason, detail=detail[:500])
+
+
+def order_key(unit: int, pos: int) -> str:
+    return f"{unit:06d}:{pos:09d}"
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+
+def utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Reject("non_utf8_text", f"{what}: invalid UTF-8 at byte {e.start}") from None
+
+
+def check_text(value: Any, what: str) -> str:
+    """A JSON string field, rejected when absent, not a string, or holding lone surrogates
+    (JSON escapes like "\\udc80" parse fine but cannot be written back as UTF-8)."""
+    if value is None:
+        raise Reject("missing_field", f"{what} is missing")
+    if not isinstance(value, str):
+        raise Reject("malformed_json", f"{what} is {type(value).__name__}, expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Reject("non_utf8_text", f"{what} holds an unpaired surrogate") from None
+    return value
+
+
+def jsonl_units(path: Path, records_per_unit: int) -> list[dict[str, Any]]:
+    """Split a JSONL file into byte ranges of about ``records_per_unit`` lines (one pass, no parse)."""
+    units: list[dict[str, Any]] = []
+    start, first_line, n, line_no = 0, 1, 0, 0
+    offset = 0
+    with open(path, "rb") as f:
+        for line in f:
+            line_no += 1
+            offset += len(line)
+            n += 1
+            if n >= records_per_unit:
+                units.append({"file": str(path), "offset": start, "length": offset - start, "first_line": first_line})
+                start, first_line, n = offset, line_no + 1, 0
+    if n:
+        units.append({"file": str(path), "offset": start, "length": offset - start, "first_line": first_line})
+    return units
+
+
+def jsonl_lines(unit: dict[str, Any]) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line bytes without the newline) of one unit; blank lines are skipped."""
+    with open(unit["file"], "rb") as f:
+        f.seek(unit["offset"])
+        data = f.read(unit["length"])
+    for i, line in enumerate(data.split(b"\n")):
+        line = line.rstrip(b"\r")
+        if line.strip():
+            yield unit["first_line"] + i, line
+
+
+def parse_json_line(line: bytes, where: str) -> dict[str, Any]:
+    text = utf8(line, where)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Reject("malformed_json", f"{where}: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise Reject("malformed_json", f"{where}: a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
+def list_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """``path`` itself if it is a file, else its files (recursively) with one of ``suffixes``, sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"source path {path} does not exist")
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+
+
+# --- paths ----------------------------------------------------------------------------------------
+
+
+def safe_join(root: str | Path, rel: Any, what: str) -> str:
+    """Join a record's relative path under ``root``, refusing absolute paths and ``..`` escapes.
+
+    Lexical on purpose: dataset roots are often symlinks to other disks, which resolving would
+    reject."""
+    if not isinstance(rel, str) or not rel:
+        raise Reject("missing_field", f"{what} is missing or not a string")
+    check_text(rel, what)
+    norm = os.path.normpath(rel)
+    if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep) or "\x00" in rel:
+        raise Reject("unsafe_path", f"{what}={rel!r} escapes its root")
+    return os.path.join(str(root), norm)
+
+
+def default_root(src: SourceConfig, which: str, fallback: Path) -> Path:
+    value = src.image_root if which == "image" else src.video_root
+    return Path(value) if value else fallback

@@ -1,0 +1,156 @@
+"""img2dataset WebDataset tars: per key ``{key}.jpg`` (or png/webp), ``{key}.txt``, ``{key}.json``.
+
+    python -c "from metamorph.data.readers import READERS; print(READERS['img2dataset'])"
+
+Members are read into memory, never extracted, and still checked: a member whose name is absolute
+or climbs out with ``..``, or that is a link or device, is quarantined as ``unsafe_tar_member``
+(a tar built to overwrite files when someone untars it is not data to train on). A tar cut short
+(mid-member, or without its end-of-archive blocks) keeps every complete key before the cut and
+quarantines the partial one as ``truncated_tar``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_text, list_files, order_key, rejected, utf8
+
+KIND = "t2i"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER_BYTES = 256 * 2**20  # far above any real image; bounds worker memory per member
+_END_BLOCKS = 2 * tarfile.BLOCKSIZE  # a well-formed tar ends with two zero blocks
+
+
+def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
+    return [{"file": str(f)} for f in list_files(Path(src.path), (".tar",))]
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the basename."""
+    d, b = os.path.split(name)
+    stem, _, ext = b.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def _unsafe(m: tarfile.TarInfo) -> str:
+    if not (m.isfile() or m.isdir()):
+        return "link or special file"
+    name = m.name
+    norm = os.path.normpath(name)
+    if name.startswith("/") or os.path.isabs(name) or norm == ".." or norm.startswith("../") or "\x00" in name:
+        return "path escapes the archive"
+    return ""
+
+
+def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
+    path = Path(unit["file"])
+    pos = 0
+
+    def emit(key: str, parts: dict[str, bytes]) -> RawRecord:
+        nonlocal pos
+        rec = _record(src, path.name, key, parts, order_key(unit_idx, pos))
+        pos += 1
+        return rec
+
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        yield rejected(src, KIND, path.name, order_key(unit_idx, 0), "truncated_tar", f"unreadable tar: {e}")
+        return
+    key, parts = None, {}
+    with tar:
+        while True:
+            try:
+                m = tar.next()
+            except (tarfile.ReadError, EOFError) as e:
+                if key is not None:
+                    yield rejected(src, KIND, f"{path.name}:{key}", order_key(unit_idx, pos), "truncated_tar", str(e), rid=key)
+                    pos += 1
+                    key = None
+                else:
+                    yield rejected(src, KIND, f"{path.name}@{tar.offset}", order_key(unit_idx, pos), "truncated_tar", str(e))
+                    pos += 1
+                break
+            if m is None:
+                break
+            if m.isdir():
+                continue
+            why = _unsafe(m)
+            if why:
+                yield rejected(src, KIND, f"{path.name}:{m.name}", order_key(unit_idx, pos), "unsafe_tar_member", f"{m.name!r}: {why}")
+                pos += 1
+                continue
+            k, ext = _split_key(m.name)
+            if k != key:
+                if key is not None:
+                    yield emit(key, parts)
+                key, parts = k, {}
+            if m.size > MAX_MEMBER_BYTES:
+                parts["__oversized__"] = m.name.encode()
+                continue
+            try:
+                fobj = tar.extractfile(m)
+                data = fobj.read() if fobj is not None else b""
+                if len(data) != m.size:
+                    raise tarfile.ReadError(f"member {m.name} has {len(data)} of {m.size} bytes")
+            except (tarfile.ReadError, EOFError, OSError) as e:
+                yield rejected(src, KIND, f"{path.name}:{key}", order_key(unit_idx, pos), "truncated_tar", str(e), rid=key)
+                pos += 1
+                key = None
+                break
+            parts[ext] = data
+        if key is not None:
+            truncated = _missing_end(path, tar.offset)
+            if truncated:
+                # the last key may be missing members that were cut off
+                yield rejected(src, KIND, f"{path.name}:{key}", order_key(unit_idx, pos), "truncated_tar", truncated, rid=key)
+                pos += 1
+            else:
+                yield emit(key, parts)
+        else:
+            truncated = _missing_end(path, tar.offset)
+            if truncated and pos == 0:
+                yield rejected(src, KIND, path.name, order_key(unit_idx, pos), "truncated_tar", truncated)
+
+
+def _missing_end(path: Path, offset: int) -> str:
+    """Why the archive ends without its zero blocks ('' when it ends properly)."""
+    size = path.stat().st_size
+    if size - offset < _END_BLOCKS:
+        return f"archive ends at byte {size} without its end-of-archive blocks"
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.read(_END_BLOCKS).strip(b"\0"):
+            return f"garbage after the last member at byte {offset}"
+    return ""
+
+
+def _record(src: SourceConfig, tar_name: str, key: str, parts: dict[str, bytes], order: str) -> RawRecord:
+    where = f"{tar_name}:{key}"
+    rid = key.rsplit("/", 1)[-1]
+    try:
+        if "__oversized__" in parts:
+            raise Reject("oversized_member", f"{parts['__oversized__'].decode(errors='replace')} exceeds {MAX_MEMBER_BYTES} bytes")
+        meta: dict[str, Any] = {}
+        if "json" in parts:
+            try:
+                meta = json.loads(utf8(parts["json"], f"{key}.json"))
+            except json.JSONDecodeError as e:
+                raise Reject("malformed_json", f"{key}.json: {e.msg}") from None
+            if not isinstance(meta, dict):
+                raise Reject("malformed_json", f"{key}.json is not an object")
+        if "txt" in parts:
+            caption = utf8(parts["txt"], f"{key}.txt")
+        else:
+            caption = check_text(meta.get("caption"), f"{key} caption (.txt or json 'caption')")
+        ext = next((e for e in IMAGE_EXTS if e in parts), None)
+        if ext is None:
+            raise Reject("image_missing", f"{key}: no .jpg/.png/.webp member")
+    except Reject as r:
+        return RawRecord(source=src.name, rid=rid, locator=where, order=order, kind=KIND, reason=r.reason, detail=r.detail)
+    payload = {"caption": caption, "image": {"blob": 0}, "meta": meta.get("meta") if isinstance(meta.get("meta"), dict) else {}}
+    return RawRecord(source=src.name, rid=rid, locator=where, order=order, kind=KIND, payload=payload, blobs=[parts[ext]])

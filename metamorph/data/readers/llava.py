@@ -1,0 +1,114 @@
+"""LLaVA / Cambrian conversations: a JSONL file, or a JSON array file, of records with images.
+
+    python -c "from metamorph.data.readers import READERS; print(READERS['llava'])"
+
+Record: ``{"id", "image": "a.png" | ["a.png", ...] (optional: text-only records exist),
+"conversations": [{"from": "human"|"gpt", "value": "<image>\\n..."}, ...], "meta"?}``; image paths
+are relative to the source's ``image_root`` (default: the annotation file's directory).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from metamorph.data.readers.base import (
+    RawRecord,
+    Reject,
+    SourceConfig,
+    check_text,
+    default_root,
+    jsonl_lines,
+    jsonl_units,
+    list_files,
+    order_key,
+    parse_json_line,
+    rejected,
+    safe_join,
+    utf8,
+)
+
+KIND = "llava"
+
+
+def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
+    units: list[dict[str, Any]] = []
+    for f in list_files(Path(src.path), (".jsonl", ".json")):
+        if f.name.lower().endswith(".jsonl"):
+            units += jsonl_units(f, records_per_unit)
+        else:  # a JSON array must be parsed whole: one unit, parallelism comes after the read
+            units.append({"file": str(f), "array": True})
+    return units
+
+
+def convert(src: SourceConfig, obj: dict[str, Any], image_root: Path, where: str) -> dict[str, Any]:
+    """The payload of one record (shared with the viscot reader's image handling)."""
+    rid = obj.get("id")
+    if rid is None:
+        raise Reject("missing_field", f"{where}: no 'id'")
+    convs = obj.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise Reject("missing_field", f"{where}: 'conversations' missing or empty")
+    turns = []
+    for i, t in enumerate(convs):
+        if not isinstance(t, dict):
+            raise Reject("malformed_json", f"{where}: conversations[{i}] is not an object")
+        turns.append({"from": check_text(t.get("from"), f"conversations[{i}].from"), "value": check_text(t.get("value"), f"conversations[{i}].value")})
+    image = obj.get("image")
+    names = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(names, list):
+        raise Reject("malformed_json", f"{where}: 'image' must be a string or a list of strings")
+    images = [{"path": safe_join(image_root, n, f"image[{i}]")} for i, n in enumerate(names)]
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    return {"conversations": turns, "images": images, "meta": meta}
+
+
+def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
+    f = Path(unit["file"])
+    root = default_root(src, "image", f.parent)
+    if unit.get("array"):
+        yield from _read_array(src, f, root, unit_idx)
+        return
+    for pos, (line_no, line) in enumerate(jsonl_lines(unit)):
+        where = f"{f.name}:{line_no}"
+        order = order_key(unit_idx, pos)
+        obj = None
+        try:
+            obj = parse_json_line(line, where)
+            payload = convert(src, obj, root, where)
+        except Reject as r:
+            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=_rid(obj))
+            continue
+        yield RawRecord(source=src.name, rid=str(obj["id"]), locator=where, order=order, kind=KIND, payload=payload)
+
+
+def _read_array(src: SourceConfig, f: Path, root: Path, unit_idx: int) -> Iterator[RawRecord]:
+    try:
+        data = json.loads(utf8(f.read_bytes(), f.name))
+        if not isinstance(data, list):
+            raise Reject("malformed_json", f"{f.name}: a JSON {type(data).__name__}, expected an array of records")
+    except json.JSONDecodeError as e:
+        # the whole file is one unreadable record: counted once, never silently dropped
+        yield rejected(src, KIND, f.name, order_key(unit_idx, 0), "malformed_json", f"{e.msg} at line {e.lineno}")
+        return
+    except Reject as r:
+        yield rejected(src, KIND, f.name, order_key(unit_idx, 0), r.reason, r.detail)
+        return
+    for pos, obj in enumerate(data):
+        where = f"{f.name}[{pos}]"
+        order = order_key(unit_idx, pos)
+        try:
+            if not isinstance(obj, dict):
+                raise Reject("malformed_json", f"{where}: a JSON {type(obj).__name__}, expected an object")
+            payload = convert(src, obj, root, where)
+        except Reject as r:
+            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=_rid(obj))
+            continue
+        yield RawRecord(source=src.name, rid=str(obj["id"]), locator=where, order=order, kind=KIND, payload=payload)
+
+
+def _rid(obj: Any) -> str:
+    """The record's id when it has a usable one (kept on quarantine lines for humans)."""
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return str(rid) if isinstance(rid, (str, int)) else ""

@@ -1,0 +1,98 @@
+"""Parquet of (image, caption) rows, as HF datasets and LAION/COYO exports ship them.
+
+    python -c "from metamorph.data.readers import READERS; print(READERS['parquet'])"
+
+Columns: ``image`` (struct ``{bytes, path}`` as HF ``Image`` writes it, or plain binary) and
+``caption`` (or ``text``); optional ``key``/``id`` (else ``{file stem}-{row}``) and ``meta`` (JSON
+string). One unit per row group, so a big file spreads over many tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+
+from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, default_root, list_files, order_key, rejected, safe_join, utf8
+
+KIND = "t2i"
+
+
+def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
+    units = []
+    for f in list_files(Path(src.path), (".parquet",)):
+        md = pq.ParquetFile(f).metadata
+        first = 0
+        for g in range(md.num_row_groups):
+            units.append({"file": str(f), "row_group": g, "first_row": first})
+            first += md.row_group(g).num_rows
+    return units
+
+
+def image_ref(value: Any, root: Path, what: str, blobs: list[bytes]) -> dict[str, Any]:
+    """Turn an HF-style image cell (struct {bytes, path} or binary) into a payload reference."""
+    if isinstance(value, (bytes, bytearray)):
+        blobs.append(bytes(value))
+        return {"blob": len(blobs) - 1}
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            blobs.append(bytes(value["bytes"]))
+            return {"blob": len(blobs) - 1}
+        if value.get("path"):
+            return {"path": safe_join(root, value["path"], f"{what}.path")}
+    raise Reject("image_missing", f"{what}: neither bytes nor a path")
+
+
+def text_cell(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):  # binary columns: decode strictly
+        return utf8(bytes(value), what)
+    return str(value)
+
+
+def meta_cell(value: Any) -> dict[str, Any]:
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", errors="replace")
+    if isinstance(value, str) and value:
+        try:
+            out = json.loads(value)
+        except json.JSONDecodeError:
+            raise Reject("malformed_json", "meta is not valid JSON") from None
+        return out if isinstance(out, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def rows(unit: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(row number, row or None, error) of one row group; a row Arrow cannot convert is an error."""
+    table = pq.ParquetFile(unit["file"]).read_row_group(unit["row_group"])
+    cols = {name: table.column(name) for name in table.column_names}
+    for i in range(table.num_rows):
+        try:
+            yield unit["first_row"] + i, {k: c[i].as_py() for k, c in cols.items()}, ""
+        except UnicodeDecodeError as e:  # a string column holding invalid UTF-8
+            yield unit["first_row"] + i, None, f"invalid UTF-8 at byte {e.start}"
+
+
+def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
+    f = Path(unit["file"])
+    root = default_root(src, "image", f.parent)
+    for pos, (row_no, row, err) in enumerate(rows(unit)):
+        where = f"{f.name}:{row_no}"
+        order = order_key(unit_idx, pos)
+        fallback_id = f"{f.stem}-{row_no:08d}"
+        if row is None:
+            yield rejected(src, KIND, where, order, "non_utf8_text", err, rid=fallback_id)
+            continue
+        rid = str(row.get("key") or row.get("id") or fallback_id)
+        try:
+            caption = text_cell(row.get("caption", row.get("text")), "caption")
+            blobs: list[bytes] = []
+            ref = image_ref(row.get("image"), root, "image", blobs)
+            payload = {"caption": caption, "image": ref, "meta": meta_cell(row.get("meta"))}
+        except Reject as r:
+            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=rid)
+            continue
+        yield RawRecord(source=src.name, rid=rid, locator=where, order=order, kind=KIND, payload=payload, blobs=blobs)

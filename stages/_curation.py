@@ -1,0 +1,307 @@
+"""Ray Data glue shared by the five curation stages (the record logic is ``metamorph.data.curate``).
+
+    python -c "from pipelines.testing import run_stage; from stages.curate_generation import CurateGeneration as S; print(run_stage(S(), S.config_cls(), inputs={'world': 'runs/world/KEY/world'}, root='/tmp/runs'))"
+
+Three passes over the data:
+
+1. parallel (Ray Data): plan units on the driver (a JSONL byte range, a tar, a row group), read
+   them in tasks, rebalance into blocks of ``records_per_task`` records, then decode, validate,
+   resize, encode, hash and convert every record; the result is materialised in the object store
+   (it spills to disk when large).
+2. driver, metadata only: duplicate ids, exact duplicates, the train/held-out split, and the
+   contamination guard need a view of the whole stage, so they run once over small rows without
+   image bytes (``metamorph.data.curate.decide``).
+3. parallel sort by id, then the driver streams the sorted samples into size-bounded shards: a
+   rerun writes byte-identical files whatever the task scheduling was.
+
+Output (``ctx.output(<artifact>)``): ``shard-{train,heldout}-NNNNN.tar``, ``index.parquet``,
+``quarantine.jsonl`` (one line per rejected record) and ``image_hashes.parquet`` (sha256 and pHash
+of every written image, so ``mix`` can guard contamination across families without decoding).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide, process_table
+from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, raw_table
+from metamorph.data.readers.base import list_files
+from metamorph.data.schema import Sample
+from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, write_index
+from metamorph.data.video import VideoConfig
+from pipelines.stage import Stage, StageConfig, StageContext
+
+WORLD = "world"
+WORLD_PREFIX = "world:"
+HASHES_FILE = "image_hashes.parquet"
+HASHES_SCHEMA = pa.schema(
+    [("id", pa.string()), ("split", pa.string()), ("image", pa.int32()), ("sha", pa.string()), ("phash", pa.int64()), ("thumb", pa.binary())]
+)
+_META_COLUMNS = ["id", "source", "locator", "order", "reason", "detail", "task", "content_hash", "sha", "phash", "n_decoded"]
+
+
+@dataclass(kw_only=True)
+class CurationStageConfig(StageConfig, CurateConfig):
+    """Fields every curation stage shares; per-stage subclasses set the default sources."""
+
+    sources: list[SourceConfig] = field(default_factory=list)  # several per family allowed
+    shard_max_mb: int = 64  # shard size bound (MiB): big enough to stream, small enough to retry
+    shard_max_samples: int = 10_000  # and a sample-count bound, whichever comes first
+    # --- operational (outside the cache key)
+    records_per_task: int = 256  # records per Ray task (read units and processing blocks)
+    cpus_per_task: float = 1.0  # Ray CPUs per processing task; < 1 packs more tasks per core
+
+    def __post_init__(self) -> None:
+        CurateConfig.__post_init__(self)
+        if not self.sources:
+            raise ValueError("sources is empty: list at least one {name, format, path}")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources[].name must be unique, got {names}")
+        if self.shard_max_mb < 1 or self.shard_max_samples < 1:
+            raise ValueError(f"shard_max_mb={self.shard_max_mb}, shard_max_samples={self.shard_max_samples}: both must be >= 1")
+        if self.records_per_task < 1:
+            raise ValueError(f"records_per_task={self.records_per_task}: must be >= 1")
+        if not 0 < self.cpus_per_task <= 64:
+            raise ValueError(f"cpus_per_task={self.cpus_per_task}: use (0, 64]")
+
+
+def uses_world(src: SourceConfig) -> bool:
+    return any(v is not None and v.startswith(WORLD_PREFIX) for v in (src.path, src.image_root, src.video_root))
+
+
+def resolve_path(value: Optional[str], world: Optional[Path]) -> Optional[str]:
+    """``world:rel`` -> inside the world artifact; anything else -> an absolute local path."""
+    if value is None:
+        return None
+    if value.startswith(WORLD_PREFIX):
+        if world is None:
+            raise ValueError(f"{value!r} needs the 'world' artifact, which this run did not provide")
+        rel = value[len(WORLD_PREFIX) :].lstrip("/")
+        return str(Path(world) / rel)
+    return str(Path(value).expanduser().absolute())
+
+
+def resolve_source(src: SourceConfig, world: Optional[Path]) -> SourceConfig:
+    return dataclasses.replace(
+        src,
+        path=resolve_path(src.path, world),
+        image_root=resolve_path(src.image_root, world),
+        video_root=resolve_path(src.video_root, world),
+    )
+
+
+def library_config(cfg: Any, cls: type) -> Any:
+    """The library part of a stage config (a plain dataclass the workers can unpickle)."""
+    if not isinstance(cfg, cls):
+        return None
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+# --- Ray task bodies (module-level: pickled by reference) ----------------------------------------------
+
+
+def _read_units(batch: pa.Table, sources: list[dict[str, Any]]) -> pa.Table:
+    records = []
+    for row in batch.to_pylist():
+        src = SourceConfig(**sources[row["source"]])
+        records.extend(READERS[src.format].read(src, json.loads(row["unit"]), row["unit_idx"]))
+    return raw_table(records)
+
+
+def _process(batch: pa.Table, cfg: CurateConfig, video: Optional[VideoConfig], frames: Optional[FramePredictionConfig]) -> pa.Table:
+    return process_table(batch, cfg, video, frames)
+
+
+def _accepted(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch["reason"], "")).select(["id", "order", "sample", "images", "sha", "phash", "thumb"])
+
+
+def _with_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
+    mask = pc.and_(pc.is_in(batch["id"], value_set=pa.array(ids, pa.string())), pc.equal(batch["reason"], ""))
+    return batch.filter(mask).select(["id", "order", "thumb"])
+
+
+def _rows(ds: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        out.extend(b.to_pylist())
+    return out
+
+
+class CurationStage(Stage):
+    """Base of the five curation stages: ``family`` picks the readers a source may use."""
+
+    family: ClassVar[str]
+    inputs = (WORLD,)  # only when a source says "world:..." (see input_artifacts)
+    operational = frozenset({"records_per_task", "cpus_per_task"})
+
+    @property
+    def artifact(self) -> str:
+        return self.outputs[0]
+
+    def input_artifacts(self, cfg: CurationStageConfig) -> tuple[str, ...]:
+        return (WORLD,) if any(uses_world(s) for s in cfg.sources) else ()
+
+    def validate(self, cfg: CurationStageConfig) -> None:
+        allowed = FAMILY_FORMATS[self.family]
+        for i, s in enumerate(cfg.sources):
+            if s.format not in allowed:
+                raise ValueError(f"stages.{self.name}.sources[{i}].format={s.format!r}: {self.family} reads {list(allowed)}")
+            if not s.path.startswith(WORLD_PREFIX) and not Path(s.path).expanduser().exists():
+                raise ValueError(f"stages.{self.name}.sources[{i}].path={s.path!r} does not exist")
+
+    def resources(self, cfg: CurationStageConfig) -> dict[str, float]:
+        # Ray Data spreads the tasks over whatever is free; what must fit is one processing task
+        return {"CPU": cfg.cpus_per_task}
+
+    def fingerprint(self, cfg: CurationStageConfig) -> dict[str, Any]:
+        """Size and mtime of external annotation files and shards (world sources are keyed by the
+        world stage's key). Image/video files are not stat'ed: millions of them would make
+        planning slow; replace or re-date the annotation file when they change."""
+        out: dict[str, Any] = {}
+        for s in cfg.sources:
+            if s.path.startswith(WORLD_PREFIX):
+                continue
+            p = Path(s.path).expanduser()
+            files = list_files(p, READERS[s.format].suffixes) if p.exists() else []
+            out[s.name] = [[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+        return out
+
+    def run(self, ctx: StageContext) -> dict[str, float]:
+        return run_curation(ctx, self.artifact, ctx.cfg)
+
+
+def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig], cfg: CurationStageConfig) -> Any:
+    """The lazy Ray Dataset of processed rows (``PROCESSED_SCHEMA``) for the planned units."""
+    import ray
+    from ray.data.context import ShuffleStrategy
+
+    ds = ray.data.from_items(units, override_num_blocks=min(len(units), 1000))
+    # per-dataset context: other stages run in threads of the same driver
+    ds.context.enable_progress_bars = False
+    # the id sort is a small pull-based sort; the default hash shuffle starts aggregator actors
+    # that cost ~5 s on a laptop for no gain at these sizes
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return (
+        # reading is parsing and I/O: half the CPUs of processing. The different request also keeps
+        # Ray Data from fusing read -> repartition -> process into one task per unit, which would
+        # process a single big file (one JSONL array, one tar) on one core
+        ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task / 2,
+                       fn_kwargs={"sources": [dataclasses.asdict(s) for s in sources]})
+        .repartition(target_num_rows_per_block=cfg.records_per_task)
+        .map_batches(_process, batch_size=None, batch_format="pyarrow", num_cpus=cfg.cpus_per_task,
+                     fn_kwargs={"cfg": library_config(cfg, CurateConfig), "video": library_config(cfg, VideoConfig),
+                                "frames": library_config(cfg, FramePredictionConfig)})
+    )
+
+
+def run_curation(ctx: StageContext, artifact: str, cfg: CurationStageConfig) -> dict[str, float]:
+    t0 = time.perf_counter()
+    world = ctx.inputs.get(WORLD)
+    sources = [resolve_source(s, world) for s in cfg.sources]
+    units: list[dict[str, Any]] = []
+    for si, src in enumerate(sources):
+        for u in READERS[src.format].plan(src, cfg.records_per_task):
+            units.append({"source": si, "unit": json.dumps(u), "unit_idx": len(units)})
+    out = ctx.output(artifact)
+
+    meta: list[dict[str, Any]] = []
+    processed = None
+    if units:
+        processed = processing_dataset(units, sources, cfg).materialize()
+        meta = _rows(processed.select_columns(_META_COLUMNS))
+    t_process = time.perf_counter() - t0
+
+    first_order: dict[str, str] = {}
+    for m in meta:
+        if not m["reason"] and (m["id"] not in first_order or m["order"] < first_order[m["id"]]):
+            first_order[m["id"]] = m["order"]
+    fetched: dict[str, list[bytes]] = {}
+
+    def thumbs(ids: set[str]) -> dict[str, list[bytes]]:
+        sel = processed.map_batches(_with_ids, batch_size=None, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"ids": sorted(ids)})
+        for r in _rows(sel):
+            if first_order.get(r["id"]) == r["order"]:
+                fetched[r["id"]] = r["thumb"]
+        return fetched
+
+    t_decide = time.perf_counter()
+    dec = decide(
+        meta,
+        heldout_fraction=cfg.heldout_fraction,
+        phash_max_distance=cfg.phash_max_distance,
+        near_copy_max_diff=cfg.near_copy_max_diff,
+        thumbs=thumbs,
+    )
+    writers = {s: ShardWriter(out, s, max_bytes=cfg.shard_max_mb * 2**20, max_samples=cfg.shard_max_samples) for s in ("train", "heldout")}
+    t_write = time.perf_counter()
+    hashes: list[dict[str, Any]] = []
+    if dec.keep and processed is not None:
+        ordered = processed.map_batches(_accepted, batch_size=None, batch_format="pyarrow", num_cpus=0.25).sort("id")
+        with writers["train"], writers["heldout"]:
+            for batch in ordered.iter_batches(batch_size=256, batch_format="pyarrow"):
+                cols = ("id", "order", "sample", "images", "sha", "phash", "thumb")
+                for sid, order, record, images, shas, phashes, thumbs_ in zip(*(batch[c].to_pylist() for c in cols)):
+                    split = dec.keep.get((sid, order))
+                    if split is None:  # a duplicate or contaminated sample
+                        continue
+                    sample = Sample.from_json(json.loads(record))
+                    sample.split = split
+                    writers[split].write(sample, images)
+                    hashes += [
+                        {"id": sid, "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
+                        for i, (s, p, t) in enumerate(zip(shas, phashes, thumbs_))
+                    ]
+    index_rows = writers["train"].rows + writers["heldout"].rows
+    write_index(out, index_rows)
+    for split, w in writers.items():
+        for shard, n in collections.Counter(r["shard"] for r in w.rows).items():
+            ctx.record_rows(f"{artifact}/{shard}", n)
+
+    with open(out / QUARANTINE_FILE, "w", encoding="utf-8") as f:
+        for q in dec.rejects:
+            f.write(json.dumps({k: q[k] for k in ("source", "id", "locator", "reason", "detail")}, ensure_ascii=False) + "\n")
+    ctx.record_rows(f"{artifact}/{QUARANTINE_FILE}", len(dec.rejects))
+
+    pq.write_table(pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA), out / HASHES_FILE)
+
+    records_in = len(meta)
+    n_out = len(index_rows)
+    if n_out + len(dec.rejects) != records_in:  # every record is either written or quarantined
+        raise RuntimeError(f"{ctx.stage}: {n_out} written + {len(dec.rejects)} quarantined != {records_in} records in")
+    seconds = time.perf_counter() - t0
+    decoded = sum(m["n_decoded"] for m in meta)
+    stats: dict[str, float] = {
+        "records_in": records_in,
+        "samples_out": n_out,
+        "quarantined": len(dec.rejects),
+        "read_units": len(units),
+        "images_decoded": decoded,
+        "images_out": sum(r["n_images"] for r in index_rows),
+        "images_per_s": decoded / seconds if seconds > 0 else 0.0,
+        "seconds_process": t_process,  # read + decode + convert, in parallel
+        "seconds_decide": t_write - t_decide,  # dedup, split, contamination on the driver
+        "seconds_write": seconds - (t_write - t0),  # sort by id + shards, index, quarantine
+        "seconds": seconds,
+        **dec.stats,
+    }
+    for split in ("train", "heldout"):
+        stats[f"split/{split}"] = len(writers[split].rows)
+    for task, n in sorted(collections.Counter(r["task"] for r in index_rows).items()):
+        stats[f"task/{task}"] = n
+    for reason, n in sorted(collections.Counter(q["reason"] for q in dec.rejects).items()):
+        stats[f"quarantine/{reason}"] = n
+    if dec.rejects and (out / QUARANTINE_FILE).stat().st_size < 32 * 2**20:
+        ctx.log_artifact(out / QUARANTINE_FILE)
+    return stats

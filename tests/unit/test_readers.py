@@ -1,0 +1,296 @@
+"""Each upstream reader on its format variants and its malformed inputs (no Ray, no decoding).
+
+    python -m pytest tests/unit/test_readers.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import pytest
+
+from metamorph.data.readers import READERS, SourceConfig, read_source
+from metamorph.data.readers.base import jsonl_units
+from tests.unit.curation_fixtures import (
+    hf_image,
+    img2dataset_members,
+    jpg,
+    png,
+    symlink_member,
+    write_caption_parquet,
+    write_edit_parquet,
+    write_jsonl,
+    write_tar,
+)
+
+
+def src(fmt: str, path, **kw) -> SourceConfig:
+    return SourceConfig(name="s", format=fmt, path=str(path), **kw)
+
+
+def by_rid(records):
+    return {r.rid: r for r in records}
+
+
+def reasons(records):
+    return sorted(r.reason for r in records if r.reason)
+
+
+# --- llava ---------------------------------------------------------------------------------------
+
+
+LLAVA_GOOD = [
+    {"id": "one", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."}], "meta": {"truth": "red"}},
+    {"id": "two", "image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "<image><image>\nSame?"}, {"from": "gpt", "value": "No."}]},
+    {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+]
+
+
+def test_llava_jsonl_single_multi_and_text_only(tmp_path):
+    f = write_jsonl(tmp_path / "ann" / "llava.jsonl", LLAVA_GOOD)
+    recs = by_rid(read_source(src("llava", f, image_root=str(tmp_path / "imgs"))))
+    assert set(recs) == {"one", "two", "text"}
+    assert recs["one"].payload["images"] == [{"path": str(tmp_path / "imgs" / "a.png")}]
+    assert recs["one"].payload["meta"] == {"truth": "red"}
+    assert [i["path"] for i in recs["two"].payload["images"]] == [str(tmp_path / "imgs" / n) for n in ("a.png", "b.png")]
+    assert recs["text"].payload["images"] == []
+    assert all(not r.reason for r in recs.values())
+
+
+def test_llava_default_image_root_is_annotation_dir(tmp_path):
+    f = write_jsonl(tmp_path / "ann" / "llava.jsonl", LLAVA_GOOD[:1])
+    (rec,) = read_source(src("llava", f))
+    assert rec.payload["images"][0]["path"] == str(tmp_path / "ann" / "a.png")
+
+
+def test_llava_json_array_equals_jsonl(tmp_path):
+    a = tmp_path / "llava.json"
+    a.write_text(json.dumps(LLAVA_GOOD))
+    j = write_jsonl(tmp_path / "llava.jsonl", LLAVA_GOOD)
+    ra = [r.payload for r in read_source(src("llava", a))]
+    rj = [r.payload for r in read_source(src("llava", j))]
+    assert ra == rj and len(ra) == 3
+
+
+def test_llava_directory_reads_both_kinds(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.json").write_text(json.dumps(LLAVA_GOOD[:1]))
+    write_jsonl(tmp_path / "d" / "y.jsonl", LLAVA_GOOD[1:])
+    assert len(list(read_source(src("llava", tmp_path / "d")))) == 3
+
+
+def test_llava_bad_lines_each_quarantined(tmp_path):
+    lines = [
+        LLAVA_GOOD[0],
+        b'{"id": "broken", "conversations": [',  # malformed JSON
+        b'{"id": "latin1", "conversations": [{"from": "human", "value": "caf\xe9"}]}',  # not UTF-8
+        b"[1, 2]",  # JSON, not an object
+        b"",  # a blank line is not a record
+        {"conversations": [{"from": "human", "value": "x"}]},  # no id
+        {"id": "esc", "image": "../../etc/passwd", "conversations": LLAVA_GOOD[0]["conversations"]},
+        {"id": "abs", "image": "/etc/passwd", "conversations": LLAVA_GOOD[0]["conversations"]},
+        b'{"id": "sur", "conversations": [{"from": "human", "value": "\\udc80"}, {"from": "gpt", "value": "x"}]}',
+    ]
+    recs = list(read_source(src("llava", write_jsonl(tmp_path / "l.jsonl", lines))))
+    assert len(recs) == 8
+    assert reasons(recs) == sorted(["malformed_json", "non_utf8_text", "malformed_json", "missing_field", "unsafe_path", "unsafe_path", "non_utf8_text"])
+    # line numbers survive for humans reading the quarantine file
+    assert {r.locator for r in recs if r.reason == "non_utf8_text"} >= {"l.jsonl:3"}
+
+
+def test_llava_malformed_array_file_is_one_record(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text('[{"id": 1}, ')
+    (rec,) = read_source(src("llava", f))
+    assert rec.reason == "malformed_json"
+
+
+def test_jsonl_units_split_without_losing_lines(tmp_path):
+    rows = [dict(LLAVA_GOOD[0], id=f"r{i}") for i in range(7)]
+    f = write_jsonl(tmp_path / "l.jsonl", rows)
+    units = jsonl_units(f, 3)
+    assert len(units) == 3
+    recs = list(read_source(src("llava", f), records_per_unit=3))
+    assert [r.rid for r in recs] == [f"r{i}" for i in range(7)]
+    assert [r.locator for r in recs] == [f"l.jsonl:{i + 1}" for i in range(7)]
+    assert len({r.order for r in recs}) == 7
+
+
+# --- videoqa / viscot --------------------------------------------------------------------------------
+
+
+def test_videoqa(tmp_path):
+    f = write_jsonl(tmp_path / "v.jsonl", [
+        {"id": "v1", "video": "v1.mp4", "question": "Which way?", "answer": "left", "meta": {"d": "left"}},
+        {"id": "v2", "video": "v2.webm", "answer": "left"},
+    ])
+    recs = by_rid(read_source(src("videoqa", f, video_root=str(tmp_path / "vids"))))
+    assert recs["v1"].payload["video"] == {"path": str(tmp_path / "vids" / "v1.mp4")}
+    assert recs["v1"].kind == "videoqa" and recs["v1"].payload["meta"] == {"d": "left"}
+    assert recs["v2"].reason == "missing_field"
+
+
+@pytest.mark.parametrize("fmt", ["xyxy", "xywh"])
+def test_viscot_bbox_format_is_passed_not_guessed(tmp_path, fmt):
+    f = write_jsonl(tmp_path / "vc.jsonl", [
+        {"question_id": 7, "image": "x.png", "question": "What shape?", "answer": "circle", "bbox": [1, 2, 10, 12]},
+        {"question_id": 8, "image": "x.png", "question": "q", "answer": "a", "bbox": [1, 2, 3]},
+        {"question_id": 9, "image": "x.png", "question": "q", "answer": "a", "bbox": "1,2,3,4"},
+    ])
+    recs = by_rid(read_source(src("viscot", f, bbox_format=fmt)))
+    assert recs["7"].payload["bbox"] == [1.0, 2.0, 10.0, 12.0] and recs["7"].payload["bbox_format"] == fmt
+    assert recs["8"].reason == recs["9"].reason == "bad_bbox"
+
+
+def test_source_config_rejects_unknown_bbox_format():
+    with pytest.raises(ValueError, match="bbox_format"):
+        SourceConfig(name="s", format="viscot", path="x", bbox_format="cxcywh")
+
+
+# --- img2dataset tars ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "webp"])
+def test_img2dataset_image_formats(tmp_path, ext):
+    write_tar(tmp_path / "g" / "00000.tar", img2dataset_members(range(3), ext=ext))
+    recs = list(read_source(src("img2dataset", tmp_path / "g")))
+    assert [r.rid for r in recs] == ["000000000", "000000001", "000000002"]
+    assert all(not r.reason and len(r.blobs) == 1 and r.payload["caption"].startswith("a coloured box") for r in recs)
+
+
+def test_img2dataset_caption_from_json_when_no_txt(tmp_path):
+    members = [(n, d) for n, d in img2dataset_members([0]) if not n.endswith(".txt")]
+    write_tar(tmp_path / "00000.tar", members)
+    (rec,) = read_source(src("img2dataset", tmp_path / "00000.tar"))
+    assert rec.payload["caption"] == "a coloured box number 0"
+
+
+def test_img2dataset_unsafe_members_rejected_good_kept(tmp_path):
+    members = img2dataset_members([0]) + [
+        ("../evil.jpg", jpg(1)),
+        ("/abs/evil.jpg", jpg(2)),
+        symlink_member("link.jpg", "/etc/passwd"),
+    ] + img2dataset_members([3])
+    write_tar(tmp_path / "00000.tar", members)
+    recs = list(read_source(src("img2dataset", tmp_path / "00000.tar")))
+    assert reasons(recs) == ["unsafe_tar_member"] * 3
+    assert sorted(r.rid for r in recs if not r.reason) == ["000000000", "000000003"]
+    assert not (tmp_path.parent / "evil.jpg").exists()
+
+
+def test_img2dataset_truncated_mid_member(tmp_path):
+    f = write_tar(tmp_path / "00000.tar", img2dataset_members(range(4)))
+    data = f.read_bytes()
+    # cut inside the third key's image: keys 0 and 1 are complete
+    cut = data.find(b"000000002.jpg") + 512 + 100
+    f.write_bytes(data[:cut])
+    recs = list(read_source(src("img2dataset", f)))
+    assert [r.rid for r in recs if not r.reason] == ["000000000", "000000001"]
+    assert reasons(recs) == ["truncated_tar"]
+
+
+def test_img2dataset_truncated_at_member_boundary(tmp_path):
+    f = write_tar(tmp_path / "00000.tar", img2dataset_members(range(2)))
+    with tarfile.open(f) as t:
+        last = t.getmembers()[-1]
+    f.write_bytes(f.read_bytes()[: last.offset_data + 512])  # last member complete, end blocks gone
+    recs = list(read_source(src("img2dataset", f)))
+    assert [r.rid for r in recs if not r.reason] == ["000000000"]
+    assert reasons(recs) == ["truncated_tar"]
+
+
+def test_img2dataset_garbage_file_is_one_record(tmp_path):
+    f = tmp_path / "00000.tar"
+    f.write_bytes(b"this is not a tar at all" * 10)
+    (rec,) = read_source(src("img2dataset", f))
+    assert rec.reason == "truncated_tar"
+
+
+def test_img2dataset_bad_members(tmp_path):
+    members = [
+        ("000000000.txt", b"caption without image"),
+        ("000000001.jpg", jpg(1)), ("000000001.txt", b"caf\xe9 au lait"),
+        ("000000002.jpg", jpg(2)), ("000000002.json", b"{not json"),
+        ("000000003.jpg", jpg(3)), ("000000003.txt", b"fine"),
+    ]
+    write_tar(tmp_path / "00000.tar", members)
+    recs = by_rid(read_source(src("img2dataset", tmp_path / "00000.tar")))
+    assert recs["000000000"].reason == "image_missing"
+    assert recs["000000001"].reason == "non_utf8_text"
+    assert recs["000000002"].reason == "malformed_json"
+    assert recs["000000003"].reason == ""
+
+
+# --- parquet / instructpix2pix -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary_image,text_col", [(False, "caption"), (True, "text")])
+def test_parquet_image_struct_or_binary(tmp_path, binary_image, text_col):
+    rows = [{"image": png(i) if binary_image else hf_image(png(i)), "caption": f"box {i}"} for i in range(5)]
+    f = write_caption_parquet(tmp_path / "p.parquet", rows, binary_image=binary_image, text_col=text_col, row_group_size=2)
+    units = READERS["parquet"].plan(src("parquet", f), 256)
+    assert len(units) == 3  # one per row group
+    recs = list(read_source(src("parquet", f)))
+    assert [r.rid for r in recs] == [f"p-{i:08d}" for i in range(5)]
+    assert [r.payload["caption"] for r in recs] == [f"box {i}" for i in range(5)]
+    assert all(len(r.blobs) == 1 for r in recs)
+
+
+def test_parquet_image_by_path_and_missing(tmp_path):
+    rows = [{"image": hf_image(None, "pics/a.png"), "caption": "x"}, {"image": hf_image(None, None), "caption": "y"}]
+    f = write_caption_parquet(tmp_path / "p.parquet", rows)
+    a, b = read_source(src("parquet", f))
+    assert a.payload["image"] == {"path": str(tmp_path / "pics" / "a.png")}
+    assert b.reason == "image_missing"
+
+
+def test_instructpix2pix(tmp_path):
+    f = write_edit_parquet(tmp_path / "e" / "train-00000.parquet", [
+        {"original_image": hf_image(png(0)), "edit_prompt": "make it blue", "edited_image": hf_image(png(1))},
+        {"original_image": hf_image(png(0)), "edit_prompt": "x", "edited_image": hf_image(None)},
+    ])
+    a, b = read_source(src("instructpix2pix", tmp_path / "e"))
+    assert a.kind == "edit" and a.payload["edit_prompt"] == "make it blue" and len(a.blobs) == 2
+    assert a.payload["original"] == {"blob": 0} and a.payload["edited"] == {"blob": 1} and a.payload["meta"] == {"k": 0}
+    assert b.reason == "image_missing"
+    assert f.exists()
+
+
+# --- ssv2 / howto100m ------------------------------------------------------------------------------------
+
+
+def test_ssv2_labels_and_templates(tmp_path):
+    labels = tmp_path / "video" / "labels" / "train.json"
+    labels.parent.mkdir(parents=True)
+    (tmp_path / "video" / "labels" / "labels.json").write_text(json.dumps({"Moving [something] up": "0"}))
+    labels.write_text(json.dumps([
+        {"id": "17", "label": "Moving circle from left to right", "template": "Moving [something] from left to right", "placeholders": ["circle"]},
+        {"id": 18, "template": "Putting [something] onto [something]", "placeholders": ["cup", "table"]},
+        {"label": "no id"},
+    ]))
+    recs = list(read_source(src("ssv2", tmp_path / "video" / "labels")))  # dir: labels.json skipped
+    ok = by_rid(r for r in recs if not r.reason)
+    assert ok["17"].payload["label"] == "Moving circle from left to right"
+    assert ok["18"].payload["label"] == "Putting cup onto table"
+    vids = tmp_path / "video" / "videos"
+    assert ok["17"].payload["video"]["candidates"] == [str(vids / "17.webm"), str(vids / "17.mp4")]
+    assert reasons(recs) == ["missing_field"]
+
+
+def test_howto100m_csv(tmp_path):
+    f = tmp_path / "captions.csv"
+    f.write_bytes(
+        b"video_id,start,end,text\n"
+        b"abc,0.0,2.5,\"pour the water, slowly\"\n"
+        b"abc,3,x,bad numbers\n"
+        b"def,1,0,backwards\n"
+        b"ghi,0,1,caf\xe9\n"
+    )
+    recs = list(read_source(src("howto100m", f, video_root=str(tmp_path / "v"))))
+    ok = [r for r in recs if not r.reason]
+    assert len(ok) == 1 and ok[0].rid == "abc-0" and ok[0].payload["label"] == "pour the water, slowly"
+    assert ok[0].payload["start"] == 0.0 and ok[0].payload["end"] == 2.5
+    assert ok[0].payload["video"]["candidates"][0] == os.path.join(str(tmp_path / "v"), "abc.mp4")
+    assert reasons(recs) == ["malformed_csv", "malformed_csv", "non_utf8_text"]
