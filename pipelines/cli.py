@@ -108,22 +108,33 @@ def execute(
     engine = make_engine(pipeline, loaded)
     try:
         plan = engine.plan(only=only, from_=from_, until=until, force=force)
-        engine.validate_stages(plan)
+        if not dry_run:  # a dry run collects every problem instead of stopping at the first
+            engine.validate_stages(plan)
     except (GraphError, ConfigError, ValueError) as e:
         _fail(str(e))
     print_plan(plan)
-    where = init_ray(loaded.typed.ray, address=address)
-    console.print(f"ray: {where}; run root: {loaded.run_root}")
     if dry_run:
-        from pipelines.resources import check_resources
+        from pipelines.resources import dry_run as check
 
-        problems = check_resources(engine, plan)
-        for p in problems:
-            console.print(f"[red]resource problem:[/] {p}")
-        if problems:
+        report = check(engine, plan, loaded, lambda: init_ray(loaded.typed.ray, address=address))
+        table = Table(title="resources per stage (peak, at once)")
+        for col in ("stage", "action", "needs"):
+            table.add_column(col)
+        for row in report.rows:
+            table.add_row(*row)
+        console.print(table)
+        console.print(f"ray: {report.cluster}; run root: {loaded.run_root}")
+        for w in report.warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+        for p in report.problems:
+            console.print(f"[red]problem:[/] {p}")
+        if report.problems:
+            console.print(f"[bold red]dry run: {len(report.problems)} problem(s); nothing was run[/]")
             raise typer.Exit(1)
         console.print("[green]dry run: config, paths and resources check out; nothing was run[/]")
         return None
+    where = init_ray(loaded.typed.ray, address=address)
+    console.print(f"ray: {where}; run root: {loaded.run_root}")
     tracker = make_tracker(loaded)
     t0 = time.time()
 
@@ -258,6 +269,11 @@ def ui(
     console.print(f"MLflow UI for {store} at http://{host}:{port}")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", host, "--port", str(port), "--workers", "1"]
     os.execvp(cmd[0], cmd)
+
+
+from pipelines.infer import register as _register_infer  # noqa: E402  (generate, chat)
+
+_register_infer(app)
 
 
 def main() -> None:  # pragma: no cover

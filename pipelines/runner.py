@@ -291,7 +291,13 @@ class Engine:
             params=flatten(to_plain(self.stage_cfgs[it.name])),
             parent_id=parent.run_id,
         )
-        tracker.log_metrics(child.run_id, _numeric(manifest.get("stats", {})))
+        stats = _numeric(manifest.get("stats", {}))
+        tracker.log_metrics(child.run_id, stats)
+        # headline metrics (eval/...) also on the parent, so a fully cached run still lines up
+        # with the others in the MLflow runs table
+        headline = {k: v for k, v in stats.items() if k.startswith("eval/")}
+        if headline:
+            tracker.log_metrics(parent.run_id, headline)
         tracker.log_dict(child.run_id, manifest, "manifest.json")
         tracker.end(child.run_id, "FINISHED")
 

@@ -1,0 +1,77 @@
+"""Held-out QA items from curated samples, exact-match normalisation, the majority baseline.
+
+    pytest -q tests/unit/test_eval_understanding.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamorph.data.schema import ImageRef, Sample, Turn
+from metamorph.eval.generation import gen_items, retrieval_ranks
+from metamorph.eval.inference import drop_instruction, normalise_answer
+from metamorph.eval.understanding import majority_baseline, qa_items, summarise
+from tests.unit.eval_fixtures import make_samples
+
+
+def test_normalise_answer():
+    assert normalise_answer("  Red. ") == "red"
+    assert normalise_answer("Top   Left") == "top left"
+    assert normalise_answer("B") == normalise_answer("b.")
+
+
+def test_qa_items_multi_turn_and_visual_thinking():
+    s = Sample(
+        id="x", source="world", family="understanding", task="image_qa", split="heldout",
+        conversation=[Turn(role="user", content="<image>\nWhat color is the circle?"), Turn(role="assistant", content="red"),
+                      Turn(role="user", content="How many objects are there?"), Turn(role="assistant", content="2")],
+        images=[ImageRef(ext="png", role="prompt")],
+        meta={"qa": [{"type": "colour", "answer": "red", "format": "open"}, {"type": "count", "answer": "2", "format": "open"}]},
+    )
+    items = qa_items(s, [b"img"])
+    assert [i.truth for i in items] == ["red", "2"] and [i.attribute for i in items] == ["colour", "count"]
+    # the second question sees the first answer, and the image once
+    assert [t["role"] for t in items[1].conversation] == ["user", "assistant", "user"] and items[1].images == [b"img"]
+    vt = next(s for s, _ in make_samples(1) if s.task == "visual_thinking")
+    (it,) = qa_items(vt, [b"a", b"b"])
+    assert it.images == [b"a"] and it.response_images == [b"b"] and it.truth == vt.meta["answer"]
+    t2i = next(s for s, _ in make_samples(1) if s.task == "t2i")
+    assert qa_items(t2i, [b"a"]) == []
+
+
+def test_majority_baseline_and_summary():
+    recs = [
+        {"task": "image_qa", "attribute": "colour", "truth": "red", "correct": True},
+        {"task": "image_qa", "attribute": "colour", "truth": "Red.", "correct": True},
+        {"task": "image_qa", "attribute": "colour", "truth": "blue", "correct": False},
+        {"task": "image_qa", "attribute": "size", "truth": "small", "correct": True},
+        {"task": "video_qa", "attribute": "direction", "truth": "left", "correct": False},
+        {"task": "video_qa", "attribute": "direction", "truth": "up", "correct": False},
+    ]
+    hits, majority = majority_baseline(recs)
+    assert majority[("image_qa", "colour", "")] == "red" and hits[:3] == [1.0, 1.0, 0.0]
+    assert majority[("video_qa", "direction", "")] == "left"  # a tie goes to the alphabetically first
+    # open and multiple-choice questions are separate groups
+    mixed = [{"task": "t", "attribute": "a", "format": f, "truth": x} for f, x in
+             [("open", "red"), ("open", "red"), ("mc", "B"), ("mc", "C"), ("mc", "C")]]
+    assert majority_baseline(mixed)[0] == [1.0, 1.0, 0.0, 1.0, 1.0]
+    m = summarise(recs)
+    assert m["qa_acc"] == pytest.approx(3 / 6) and m["qa_majority"] == pytest.approx(4 / 6)
+    assert m["qa_acc/image_qa/colour"] == pytest.approx(2 / 3) and m["qa_majority/video_qa"] == 0.5
+    assert m["qa_n/image_qa"] == 4
+
+
+def test_gen_items_and_retrieval():
+    samples = make_samples(1)
+    by = {s.task: (s, ims) for s, ims in samples}
+    (t2i,) = gen_items(*by["t2i"])
+    assert t2i.truth["objects"] and t2i.prompt_images == [] and t2i.target == by["t2i"][1][0]
+    assert t2i.text == by["t2i"][0].meta["caption"]
+    (edit,) = gen_items(*by["image_edit"])
+    assert edit.truth == by["image_edit"][0].meta["edited"] and len(edit.prompt_images) == 1
+    assert gen_items(*by["image_qa"]) == []
+    assert drop_instruction(edit.conversation)[0]["content"] == "<image>"
+    true = torch.nn.functional.normalize(torch.randn(5, 4, 8), dim=-1)
+    assert retrieval_ranks(true, true).tolist() == [0] * 5
+    assert retrieval_ranks(true.roll(1, dims=0), true).max() > 0
