@@ -1,0 +1,540 @@
+"""Train the decoder: epsilon-prediction MSE on (image, its own vision tokens), with checkpoints.
+
+    python -m metamorph.decoder.train      # 20 steps on random images/tokens, prints the loss
+
+One step: take the global batch's images and vision tokens, zero the whole condition of each
+sample with probability ``cfg_prob`` (so the UNet also learns the unconditional branch that
+classifier-free guidance subtracts), draw timesteps uniformly in [0, T), noise the images in
+model space (pixels folded into patches, or VAE latents) with DDPM's schedule, and regress the
+noise. AdamW with linear warmup; optional noise offset and EMA.
+
+Every random draw of step s (which items, timesteps, noise, condition drops) comes from
+generators seeded by (seed, s) and is made for the *global* batch, of which each rank takes its
+slice; so a resumed run sees exactly the batches an uninterrupted one would, whatever the worker
+count. Checkpoints (``{ckpt_dir}/step-{s:08d}/``) hold the trained weights, optimizer, LR
+scheduler, EMA, each rank's torch RNG and the step; ``COMPLETE`` is written last, and only such
+dirs are resumed from.
+
+Tensor names: B batch (per rank unless noted), N tokens, D token dim, C/H/W model space,
+S image side in px.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from metamorph.decoder.pipeline import MetaMorphDecoderPipeline
+
+COMPLETE = "COMPLETE"  # marker file: a checkpoint / export dir is whole once this exists
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(kw_only=True)
+class DecoderTrainConfig:
+    max_steps: int = 600  # optimizer steps (the tiny preset: ~1-2 min on 1 CPU thread at batch 32)
+    batch_size: int = 32  # global batch, split evenly across workers (paper-scale SD fine-tunes use 256+)
+    lr: float = 1e-3  # peak AdamW LR; a from-scratch pixel UNet this small tolerates 1e-3 (2x faster
+    # to learn colours than 5e-4); fine-tuning SD 1.5 wants ~1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 50  # linear LR warmup from ~0; guards the first steps of a fresh UNet
+    lr_schedule: str = "constant"  # after warmup: "constant" (SD fine-tuning) or "cosine" to 0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # Probability of zeroing a sample's whole condition. The paper's script uses 0.8 with SD 1.5
+    # fine-tuned on millions of images; on a few hundred steps that wastes 80% of the signal that
+    # teaches the UNet to follow the tokens, so the default keeps the classic 0.1: enough
+    # unconditional samples for guidance, most steps conditional.
+    cfg_prob: float = 0.1
+    # Per-sample, per-channel constant added to the noise (x noise_offset); 0.05-0.1 lets SD render
+    # very dark/bright images. 0 = plain DDPM.
+    noise_offset: float = 0.0
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma): each sample's
+    # epsilon-MSE is scaled by min(SNR(t), gamma) / SNR(t), which damps the low-noise steps whose
+    # large, unhelpful loss otherwise dominates the gradient. None = plain, unweighted epsilon-MSE.
+    snr_gamma: Optional[float] = None
+    # EMA of the trained weights, exported instead of the raw ones; 0 disables. The decay warms
+    # up as 1 - (1 + step)**-ema_power (capped at ema_decay): with 0.75 it is ~0.99 after 500
+    # steps, so a short run's EMA averages its last ~100 steps rather than its random start.
+    ema_decay: float = 0.999
+    ema_power: float = 0.75
+    bf16: bool = False  # bf16 autocast for the UNet on CUDA (ignored on CPU)
+    checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2  # complete checkpoints kept (older ones are deleted)
+    log_every: int = 20  # steps between loss logs
+    sample_every: int = 0  # steps between sample grids (0: only at the end); costs one sampling run
+    seed: int = 0  # data order, noise, condition drops (the UNet init uses the stage seed)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"train.max_steps={self.max_steps} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size={self.batch_size} must be >= 1")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("train.lr must be > 0 and train.weight_decay >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas={self.betas} must be two numbers in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
+        if not 0 <= self.cfg_prob < 1:
+            raise ValueError(f"train.cfg_prob={self.cfg_prob} must be in [0, 1) (1 would never see a condition)")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"train.snr_gamma={self.snr_gamma} must be > 0 or null (null: unweighted)")
+        if self.noise_offset < 0 or self.grad_clip < 0:
+            raise ValueError("train.noise_offset and train.grad_clip must be >= 0")
+        if not 0 <= self.ema_decay < 1 or self.ema_power <= 0:
+            raise ValueError("train.ema_decay must be in [0, 1) (0 = off) and train.ema_power > 0")
+        for key in ("checkpoint_every", "sample_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0 (0 = only at the end)")
+        if self.keep_last < 1 or self.log_every < 1:
+            raise ValueError("train.keep_last and train.log_every must be >= 1")
+
+
+@dataclass
+class DecoderData:
+    """The training set in memory: encoded images (as curated) and their vision tokens.
+
+    Images stay encoded (PNG/JPEG bytes, ~1 KB at 32 px, ~50 KB for a real photo) and are decoded
+    and resized per batch, so a set of real photos fits in worker memory at SD's 512 px (a decoded
+    512 px image is 786 KB); the tokens (N x D fp16: 147 KB at paper scale) bound the set size."""
+
+    images: list[bytes]  # encoded image files, any size (resized to the decoder's side per batch)
+    tokens_BND: torch.Tensor  # [M, N, D], L2-normalised, from the frozen vision encoder
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.tokens_BND) or not self.images:
+            raise ValueError("DecoderData needs as many token sets as images, and at least one")
+        if self.tokens_BND.ndim != 3:
+            raise ValueError(f"DecoderData.tokens_BND must be [M, N, D], got {tuple(self.tokens_BND.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pixels(self, idx: torch.Tensor, size: int) -> torch.Tensor:
+        """uint8 [B, 3, S, S] for the items ``idx``."""
+        return torch.stack([decode_image(self.images[int(i)], size) for i in idx])
+
+
+def decode_image(data: bytes, size: int) -> torch.Tensor:
+    """Encoded image -> uint8 [3, S, S] (RGB; bicubic resize, as the vision encoder's preprocess)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class TrainResult:
+    first_loss: float  # mean loss of the first log window (of the first attempt)
+    final_loss: float  # mean loss of the last log window
+    steps: int
+    seconds: float  # wall time of this attempt's steps
+    resumed_from: int  # step of the checkpoint resumed from (0: fresh)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, window mean) this attempt
+
+
+class Denoiser(nn.Module):
+    """conditioner + UNet as one module, so DDP wraps (and all-reduces) both together."""
+
+    def __init__(self, unet: nn.Module, conditioner: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.conditioner = conditioner
+
+    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, tokens_BND: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_BCHW, t_B, encoder_hidden_states=self.conditioner(tokens_BND)).sample
+
+
+def set_trainable(pipe: MetaMorphDecoderPipeline, train_unet: bool = True) -> None:
+    """Conditioner always trains; the UNet unless frozen (pixel UNets start random: always train)."""
+    pipe.conditioner.requires_grad_(True)
+    pipe.unet.requires_grad_(bool(train_unet) or pipe.vae is None)
+    if pipe.vae is not None:
+        pipe.vae.requires_grad_(False)
+        pipe.vae.eval()
+
+
+# --- deterministic randomness -----------------------------------------------------------------
+
+
+def _gen(seed: int, stream: str, counter: int) -> torch.Generator:
+    """An independent CPU generator per (seed, stream, counter); stable across runs and machines."""
+    h = hashlib.blake2b(f"{seed}/{stream}/{counter}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h, "little") & (2**63 - 1))
+
+
+def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Global batch ``step``: positions [step*B, (step+1)*B) of the endless sequence of per-epoch
+    permutations of the data (every item once per epoch)."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, off = divmod(pos, n_items)
+        perm = torch.randperm(n_items, generator=_gen(seed, "epoch", epoch))
+        take = perm[off : off + batch_size - len(out)]
+        out.extend(take.tolist())
+        pos += len(take)
+    return torch.tensor(out, dtype=torch.long)
+
+
+@dataclass
+class StepDraws:
+    """Every random choice of one global training step except the VAE's latent sample."""
+
+    t_B: torch.Tensor  # timesteps, uniform in [0, T)
+    noise_BCHW: torch.Tensor
+    drop_B: torch.Tensor  # bool: condition zeroed
+
+
+def step_draws(
+    step: int, seed: int, batch_size: int, shape_CHW: tuple[int, ...], num_timesteps: int, cfg_prob: float, noise_offset: float
+) -> StepDraws:
+    g = _gen(seed, "step", step)
+    t_B = torch.randint(0, num_timesteps, (batch_size,), generator=g)
+    noise = torch.randn((batch_size, *shape_CHW), generator=g)
+    if noise_offset > 0:
+        noise = noise + noise_offset * torch.randn((batch_size, shape_CHW[0], 1, 1), generator=g)
+    drop_B = torch.rand(batch_size, generator=g) < cfg_prob
+    return StepDraws(t_B=t_B, noise_BCHW=noise, drop_B=drop_B)
+
+
+def to_unit_range(images_BCSS: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images_BCSS.float() / 127.5 - 1.0
+
+
+# --- the loss -----------------------------------------------------------------------------------
+
+
+def diffusion_loss(
+    pipe: MetaMorphDecoderPipeline,
+    denoiser: nn.Module,
+    x0_BCHW: torch.Tensor,
+    tokens_BND: torch.Tensor,
+    draws: StepDraws,
+    autocast: bool = False,
+    snr_gamma: Optional[float] = None,
+) -> torch.Tensor:
+    """Epsilon-MSE of ``denoiser`` on clean model-space inputs ``x0_BCHW`` under ``draws``
+    (Min-SNR-weighted per sample when ``snr_gamma`` is set)."""
+    dev = x0_BCHW.device
+    noise = draws.noise_BCHW.to(dev, x0_BCHW.dtype)
+    t_B = draws.t_B.to(dev)
+    x_t = pipe.scheduler.add_noise(x0_BCHW, noise, t_B)
+    tokens_BND = torch.where(draws.drop_B.to(dev)[:, None, None], torch.zeros_like(tokens_BND), tokens_BND)
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
+        eps = denoiser(x_t, t_B, tokens_BND)
+    if snr_gamma is None:
+        return F.mse_loss(eps.float(), noise.float())
+    alpha_bar_B = pipe.scheduler.alphas_cumprod.to(dev)[t_B].float()
+    snr_B = alpha_bar_B / (1 - alpha_bar_B)
+    weight_B = torch.clamp(snr_B, max=snr_gamma) / snr_B
+    mse_B = (eps.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
+    return (weight_B * mse_B).mean()
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Nested state -> JSON skeleton with tensors pulled out into ``tensors`` (no pickle on disk)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix!r}")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(path: Path, name: str, state: Any) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, "s", tensors)
+    save_file(tensors, str(path / f"{name}.safetensors"))
+    (path / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(path: Path, name: str) -> Any:
+    tensors = load_file(str(path / f"{name}.safetensors"))
+    return _unflatten(json.loads((path / f"{name}.json").read_text()), tensors)
+
+
+def step_dir(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step-{step:08d}"
+
+
+def complete_checkpoints(ckpt_dir: Optional[Path]) -> list[Path]:
+    """Complete checkpoint dirs, oldest first."""
+    if ckpt_dir is None or not Path(ckpt_dir).is_dir():
+        return []
+    return sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / COMPLETE).exists())
+
+
+def latest_checkpoint(ckpt_dir: Optional[Path]) -> Optional[Path]:
+    done = complete_checkpoints(ckpt_dir)
+    return done[-1] if done else None
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _trained_weights(pipe: MetaMorphDecoderPipeline) -> dict[str, torch.Tensor]:
+    """The weights that change in training (a frozen UNet is not re-saved every checkpoint)."""
+    out = {f"conditioner.{k}": v for k, v in pipe.conditioner.state_dict().items()}
+    if any(p.requires_grad for p in pipe.unet.parameters()):
+        out.update({f"unet.{k}": v for k, v in pipe.unet.state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _load_trained_weights(pipe: MetaMorphDecoderPipeline, weights: dict[str, torch.Tensor]) -> None:
+    for name in ("conditioner", "unet"):
+        part = {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(name + ".")}
+        if part:
+            getattr(pipe, name).load_state_dict(part, strict=True)
+
+
+def write_export(pipe: MetaMorphDecoderPipeline, out_dir: Path, stats: dict[str, Any]) -> None:
+    """``save_pretrained`` plus ``train_stats.json``; the COMPLETE marker last."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    (out_dir / COMPLETE).write_text("")
+
+
+def read_export_stats(out_dir: Path) -> Optional[dict[str, Any]]:
+    """Stats of a complete export, or None when the export is missing or was cut short."""
+    out_dir = Path(out_dir)
+    if not (out_dir / COMPLETE).exists():
+        return None
+    return json.loads((out_dir / "train_stats.json").read_text())
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def _lr_lambda(cfg: DecoderTrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.lr_schedule == "cosine":
+            progress = min(1.0, max(0, step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
+        return warm
+
+    return f
+
+
+def train_loop(
+    pipe: MetaMorphDecoderPipeline,
+    data: DecoderData,
+    cfg: DecoderTrainConfig,
+    *,
+    ckpt_dir: Optional[Path] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+    barrier: Callable[[], None] = lambda: None,
+    all_reduce_mean: Callable[[float], float] = lambda x: x,
+    on_log: Optional[Callable[[dict[str, float], int], None]] = None,
+    on_sample: Optional[Callable[[MetaMorphDecoderPipeline, int], None]] = None,
+    stop_after: Optional[int] = None,
+) -> TrainResult:
+    """Train ``pipe`` in place up to ``cfg.max_steps``, resuming from ``ckpt_dir``'s latest checkpoint.
+
+    Distributed glue comes in as callables: ``wrap`` (DDP), ``barrier``, ``all_reduce_mean``
+    (the logged loss). ``on_log``/``on_sample`` run on rank 0; ``on_sample`` gets the pipeline
+    with the EMA weights swapped in. ``stop_after`` ends the attempt early at that step (tests
+    use it to simulate a crash). On return the pipeline holds the weights to export (EMA ones when
+    EMA is on).
+    """
+    from diffusers.training_utils import EMAModel
+
+    if cfg.batch_size % world_size:
+        raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the worker count {world_size}")
+    device = torch.device(device)
+    pipe.to(device)
+    B_local = cfg.batch_size // world_size
+    lo = rank * B_local
+    denoiser = Denoiser(pipe.unet, pipe.conditioner)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    model = wrap(denoiser)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=cfg.ema_power)
+
+    step, first_loss, last_loss, resumed_from = 0, float("nan"), float("nan"), 0
+    ckpt = latest_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        _load_trained_weights(pipe, load_file(str(ckpt / "weights.safetensors")))
+        opt.load_state_dict(load_state(ckpt, "optimizer"))
+        sched.load_state_dict(load_state(ckpt, "lr_scheduler"))
+        if ema is not None and (ckpt / "ema.json").exists():
+            ema.load_state_dict(load_state(ckpt, "ema"))
+        rng = ckpt / f"rng-rank{rank:05d}.safetensors"
+        if rng.exists():  # absent when the worker count changed: the step streams still match
+            _set_rng_state(load_file(str(rng)))
+        meta = json.loads((ckpt / "state.json").read_text())
+        step = resumed_from = int(meta["step"])
+        first_loss, last_loss = float(meta["first_loss"]), float(meta["last_loss"])
+
+    def checkpoint(at: int) -> None:
+        if ckpt_dir is None:
+            return
+        d = step_dir(ckpt_dir, at)
+        if rank == 0:
+            if d.exists():  # a half-written dir from a crashed attempt
+                shutil.rmtree(d)
+            d.mkdir(parents=True)
+            save_file(_trained_weights(pipe), str(d / "weights.safetensors"))
+            save_state(d, "optimizer", opt.state_dict())
+            save_state(d, "lr_scheduler", sched.state_dict())
+            if ema is not None:
+                save_state(d, "ema", ema.state_dict())
+            (d / "state.json").write_text(json.dumps({"step": at, "first_loss": first_loss, "last_loss": last_loss}))
+        barrier()  # the dir exists before other ranks write into it
+        save_file(_rng_state(), str(d / f"rng-rank{rank:05d}.safetensors"))
+        barrier()  # every rank's part is on disk before the marker says so
+        if rank == 0:
+            (d / COMPLETE).write_text("")
+            for old in complete_checkpoints(ckpt_dir)[: -cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in Path(ckpt_dir).glob("step-*"):
+                if not (stale / COMPLETE).exists() and stale.name < d.name:
+                    shutil.rmtree(stale, ignore_errors=True)
+
+    def sample(at: int) -> None:
+        if on_sample is None or rank != 0:
+            return
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        model.eval()
+        try:
+            on_sample(pipe, at)
+        finally:
+            model.train()
+            if ema is not None:
+                ema.restore(params)
+
+    tokens = data.tokens_BND.float()
+    S = int(pipe.config.image_size)
+    shape_CHW = pipe.model_space_shape(1)[1:]
+    T = int(pipe.scheduler.config.num_train_timesteps)
+    autocast = cfg.bf16 and device.type == "cuda"
+    end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
+    window: list[float] = []
+    losses: list[tuple[int, float]] = []
+    t0 = time.time()
+    while step < end:
+        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)[lo : lo + B_local]
+        draws = step_draws(step, cfg.seed, cfg.batch_size, shape_CHW, T, cfg.cfg_prob, cfg.noise_offset)
+        draws = StepDraws(draws.t_B[lo : lo + B_local], draws.noise_BCHW[lo : lo + B_local], draws.drop_B[lo : lo + B_local])
+        pixels = to_unit_range(data.pixels(idx, S)).to(device)
+        with torch.no_grad():
+            x0 = pipe.encode_pixels(pixels, generator=_gen(cfg.seed, f"vae{rank}", step))
+        loss = diffusion_loss(
+            pipe, model, x0.float(), tokens[idx].to(device), draws, autocast=autocast, snr_gamma=cfg.snr_gamma
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.step(params)
+        step += 1
+        window.append(float(loss.detach()))
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            mean = all_reduce_mean(sum(window) / len(window))
+            window.clear()
+            if math.isnan(first_loss):
+                first_loss = mean
+            last_loss = mean
+            losses.append((step, mean))
+            if on_log is not None and rank == 0:
+                on_log({"loss": mean, "lr": sched.get_last_lr()[0]}, step)
+        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
+            sample(step)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
+            checkpoint(step)
+    seconds = time.time() - t0
+    if ema is not None:
+        ema.copy_to(params)  # from here on the pipeline holds the weights to export
+    model.eval()
+    if on_sample is not None and rank == 0 and step == cfg.max_steps and resumed_from < cfg.max_steps:
+        on_sample(pipe, step)
+    return TrainResult(
+        first_loss=first_loss,
+        final_loss=losses[-1][1] if losses else last_loss,
+        steps=step,
+        seconds=seconds,
+        resumed_from=resumed_from,
+        losses=losses,
+    )
+
+
+if __name__ == "__main__":
+    from metamorph.decoder.config import DecoderConfig
+
+    torch.manual_seed(0)
+    pipe = MetaMorphDecoderPipeline.from_decoder_config(DecoderConfig(), feature_dim=64, n_tokens=16)
+    set_trainable(pipe)
+    def png(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    data = DecoderData(
+        images=[png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(64)],
+        tokens_BND=F.normalize(torch.randn(64, 16, 64), dim=-1),
+    )
+    res = train_loop(pipe, data, DecoderTrainConfig(max_steps=20, log_every=5, warmup_steps=5))
+    print("losses", [(s, round(v, 4)) for s, v in res.losses], f"{res.seconds:.1f}s")

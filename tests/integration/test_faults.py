@@ -1,0 +1,224 @@
+"""Fault tolerance on a real two-node Ray cluster on this machine.
+
+    python -m pytest tests/integration/test_faults.py -q -m integration
+
+* The driver (`metamorph run`, its whole process group) is SIGKILLed while curation stages run:
+  a rerun finishes with exactly the samples of an uninterrupted run (no duplicates, no losses).
+* A worker node dies (its raylet SIGKILLed) while `train_vpit` trains on it: Ray Train restarts
+  the worker group on the surviving head node, the loop resumes from its last checkpoint, and
+  the stage finishes.
+
+Both reuse the session's cluster and the uninterrupted smoke run of test_multinode.py (its
+outputs are the reference counts and the cache the training fault starts from).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.local_cluster import BASE_ENV, REPO, alive, shared_cluster, smoke_run
+
+pytestmark = [pytest.mark.integration]
+
+CURATIONS = ("curate_understanding", "curate_generation", "curate_video", "curate_visual_thinking", "curate_image_edit")
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    return shared_cluster(request.config, nodes=2)
+
+
+@pytest.fixture(scope="module")
+def baseline(cluster, tmp_path_factory):
+    run = smoke_run(cluster, tmp_path_factory.mktemp("smoke") / "root")
+    assert run.status == "SUCCEEDED", run.logs[-8000:]
+    return run
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, **BASE_ENV}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _driver(cluster, root: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`metamorph run --preset smoke` connected to the cluster, in its own process group."""
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", "--preset", "smoke", "--address", cluster.address,
+           f"run_root={root}", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-6000:] if log else ''}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}:\n{log.read_text()[-6000:] if log else ''}")
+
+
+def _manifest_dirs(root: Path, stage: str) -> list[Path]:
+    return sorted(d for d in (root / stage).glob("*") if (d / "_SUCCESS.json").exists())
+
+
+def _curated(out_dir: Path, stage: str) -> tuple[dict, list[str], int]:
+    """(stats, ids in the index, samples actually in the shards)."""
+    from metamorph.data.shards import iter_samples, read_index
+
+    manifest = json.loads((out_dir / "_SUCCESS.json").read_text())
+    art = out_dir / stage.replace("curate_", "curated_")
+    ids = read_index(art)["id"].to_pylist()
+    in_shards = sum(1 for _ in iter_samples(art))
+    return manifest["stats"], ids, in_shards
+
+
+@pytest.mark.timeout(1200)  # includes the shared smoke run when this module goes first
+def test_driver_killed_during_curation_rerun_matches_uninterrupted(cluster, baseline, tmp_path):
+    root = tmp_path / "root"
+    log = tmp_path / "killed.log"
+    proc = _driver(cluster, root, log, "--until", "mix")
+    try:
+        # curation attempts write into {stage}/{key}.tmp; kill a moment after one is in flight
+        _wait(lambda: list(root.glob("curate_*/*.tmp")), 300, "a curation stage to start", proc, log)
+        time.sleep(1.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    interrupted = [s for s in CURATIONS if not _manifest_dirs(root, s)]
+    assert interrupted, "every curation had finished before the kill: nothing was interrupted"
+    print(f"driver killed with {interrupted} unfinished")
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", "--preset", "smoke", "--address", cluster.address,
+         f"run_root={root}", "--until", "mix"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-6000:]
+    for stage in CURATIONS:
+        dirs = _manifest_dirs(root, stage)
+        assert len(dirs) == 1, (stage, dirs)
+        assert not list((root / stage).glob("*.tmp")), f"{stage}: an attempt dir was left behind"
+        ref = baseline.manifests[stage]
+        assert dirs[0].name == ref["key"], f"{stage}: the rerun computed another cache key"
+        stats, ids, in_shards = _curated(dirs[0], stage)
+        ref_stats, ref_ids, _ = _curated(baseline.root / stage / ref["key"], stage)
+        assert len(ids) == len(set(ids)), f"{stage}: duplicate ids in the index"
+        assert in_shards == len(ids), f"{stage}: {in_shards} samples in the shards, {len(ids)} in the index"
+        assert stats["samples_out"] + stats["quarantined"] == stats["records_in"], f"{stage}: samples lost"
+        assert sorted(ids) == sorted(ref_ids), f"{stage}: other samples than the uninterrupted run"
+        for k in ("records_in", "samples_out", "quarantined", "split/train", "split/heldout"):
+            assert stats[k] == ref_stats[k], (stage, k, stats[k], ref_stats[k])
+    assert _manifest_dirs(root, "mix")[0].name == baseline.manifests["mix"]["key"]
+
+
+# Holds every CPU of the head node until a release file appears, so that the training worker
+# group is placed on the second node (Ray packs placement groups wherever they fit).
+_BLOCKER = r"""
+import os, sys, time, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=sys.argv[1], log_to_driver=False)
+head = next(n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+@ray.remote
+class Hold:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+h = Hold.options(num_cpus=head["Resources"]["CPU"],
+                 scheduling_strategy=NodeAffinitySchedulingStrategy(head["NodeID"], soft=False)).remote()
+print("holding", ray.get(h.node.remote()), flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.1)
+"""
+
+
+def _workers(ckpt: Path) -> dict[int, dict]:
+    out = {}
+    for f in (ckpt / "workers").glob("rank*.json"):
+        try:
+            info = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        out[info["rank"]] = info
+    return out
+
+
+def _both_workers(ckpt: Path, not_pids: set[int] = frozenset()) -> dict[int, dict] | None:
+    """Both ranks' records once both are written by a worker group whose pids are new."""
+    w = _workers(ckpt)
+    pids = {x["pid"] for x in w.values()}
+    if len(w) == 2 and not pids & set(not_pids) and all(alive(p) for p in pids):
+        return w
+    return None
+
+
+def _complete_checkpoints(ckpt: Path) -> list[Path]:
+    return sorted(p for p in (ckpt / "loop").glob("step-*") if (p / "COMPLETE").exists())
+
+
+@pytest.mark.timeout(1200)  # includes the shared smoke run when this module goes first
+def test_worker_node_killed_during_train_vpit_resumes(cluster, baseline, tmp_path):
+    root = baseline.root  # every stage upstream of train_vpit is cached there
+    head, node = cluster.live_nodes()[:2]
+    release = tmp_path / "release"
+    blocker_log = tmp_path / "blocker.log"
+    blocker = subprocess.Popen([sys.executable, "-c", _BLOCKER, cluster.address, str(release)], env=_env(),
+                               stdout=open(blocker_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    log = tmp_path / "train.log"
+    proc = None
+    try:
+        _wait(lambda: "holding" in blocker_log.read_text(), 120, "the head's CPUs to be held", blocker, blocker_log)
+        # a new train_vpit key (seed), long enough to be killed between checkpoints
+        proc = _driver(
+            cluster, root, log, "--until", "train_vpit",
+            "stages.train_vpit.train.seed=1234",
+            "stages.train_vpit.train.max_steps=60",
+            "stages.train_vpit.train.checkpoint_every=5",
+            "stages.train_vpit.train.log_every=5",
+            "stages.train_vpit.train.num_workers=2",
+            "stages.train_vpit.train.cpus_per_worker=0.5",
+            "stages.train_vpit.train.max_failures=3",
+        )
+        ckpt = _wait(lambda: next(iter((root / "train_vpit").glob("*.ckpt")), None), 300, "train_vpit to start", proc, log)
+        first = _wait(lambda: _both_workers(ckpt), 300, "both training workers", proc, log)
+        placed = {r: cluster.node_of(w["pid"]) for r, w in first.items()}
+        assert all(n is node for n in placed.values()), f"workers not on the second node: {placed}"
+        release.write_text("go")  # the head's CPUs are free again for the restart
+        blocker.wait(60)
+        _wait(lambda: _complete_checkpoints(ckpt), 300, "a complete checkpoint", proc, log)
+        raylet = node.raylet_pid()
+        os.kill(raylet, signal.SIGKILL)
+        t_kill = time.time()
+        print(f"killed raylet {raylet} of {node.name} after {_complete_checkpoints(ckpt)[-1].name}")
+        _wait(lambda: not any(alive(w["pid"]) for w in first.values()), 60, "the workers on the dead node to go")
+        old_pids = {w["pid"] for w in first.values()}
+        again = _wait(lambda: _both_workers(ckpt, old_pids), 300, "the restarted workers", proc, log)
+        placed = {r: cluster.node_of(w["pid"]) for r, w in again.items()}
+        assert all(n is head for n in placed.values()), f"restarted workers not on the head: {placed}"
+        rc = proc.wait(600)
+        assert rc == 0, log.read_text()[-8000:]
+    finally:
+        release.write_text("go")
+        for p in (blocker, proc):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(30)
+    print(f"train_vpit finished {time.time() - t_kill:.0f}s after the node died")
+
+    dirs = _manifest_dirs(root, "train_vpit")
+    done = [d for d in dirs if d.name != baseline.manifests["train_vpit"]["key"]]
+    assert len(done) == 1
+    stats = json.loads((done[0] / "_SUCCESS.json").read_text())["stats"]
+    assert stats["start_step"] > 0, f"the loop restarted from scratch, not from a checkpoint: {stats}"
+    assert (done[0] / "vpit_model").is_dir()
+    assert len(cluster.alive_nodes()) == 1  # the cluster noticed; nothing was restarted behind our back

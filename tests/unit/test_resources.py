@@ -1,0 +1,128 @@
+"""`metamorph run --dry-run` checks (pipelines/resources.py), without Ray.
+
+    python -m pytest tests/unit/test_resources.py -q
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+from metamorph.train.config import TrainConfig
+from pipelines import resources as R
+from pipelines.runner import PlanItem
+from pipelines.stage import Stage, StageConfig
+
+
+@dataclass(kw_only=True)
+class _Src:
+    name: str = "s"
+    path: str = "world:generation"
+    image_root: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class _Model:
+    path: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class _Cfg(StageConfig):
+    model: _Model = field(default_factory=_Model)
+    sources: list[_Src] = field(default_factory=lambda: [_Src()])
+    extra_path: Optional[str] = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(num_workers=2, cpus_per_worker=1.0))
+
+
+class _Train(Stage):
+    name = "t"
+    config_cls = _Cfg
+
+    def validate(self, cfg):
+        if cfg.extra_path == "bad":
+            raise ValueError("t.extra_path='bad' is rejected by the stage")
+
+    def resources(self, cfg):
+        need = {"CPU": cfg.train.num_workers * cfg.train.cpus_per_worker}
+        if cfg.train.use_gpu:
+            need["GPU"] = cfg.train.num_workers * cfg.train.gpus_per_worker
+        return need
+
+
+def _engine(cfg: _Cfg):
+    stage = _Train()
+    engine = SimpleNamespace(dag=SimpleNamespace(stages={"t": stage}), stage_cfgs={"t": cfg})
+    return engine, [PlanItem("t", "k", "run", "", Path("/nonexistent"))]
+
+
+def test_missing_paths_are_named_by_key(tmp_path):
+    have = tmp_path / "llm"
+    have.mkdir()
+    cfg = _Cfg(model=_Model(path=str(tmp_path / "nope")),
+               sources=[_Src(), _Src(name="b", path=str(have), image_root=str(tmp_path / "imgs"))],
+               extra_path=str(have))
+    engine, plan = _engine(cfg)
+    problems, warnings = R.check_paths(engine, plan)
+    assert len(problems) == 2 and not warnings
+    assert any("stages.t.model.path=" in p and "nope" in p for p in problems)
+    assert any("stages.t.sources[1].image_root=" in p for p in problems)  # world: sources are produced by the run
+
+
+def test_stage_validate_problems_are_collected_not_raised(tmp_path):
+    engine, plan = _engine(_Cfg(extra_path="bad"))
+    problems = R.check_stage_configs(engine, plan)
+    assert problems == ["stage 't': t.extra_path='bad' is rejected by the stage"]
+    # the generic path check does not report the same value twice
+    assert R.check_paths(engine, plan, problems)[0] == []
+
+
+def test_resources_total_and_per_node():
+    engine, plan = _engine(_Cfg(train=TrainConfig(num_workers=4, use_gpu=True, gpus_per_worker=2.0, cpus_per_worker=8.0)))
+    nodes = [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}]
+    assert R.check_resources(engine, plan, {"CPU": 32.0, "GPU": 8.0}, nodes) == []
+    # enough GPUs in total, but a 3-GPU worker fits only once on each 4-GPU node
+    engine, plan = _engine(_Cfg(train=TrainConfig(num_workers=2, use_gpu=True, gpus_per_worker=3.0, cpus_per_worker=1.0)))
+    assert R.check_resources(engine, plan, {"CPU": 32.0, "GPU": 8.0}, nodes) == []
+    engine, plan = _engine(_Cfg(train=TrainConfig(num_workers=3, use_gpu=True, gpus_per_worker=3.0, cpus_per_worker=1.0)))
+    problems = R.check_resources(engine, plan, {"CPU": 32.0, "GPU": 9.0}, nodes + [{"CPU": 4.0, "GPU": 1.0}])
+    assert len(problems) == 1 and "do not fit the cluster's nodes" in problems[0] and "only 2" in problems[0]
+    # no GPUs at all
+    problems = R.check_resources(engine, plan, {"CPU": 32.0}, [{"CPU": 32.0}])
+    assert any("needs 9 GPU, the cluster has 0" in p for p in problems)
+
+
+def test_run_root_checks(tmp_path):
+    assert R.check_run_root(str(tmp_path / "a" / "b"), n_hosts=1) == ([], [])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        problems, _ = R.check_run_root(str(ro / "runs"), n_hosts=1)
+        import os
+
+        if os.geteuid() != 0:  # root writes anywhere
+            assert problems and "not writable" in problems[0]
+    finally:
+        ro.chmod(0o700)
+    problems, warnings = R.check_run_root("/", n_hosts=3)
+    fstype = R._fs_type(Path("/"))
+    if fstype.split(".")[0] in R.LOCAL_FS:
+        assert problems and "spans 3 hosts" in problems[0]
+
+
+def test_tracking_server_must_answer():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    problems, _ = R.check_tracking(f"http://127.0.0.1:{port}", n_hosts=1)
+    assert problems and "tracking.uri" in problems[0]
+    assert R.check_tracking(None, n_hosts=1) == ([], [])
+    assert R.check_tracking(None, n_hosts=2)[1]  # sqlite across hosts: a warning
+
+
+def test_worker_bundles_found_in_nested_configs():
+    cfg = _Cfg(train=TrainConfig(num_workers=8, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=4.0))
+    assert R.worker_bundles(cfg) == [(8, {"CPU": 4.0, "GPU": 1.0})]
