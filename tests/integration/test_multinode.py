@@ -77,6 +77,7 @@ CPU_ONLY = [
     "stages.train_connector.train.use_gpu=false",
     "stages.train_vpit.train.use_gpu=false",
     "stages.train_decoder.use_gpu=false",
+    "stages.train_decoder.encoder_gpus=0",
     "stages.evaluate.use_gpu=false",
 ]
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pt")
