@@ -65,11 +65,15 @@ class DecoderConfig:
     pooled_condition: bool = True
     context_length: Optional[int] = None
     cond_hidden_dim: Optional[int] = None  # conditioner MLP hidden width; None: context width
-    # DDPM training schedule (pixel space; a pretrained model brings its own).
+    # DDPM training schedule (pixel space; a pretrained model brings its own). The default is SD
+    # 1.5's (scaled_linear, 0.00085..0.012: alpha_bar_T = 0.0047). Schedules that end at
+    # alpha_bar_T ~ 0 (cosine, or linear 1e-4..0.02) make an epsilon model's first sampling steps
+    # divide its error by sqrt(alpha_bar_T) (measured on the tiny preset: DDIM and DPM-Solver
+    # samples stayed noise). The signal left at T is what noise_offset is for (train section).
     num_train_timesteps: int = 1000
-    # squaredcos_cap_v2 (cosine) keeps more of the 1000 steps informative at 32 px than the
-    # linear schedule, whose last few hundred steps are pure noise at low resolution.
-    beta_schedule: str = "squaredcos_cap_v2"
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -91,6 +95,12 @@ class DecoderConfig:
                 f"decoder.image_size={self.image_size} must be divisible by pixel_patch * 2**(levels-1) "
                 f"= {grid_div}; change image_size, pixel_patch or block_out_channels"
             )
+        if self.block_out_channels[0] < 3 * self.pixel_patch**2:
+            raise ValueError(
+                f"decoder.block_out_channels[0]={self.block_out_channels[0]} must be >= 3 * pixel_patch**2 = "
+                f"{3 * self.pixel_patch ** 2}: narrower, the first level cannot carry the per-pixel noise "
+                "(measured: loss stalls at ~0.4)"
+            )
         if not 0 <= self.cross_attn_from_level < levels:
             raise ValueError(
                 f"decoder.cross_attn_from_level={self.cross_attn_from_level} must be in [0, {levels - 1}] "
@@ -105,6 +115,8 @@ class DecoderConfig:
             raise ValueError("decoder.layers_per_block must be >= 1 and decoder.cross_attention_dim > 0")
         if self.num_train_timesteps < 2:
             raise ValueError(f"decoder.num_train_timesteps={self.num_train_timesteps} must be >= 2")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"decoder.beta_start={self.beta_start} / beta_end={self.beta_end} need 0 < start < end < 1")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"decoder.beta_schedule={self.beta_schedule!r} must be one of {BETA_SCHEDULES}")
 

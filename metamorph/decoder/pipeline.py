@@ -277,11 +277,14 @@ def _build_pixel_components(cfg: DecoderConfig):
     scheduler = DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
         prediction_type="epsilon",
         clip_sample=True,  # pixel space lives in [-1, 1]; clipping x0 keeps few-step samples in range
-        # "trailing": sampling starts at the last training step (pure noise), so the start matches
-        # training; "leading" would skip the noisiest steps and leak the mean colour of the noise
-        timestep_spacing="trailing",
+        # SD's spacing: steps at 1, 1+k, ... (not at T-1, where an epsilon model's x0 estimate
+        # divides by sqrt(alpha_bar_T) ~ 0 and a sampler starting there commits to noise)
+        timestep_spacing="leading",
+        steps_offset=1,
     )
     return unet, None, scheduler
 

@@ -90,6 +90,8 @@ def weights(pipe: MetaMorphDecoderPipeline) -> dict[str, torch.Tensor]:
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="image_size"):
         DecoderConfig(image_size=30, pixel_patch=2, block_out_channels=[16, 32, 32])
+    with pytest.raises(ValueError, match="pixel_patch"):
+        DecoderConfig(pixel_patch=4, block_out_channels=[32, 64])  # 48 channels per position > 32
     with pytest.raises(ValueError, match="cross_attn_from_level"):
         DecoderConfig(block_out_channels=[16, 32], cross_attn_from_level=2)
     with pytest.raises(ValueError, match="cfg_prob"):
