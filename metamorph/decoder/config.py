@@ -23,6 +23,7 @@ from typing import Optional
 
 SAMPLERS = ("ddim", "dpm")  # DDIMScheduler, DPMSolverMultistepScheduler
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _default_blocks() -> list[int]:
@@ -74,6 +75,14 @@ class DecoderConfig:
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    # What the UNet predicts: "epsilon" (the paper; SD 1.5) or "v_prediction". Pixel space only:
+    # a pretrained UNet keeps its checkpoint's target.
+    prediction_type: str = "epsilon"
+    # Rescale the betas so alpha_bar_T = 0 (Lin et al. 2024, "Common Diffusion Noise Schedules
+    # and Sample Steps are Flawed") and sample from T ("trailing" spacing). With alpha_bar_T > 0
+    # the UNet learns to read an image's mean colour off x_T, then gets none from pure noise at
+    # sampling and renders mid-grey backgrounds. Needs v_prediction (epsilon is undefined at T).
+    zero_terminal_snr: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -117,6 +126,10 @@ class DecoderConfig:
             raise ValueError(f"decoder.num_train_timesteps={self.num_train_timesteps} must be >= 2")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ValueError(f"decoder.beta_start={self.beta_start} / beta_end={self.beta_end} need 0 < start < end < 1")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"decoder.prediction_type={self.prediction_type!r} must be one of {PREDICTION_TYPES}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("decoder.zero_terminal_snr needs decoder.prediction_type=v_prediction")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"decoder.beta_schedule={self.beta_schedule!r} must be one of {BETA_SCHEDULES}")
 

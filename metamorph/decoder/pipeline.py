@@ -107,11 +107,9 @@ class MetaMorphDecoderPipeline(DiffusionPipeline):
                 cfg.check_pretrained()
                 unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_path, subfolder="unet")
                 vae = AutoencoderKL.from_pretrained(cfg.pretrained_path, subfolder="vae")
-                # SD ships a PNDM config; training needs DDPM's add_noise on the same betas.
-                # Epsilon prediction is what we train, whatever the checkpoint says.
-                scheduler = DDPMScheduler.from_pretrained(
-                    cfg.pretrained_path, subfolder="scheduler", prediction_type="epsilon"
-                )
+                # SD ships a PNDM config; training needs DDPM's add_noise on the same betas (and
+                # the checkpoint's prediction type: epsilon for SD 1.5)
+                scheduler = DDPMScheduler.from_pretrained(cfg.pretrained_path, subfolder="scheduler")
                 pixel_patch = 1
             ctx_len = cfg.context_length or n_tokens
             width = int(unet.config.cross_attention_dim)
@@ -279,12 +277,14 @@ def _build_pixel_components(cfg: DecoderConfig):
         beta_schedule=cfg.beta_schedule,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
-        prediction_type="epsilon",
+        prediction_type=cfg.prediction_type,
         clip_sample=True,  # pixel space lives in [-1, 1]; clipping x0 keeps few-step samples in range
-        # SD's spacing: steps at 1, 1+k, ... (not at T-1, where an epsilon model's x0 estimate
-        # divides by sqrt(alpha_bar_T) ~ 0 and a sampler starting there commits to noise)
-        timestep_spacing="leading",
-        steps_offset=1,
+        rescale_betas_zero_snr=cfg.zero_terminal_snr,
+        # zero terminal SNR: start sampling at T (pure noise, where training saw pure noise).
+        # Otherwise SD's spacing 1, 1+k, ...: an epsilon model's x0 estimate divides by
+        # sqrt(alpha_bar_t), so the steps nearest T are the ones to skip.
+        timestep_spacing="trailing" if cfg.zero_terminal_snr else "leading",
+        steps_offset=0 if cfg.zero_terminal_snr else 1,
     )
     return unet, None, scheduler
 

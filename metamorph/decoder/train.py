@@ -232,21 +232,24 @@ def diffusion_loss(
     autocast: bool = False,
     snr_gamma: Optional[float] = None,
 ) -> torch.Tensor:
-    """Epsilon-MSE of ``denoiser`` on clean model-space inputs ``x0_BCHW`` under ``draws``
-    (Min-SNR-weighted per sample when ``snr_gamma`` is set)."""
+    """MSE of ``denoiser``'s prediction (the noise, or v for a v-prediction schedule) on clean
+    model-space inputs ``x0_BCHW`` under ``draws``; Min-SNR-weighted when ``snr_gamma`` is set."""
     dev = x0_BCHW.device
     noise = draws.noise_BCHW.to(dev, x0_BCHW.dtype)
     t_B = draws.t_B.to(dev)
     x_t = pipe.scheduler.add_noise(x0_BCHW, noise, t_B)
+    v_pred = pipe.scheduler.config.prediction_type == "v_prediction"
+    target = pipe.scheduler.get_velocity(x0_BCHW, noise, t_B) if v_pred else noise
     tokens_BND = torch.where(draws.drop_B.to(dev)[:, None, None], torch.zeros_like(tokens_BND), tokens_BND)
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-        eps = denoiser(x_t, t_B, tokens_BND)
+        pred = denoiser(x_t, t_B, tokens_BND)
     if snr_gamma is None:
-        return F.mse_loss(eps.float(), noise.float())
+        return F.mse_loss(pred.float(), target.float())
     alpha_bar_B = pipe.scheduler.alphas_cumprod.to(dev)[t_B].float()
     snr_B = alpha_bar_B / (1 - alpha_bar_B)
-    weight_B = torch.clamp(snr_B, max=snr_gamma) / snr_B
-    mse_B = (eps.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
+    # Min-SNR-gamma in the predicted quantity's units: epsilon min(snr, g)/snr, v min(snr, g)/(snr+1)
+    weight_B = torch.clamp(snr_B, max=snr_gamma) / (snr_B + 1 if v_pred else snr_B)
+    mse_B = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     return (weight_B * mse_B).mean()
 
 

@@ -131,6 +131,33 @@ def test_few_steps_reduce_loss_on_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_v_prediction_with_zero_terminal_snr():
+    pipe = tiny_pipe(prediction_type="v_prediction", zero_terminal_snr=True)
+    assert float(pipe.scheduler.alphas_cumprod[-1]) == 0.0  # x_T is pure noise in training too
+    sampler = make_sampler("ddim", pipe.scheduler.config)
+    sampler.set_timesteps(4)
+    assert int(sampler.timesteps[0]) == 999  # sampling starts where training saw pure noise
+    set_trainable(pipe)
+    data = toy_data()
+    x0 = pipe.encode_pixels(to_unit_range(data.pixels(torch.arange(len(data)), 16)))
+    draws = step_draws(0, 0, len(data), tuple(x0.shape[1:]), 1000, cfg_prob=0.0, noise_offset=0.0)
+    draws.t_B[0] = 999  # the terminal step: target v = -x0
+    model = Denoiser(pipe.unet, pipe.conditioner)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss = diffusion_loss(pipe, model, x0, data.tokens_BND, draws, snr_gamma=5.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    out = pipe(tokens(2), num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="zero_terminal_snr"):
+        tiny_cfg(zero_terminal_snr=True)  # epsilon is undefined where alpha_bar = 0
+
+
 def test_save_load_round_trip_gives_identical_samples(tmp_path):
     pipe = tiny_pipe(seed=3, context_length=N + 2)
     pipe.save_pretrained(tmp_path / "dec")
