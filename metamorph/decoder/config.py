@@ -64,6 +64,10 @@ class DecoderConfig:
     # tokens equal to 3 digits) and sampled grey mean images. The zero condition still maps to
     # one fixed embedding, so it stays the unconditional branch.
     pooled_condition: bool = True
+    # Add a learned embedding per token index to the context (the tokens are a sqrt(N) x sqrt(N)
+    # grid in row-major order, and cross-attention cannot tell one slot from another). The paper's
+    # MLP has none (SigLIP features carry some position), so it is off by default.
+    token_position_embedding: bool = False
     context_length: Optional[int] = None
     cond_hidden_dim: Optional[int] = None  # conditioner MLP hidden width; None: context width
     # DDPM training schedule (pixel space; a pretrained model brings its own). The default is SD

@@ -119,6 +119,7 @@ class MetaMorphDecoderPipeline(DiffusionPipeline):
                 cross_attention_dim=width,
                 context_length=ctx_len,
                 hidden_dim=cfg.cond_hidden_dim or width,
+                position_embedding=cfg.token_position_embedding,
             )
         return cls(
             unet=unet,

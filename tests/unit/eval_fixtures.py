@@ -131,7 +131,7 @@ def build_models(tok, root: Path) -> dict[str, Path]:
         vision_dim=16, n_tokens=4, image_start_id=ids.image_start, image_end_id=ids.image_end, pad_id=ids.pad,
     )
     model = MetaMorphForCausalLM.from_config(mcfg)
-    dcfg = DecoderConfig(image_size=IMG, pixel_patch=2, block_out_channels=[8, 16], cross_attention_dim=16,
+    dcfg = DecoderConfig(image_size=IMG, pixel_patch=2, block_out_channels=[16, 16], cross_attention_dim=16,
                          attention_heads=2, norm_num_groups=4)
     dec = MetaMorphDecoderPipeline.from_decoder_config(dcfg, feature_dim=16, n_tokens=4,
                                                        sampling=SamplingConfig(num_inference_steps=2))
