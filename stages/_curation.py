@@ -2,17 +2,22 @@
 
     python -c "from pipelines.testing import run_stage; from stages.curate_generation import CurateGeneration as S; print(run_stage(S(), S.config_cls(), inputs={'world': 'runs/world/KEY/world'}, root='/tmp/runs'))"
 
-Three passes over the data:
+Three passes over the data; image bytes never reach the driver:
 
-1. parallel (Ray Data): plan units on the driver (a JSONL byte range, a tar, a row group), read
-   them in tasks, rebalance into blocks of ``records_per_task`` records, then decode, validate,
-   resize, encode, hash and convert every record; the result is materialised in the object store
-   (it spills to disk when large).
+1. parallel (Ray Data, one streaming pass): plan units on the driver (a JSONL byte range, a tar,
+   a row group), read them in tasks, rebalance into blocks of ``records_per_task`` records, then
+   decode, validate, resize, encode, hash and convert every record. Each processing task parks
+   its encoded samples (both split encodings of the record, the images, the thumbnails) in one
+   spool file under the attempt dir and returns only metadata rows with their spool offsets.
 2. driver, metadata only: duplicate ids, exact duplicates, the train/held-out split, and the
-   contamination guard need a view of the whole stage, so they run once over small rows without
-   image bytes (``metamorph.data.curate.decide``).
-3. parallel sort by id, then the driver streams the sorted samples into size-bounded shards: a
-   rerun writes byte-identical files whatever the task scheduling was.
+   contamination guard need a view of the whole stage, so they run once over small rows
+   (``metamorph.data.curate.decide``; the few thumbnails it needs are read from the spool).
+   Then the kept samples are sorted by id and cut into size-bounded shards (``plan_shards``):
+   the same rule one sequential writer applies, so a rerun writes byte-identical files whatever
+   the task scheduling was.
+3. parallel Ray tasks, one per shard: copy the spooled bytes into the tar, and return the
+   shard's index and image-hash rows; the driver writes ``index.parquet`` and
+   ``image_hashes.parquet`` from them in shard order and removes the spool.
 
 Output (``ctx.output(<artifact>)``): ``shard-{train,heldout}-NNNNN.tar``, ``index.parquet``,
 ``quarantine.jsonl`` (one line per rejected record) and ``image_hashes.parquet`` (sha256 and pHash
@@ -24,20 +29,21 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide, process_table
+from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide, process_record
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, raw_table
-from metamorph.data.readers.base import list_files
-from metamorph.data.schema import Sample
-from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, write_index
+from metamorph.data.readers.base import RawRecord, list_files
+from metamorph.data.schema import sample_key
+from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, plan_shards, read_spool, write_index, write_spool
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
@@ -47,7 +53,18 @@ HASHES_FILE = "image_hashes.parquet"
 HASHES_SCHEMA = pa.schema(
     [("id", pa.string()), ("split", pa.string()), ("image", pa.int32()), ("sha", pa.string()), ("phash", pa.int64()), ("thumb", pa.binary())]
 )
-_META_COLUMNS = ["id", "source", "locator", "order", "reason", "detail", "task", "content_hash", "sha", "phash", "n_decoded"]
+SPOOL_DIR = "_spool"  # under the attempt dir, removed before the stage returns
+# what a processing task returns per record (``decide``'s inputs and where the bytes are parked);
+# ``parts``: byte lengths of [train record, held-out record, image 0..n-1, thumbnail 0..n-1]
+META_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
+        ("reason", pa.string()), ("detail", pa.string()), ("family", pa.string()), ("task", pa.string()),
+        ("content_hash", pa.string()), ("sha", pa.list_(pa.string())), ("phash", pa.list_(pa.int64())),
+        ("exts", pa.list_(pa.string())), ("n_decoded", pa.int32()),
+        ("spool", pa.string()), ("offset", pa.int64()), ("parts", pa.list_(pa.int64())),
+    ]
+)
 
 
 @dataclass(kw_only=True)
@@ -119,17 +136,53 @@ def _read_units(batch: pa.Table, sources: list[dict[str, Any]]) -> pa.Table:
     return raw_table(records)
 
 
-def _process(batch: pa.Table, cfg: CurateConfig, video: Optional[VideoConfig], frames: Optional[FramePredictionConfig]) -> pa.Table:
-    return process_table(batch, cfg, video, frames)
+def _process(batch: pa.Table, cfg: CurateConfig, video: Optional[VideoConfig], frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
+    rows = [process_record(RawRecord.from_row(r), cfg, video, frames) for r in batch.to_pylist()]
+    ok = [r for r in rows if not r["reason"]]
+    spool = ""
+    offsets: list[int] = []
+    if ok:
+        # a fresh name per attempt: a retried task never appends to what a failed one left
+        spool = str(Path(spool_dir) / f"{uuid.uuid4().hex}.bin")
+        offsets = write_spool(Path(spool), [[r["sample"].encode(), r["sample_heldout"].encode(), *r["images"], *r["thumb"]] for r in ok])
+    at = iter(offsets)
+    for r in rows:
+        if r["reason"]:
+            r.update(exts=[], spool="", offset=0, parts=[])
+        else:
+            r.update(exts=[cfg.image_format] * len(r["images"]), spool=spool, offset=next(at),
+                     parts=[len(r["sample"].encode()), len(r["sample_heldout"].encode()), *map(len, r["images"]), *map(len, r["thumb"])])
+    return pa.Table.from_pylist(rows, schema=META_SCHEMA)
 
 
-def _accepted(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch["reason"], "")).select(["id", "order", "sample", "images", "sha", "phash", "thumb"])
+def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
+    """(train record, held-out record, images, thumbnails) of one meta row from its open spool."""
+    n = len(m["sha"])
+    parts = read_spool(f, m["offset"], m["parts"])
+    return parts[0], parts[1], parts[2 : 2 + n], parts[2 + n :]
 
 
-def _with_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
-    mask = pc.and_(pc.is_in(batch["id"], value_set=pa.array(ids, pa.string())), pc.equal(batch["reason"], ""))
-    return batch.filter(mask).select(["id", "order", "thumb"])
+def _write_shard(out: str, split: str, shard: int, metas: list[dict[str, Any]], max_bytes: int, max_samples: int) -> tuple[list[dict[str, Any]], pa.Table]:
+    """One planned shard (``metas`` in id order): its tar, and its index and image-hash rows."""
+    files: dict[str, Any] = {}
+    hashes: list[dict[str, Any]] = []
+    try:
+        with ShardWriter(Path(out), split, max_bytes=max_bytes, max_samples=max_samples, first_shard=shard) as w:
+            for m in metas:
+                f = files.get(m["spool"]) or files.setdefault(m["spool"], open(m["spool"], "rb"))
+                train_rec, held_rec, images, thumbs = _spooled(f, m)
+                row = {"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"], "split": split}
+                w.write_encoded(row, train_rec if split == "train" else held_rec, images, m["exts"])
+                hashes += [
+                    {"id": m["id"], "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
+                    for i, (s, p, t) in enumerate(zip(m["sha"], m["phash"], thumbs))
+                ]
+    finally:
+        for f in files.values():
+            f.close()
+    if len(w.shards) != 1:  # plan_shards and the writer apply one rule; anything else is a bug
+        raise RuntimeError(f"shard {split}/{shard}: the writer split it into {w.shards}")
+    return w.rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
 
 
 def _rows(ds: Any) -> list[dict[str, Any]]:
@@ -182,17 +235,14 @@ class CurationStage(Stage):
         return run_curation(ctx, self.artifact, ctx.cfg)
 
 
-def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig], cfg: CurationStageConfig) -> Any:
-    """The lazy Ray Dataset of processed rows (``PROCESSED_SCHEMA``) for the planned units."""
+def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig], cfg: CurationStageConfig, spool_dir: Path | str = SPOOL_DIR) -> Any:
+    """The lazy Ray Dataset of processed rows (``META_SCHEMA``) for the planned units; the
+    encoded samples land in spool files under ``spool_dir``."""
     import ray
-    from ray.data.context import ShuffleStrategy
 
     ds = ray.data.from_items(units, override_num_blocks=min(len(units), 1000))
     # per-dataset context: other stages run in threads of the same driver
     ds.context.enable_progress_bars = False
-    # the id sort is a small pull-based sort; the default hash shuffle starts aggregator actors
-    # that cost ~5 s on a laptop for no gain at these sizes
-    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     return (
         # reading is parsing and I/O: half the CPUs of processing. The different request also keeps
         # Ray Data from fusing read -> repartition -> process into one task per unit, which would
@@ -202,7 +252,7 @@ def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig],
         .repartition(target_num_rows_per_block=cfg.records_per_task)
         .map_batches(_process, batch_size=None, batch_format="pyarrow", num_cpus=cfg.cpus_per_task,
                      fn_kwargs={"cfg": library_config(cfg, CurateConfig), "video": library_config(cfg, VideoConfig),
-                                "frames": library_config(cfg, FramePredictionConfig)})
+                                "frames": library_config(cfg, FramePredictionConfig), "spool_dir": str(spool_dir)})
     )
 
 
@@ -214,27 +264,33 @@ def run_curation(ctx: StageContext, artifact: str, cfg: CurationStageConfig) -> 
     for si, src in enumerate(sources):
         for u in READERS[src.format].plan(src, cfg.records_per_task):
             units.append({"source": si, "unit": json.dumps(u), "unit_idx": len(units)})
-    out = ctx.output(artifact)
+    out = ctx.output(artifact).absolute()  # absolute: tasks run in other working directories
+    spool_dir = (ctx.work_dir / SPOOL_DIR).absolute()
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _curate(ctx, artifact, cfg, units, sources, out, spool_dir, t0)
+    finally:
+        shutil.rmtree(spool_dir, ignore_errors=True)
 
-    meta: list[dict[str, Any]] = []
-    processed = None
-    if units:
-        processed = processing_dataset(units, sources, cfg).materialize()
-        meta = _rows(processed.select_columns(_META_COLUMNS))
+
+def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: list[dict[str, Any]], sources: list[SourceConfig],
+            out: Path, spool_dir: Path, t0: float) -> dict[str, float]:
+    import ray
+
+    meta = _rows(processing_dataset(units, sources, cfg, spool_dir)) if units else []
     t_process = time.perf_counter() - t0
 
-    first_order: dict[str, str] = {}
+    first: dict[str, dict[str, Any]] = {}  # id -> its accepted row with the smallest order (decide's pick)
     for m in meta:
-        if not m["reason"] and (m["id"] not in first_order or m["order"] < first_order[m["id"]]):
-            first_order[m["id"]] = m["order"]
-    fetched: dict[str, list[bytes]] = {}
+        if not m["reason"] and (m["id"] not in first or m["order"] < first[m["id"]]["order"]):
+            first[m["id"]] = m
 
     def thumbs(ids: set[str]) -> dict[str, list[bytes]]:
-        sel = processed.map_batches(_with_ids, batch_size=None, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"ids": sorted(ids)})
-        for r in _rows(sel):
-            if first_order.get(r["id"]) == r["order"]:
-                fetched[r["id"]] = r["thumb"]
-        return fetched
+        got: dict[str, list[bytes]] = {}
+        for sid in sorted(ids):
+            with open(first[sid]["spool"], "rb") as f:
+                got[sid] = _spooled(f, first[sid])[3]
+        return got
 
     t_decide = time.perf_counter()
     dec = decide(
@@ -244,37 +300,30 @@ def run_curation(ctx: StageContext, artifact: str, cfg: CurationStageConfig) -> 
         near_copy_max_diff=cfg.near_copy_max_diff,
         thumbs=thumbs,
     )
-    writers = {s: ShardWriter(out, s, max_bytes=cfg.shard_max_mb * 2**20, max_samples=cfg.shard_max_samples) for s in ("train", "heldout")}
+    max_bytes, max_samples = cfg.shard_max_mb * 2**20, cfg.shard_max_samples
+    jobs = []  # (split, first shard number, its samples), train shards first
+    for split, part in (("train", 0), ("heldout", 1)):
+        kept = sorted((m for m in meta if dec.keep.get((m["id"], m["order"])) == split), key=lambda m: m["id"])
+        sizes = [m["parts"][part] + sum(m["parts"][2 : 2 + len(m["sha"])]) for m in kept]
+        for k, (a, b) in enumerate(plan_shards(sizes, max_bytes, max_samples)):
+            jobs.append((split, k, kept[a:b]))
     t_write = time.perf_counter()
-    hashes: list[dict[str, Any]] = []
-    if dec.keep and processed is not None:
-        ordered = processed.map_batches(_accepted, batch_size=None, batch_format="pyarrow", num_cpus=0.25).sort("id")
-        with writers["train"], writers["heldout"]:
-            for batch in ordered.iter_batches(batch_size=256, batch_format="pyarrow"):
-                cols = ("id", "order", "sample", "images", "sha", "phash", "thumb")
-                for sid, order, record, images, shas, phashes, thumbs_ in zip(*(batch[c].to_pylist() for c in cols)):
-                    split = dec.keep.get((sid, order))
-                    if split is None:  # a duplicate or contaminated sample
-                        continue
-                    sample = Sample.from_json(json.loads(record))
-                    sample.split = split
-                    writers[split].write(sample, images)
-                    hashes += [
-                        {"id": sid, "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
-                        for i, (s, p, t) in enumerate(zip(shas, phashes, thumbs_))
-                    ]
-    index_rows = writers["train"].rows + writers["heldout"].rows
+    write = ray.remote(_write_shard).options(num_cpus=cfg.cpus_per_task / 2)
+    refs = [write.remote(str(out), split, k, ms, max_bytes, max_samples) for split, k, ms in jobs]
+    results = ray.get(refs)
+    index_rows = [r for rows, _ in results for r in rows]
+    hashes = pa.concat_tables([h for _, h in results]) if results else HASHES_SCHEMA.empty_table()
+    n_split = collections.Counter(r["split"] for r in index_rows)
     write_index(out, index_rows)
-    for split, w in writers.items():
-        for shard, n in collections.Counter(r["shard"] for r in w.rows).items():
-            ctx.record_rows(f"{artifact}/{shard}", n)
+    for shard, n in collections.Counter(r["shard"] for r in index_rows).items():
+        ctx.record_rows(f"{artifact}/{shard}", n)
 
     with open(out / QUARANTINE_FILE, "w", encoding="utf-8") as f:
         for q in dec.rejects:
             f.write(json.dumps({k: q[k] for k in ("source", "id", "locator", "reason", "detail")}, ensure_ascii=False) + "\n")
     ctx.record_rows(f"{artifact}/{QUARANTINE_FILE}", len(dec.rejects))
 
-    pq.write_table(pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA), out / HASHES_FILE)
+    pq.write_table(hashes, out / HASHES_FILE)
 
     records_in = len(meta)
     n_out = len(index_rows)
@@ -290,14 +339,14 @@ def run_curation(ctx: StageContext, artifact: str, cfg: CurationStageConfig) -> 
         "images_decoded": decoded,
         "images_out": sum(r["n_images"] for r in index_rows),
         "images_per_s": decoded / seconds if seconds > 0 else 0.0,
-        "seconds_process": t_process,  # read + decode + convert, in parallel
-        "seconds_decide": t_write - t_decide,  # dedup, split, contamination on the driver
-        "seconds_write": seconds - (t_write - t0),  # sort by id + shards, index, quarantine
+        "seconds_process": t_process,  # read + decode + convert + spool, in parallel
+        "seconds_decide": t_write - t_decide,  # dedup, split, contamination, shard plan on the driver
+        "seconds_write": seconds - (t_write - t0),  # shards (parallel), index, hashes, quarantine
         "seconds": seconds,
         **dec.stats,
     }
     for split in ("train", "heldout"):
-        stats[f"split/{split}"] = len(writers[split].rows)
+        stats[f"split/{split}"] = n_split[split]
     for task, n in sorted(collections.Counter(r["task"] for r in index_rows).items()):
         stats[f"task/{task}"] = n
     for reason, n in sorted(collections.Counter(q["reason"] for q in dec.rejects).items()):

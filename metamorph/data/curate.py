@@ -4,7 +4,7 @@
 
 Two halves, both pure Python (the Ray glue is ``stages/_curation.py``):
 
-* ``process_record(raw, cfg, video)`` (runs in parallel workers): decode and validate the
+* ``process_record(raw, cfg, video)`` (runs in parallel workers, one call per record): decode and validate the
   record's images or video frames, resize, encode, hash, and convert to the paper's instruction
   format; or reject with a quarantine reason.
 * ``decide(rows, ...)`` (runs once over small metadata rows): duplicate ids and exact duplicates
@@ -168,7 +168,8 @@ PROCESSED_SCHEMA = pa.schema(
         ("detail", pa.string()),
         ("family", pa.string()),
         ("task", pa.string()),
-        ("sample", pa.string()),  # Sample JSON (split filled in at write time); "" when rejected
+        ("sample", pa.string()),  # Sample JSON with split "train"; "" when rejected
+        ("sample_heldout", pa.string()),  # the same with split "heldout" (the split is decided later)
         ("images", pa.list_(pa.binary())),
         ("sha", pa.list_(pa.string())),
         ("phash", pa.list_(pa.int64())),
@@ -426,7 +427,7 @@ def process_record(
     row: dict[str, Any] = {
         "id": sid, "source": raw.source, "rid": raw.rid, "locator": raw.locator, "order": raw.order,
         "reason": raw.reason, "detail": raw.detail, "family": FAMILY_OF_KIND.get(raw.kind, ""), "task": "",
-        "sample": "", "images": [], "sha": [], "phash": [], "thumb": [], "content_hash": "", "nbytes": 0, "n_decoded": 0,
+        "sample": "", "sample_heldout": "", "images": [], "sha": [], "phash": [], "thumb": [], "content_hash": "", "nbytes": 0, "n_decoded": 0,
     }
     if raw.reason:
         return row
@@ -448,6 +449,9 @@ def process_record(
     shas = [content_sha(b) for b in payloads]
     sigs = [signature(img) for img in work.images]
     record = dumps(work.sample)
+    work.sample.split = "heldout"  # both encodings now: the shard writers then copy bytes, never re-parse
+    record_heldout = dumps(work.sample)
+    work.sample.split = "train"
     content = hashlib.sha256()
     if cfg.dedup == "sample":
         content.update(f"{work.sample.task}\n{work.text_key}\n".encode())
@@ -456,6 +460,7 @@ def process_record(
     row.update(
         task=work.sample.task,
         sample=record.decode("utf-8"),
+        sample_heldout=record_heldout.decode("utf-8"),
         images=payloads,
         sha=shas,
         phash=[p for p, _ in sigs],
@@ -465,12 +470,6 @@ def process_record(
         n_decoded=work.n_decoded,
     )
     return row
-
-
-def process_table(table: pa.Table, cfg: CurateConfig, video: Optional[VideoConfig] = None, frames: Optional[FramePredictionConfig] = None) -> pa.Table:
-    """Batch form of ``process_record`` over a ``RAW_SCHEMA`` table (what a Ray Data task runs)."""
-    rows = [process_record(RawRecord.from_row(r), cfg, video, frames) for r in table.to_pylist()]
-    return pa.Table.from_pylist(rows, schema=PROCESSED_SCHEMA)
 
 
 # --- stage-wide decisions ----------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def pixel_hash(img: Image.Image) -> str:
 
 def signature(img: Image.Image) -> tuple[int, bytes]:
     """(pHash, 16x16 thumbnail) from one shared 32x32 box reduction of the image."""
-    small = img.convert("RGB").resize((32, 32), Image.Resampling.BOX)
+    small = (img if img.mode == "RGB" else img.convert("RGB")).resize((32, 32), Image.Resampling.BOX)
     return _phash32(small.convert("L")), small.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
 
 

@@ -15,7 +15,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,14 +47,38 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
+def _rolls_over(count: int, nbytes: int, size: int, max_bytes: int, max_samples: int) -> bool:
+    """Whether a sample of ``size`` bytes starts a new shard after ``count`` samples of ``nbytes``."""
+    return count > 0 and (nbytes + size > max_bytes or count >= max_samples)
+
+
+def plan_shards(sizes: list[int], max_bytes: int, max_samples: int) -> list[tuple[int, int]]:
+    """[start, end) of each shard that ``ShardWriter`` would write for samples of these sizes, in
+    order: lets independent writers fill shards in parallel and name them as one writer would."""
+    bounds: list[tuple[int, int]] = []
+    start, nbytes = 0, 0
+    for i, size in enumerate(sizes):
+        if _rolls_over(i - start, nbytes, size, max_bytes, max_samples):
+            bounds.append((start, i))
+            start, nbytes = i, 0
+        nbytes += size
+    if start < len(sizes):
+        bounds.append((start, len(sizes)))
+    return bounds
+
+
 @dataclass
 class ShardWriter:
-    """Size-bounded, deterministic tar shards for one split. Use as a context manager."""
+    """Size-bounded, deterministic tar shards for one split. Use as a context manager.
+
+    ``first_shard``: the number of the first shard this writer opens (parallel writers of one
+    split each fill the shards ``plan_shards`` gave them)."""
 
     out_dir: Path
     split: str
     max_bytes: int = 64 * 2**20  # ~64 MB shards: large enough for streaming, small for retries
     max_samples: int = 10_000
+    first_shard: int = 0
     _tar: tarfile.TarFile | None = None
     _n_shard: int = 0
     _bytes: int = 0
@@ -65,6 +89,7 @@ class ShardWriter:
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._n_shard = self.first_shard
 
     def _open(self) -> None:
         name = f"shard-{self.split}-{self._n_shard:05d}.tar"
@@ -78,31 +103,24 @@ class ShardWriter:
         sample.validate()
         if len(images) != len(sample.images):
             raise ValueError(f"sample {sample.id}: {len(images)} image payloads for {len(sample.images)} refs")
-        size = sum(len(b) for b in images)
-        record = dumps(sample)
-        size += len(record)
-        if self._tar is None or (self._count > 0 and (self._bytes + size > self.max_bytes or self._count >= self.max_samples)):
+        row = {"id": sample.id, "key": sample.key, "source": sample.source, "family": sample.family, "task": sample.task, "split": sample.split}
+        self.write_encoded(row, dumps(sample), images, [ref.ext for ref in sample.images])
+
+    def write_encoded(self, row: dict, record: bytes, images: list[bytes], exts: list[str]) -> None:
+        """``write`` for a sample already serialised (``dumps``) and validated; ``row`` holds the
+        index fields id, key, source, family, task, split."""
+        size = len(record) + sum(len(b) for b in images)
+        if self._tar is None or _rolls_over(self._count, self._bytes, size, self.max_bytes, self.max_samples):
             self.close_shard()
             self._open()
-        key = sample.key
+        key = row["key"]
         assert self._tar is not None
         self._tar.addfile(_tarinfo(f"{key}.json", len(record)), io.BytesIO(record))
-        for i, (ref, payload) in enumerate(zip(sample.images, images)):
-            self._tar.addfile(_tarinfo(f"{key}.{i}.{ref.ext}", len(payload)), io.BytesIO(payload))
+        for i, (ext, payload) in enumerate(zip(exts, images)):
+            self._tar.addfile(_tarinfo(f"{key}.{i}.{ext}", len(payload)), io.BytesIO(payload))
         self._bytes += size
         self._count += 1
-        self.rows.append(
-            {
-                "id": sample.id,
-                "key": key,
-                "source": sample.source,
-                "family": sample.family,
-                "task": sample.task,
-                "split": sample.split,
-                "shard": self.shards[-1],
-                "n_images": len(images),
-            }
-        )
+        self.rows.append({**{k: row[k] for k in ("id", "key", "source", "family", "task", "split")}, "shard": self.shards[-1], "n_images": len(images)})
 
     def close_shard(self) -> None:
         if self._tar is not None:
@@ -142,3 +160,33 @@ def iter_samples(out_dir: Path | str, split: str | None = None) -> Iterator[tupl
         sample = Sample.from_json(json.loads(rec["json"]))
         images = [rec[f"{i}.{ref.ext}"] for i, ref in enumerate(sample.images)]
         yield sample, images
+
+
+# --- spool: encoded samples parked between processing and shard writing -------------------------------
+
+
+def write_spool(path: Path, parts: list[list[bytes]]) -> list[int]:
+    """Append each item's byte strings to a new file at ``path``; return each item's start offset.
+
+    Processing tasks park encoded records, images and thumbnails here so that only small metadata
+    travels to the driver; shard writers then copy byte ranges (``read_spool``)."""
+    offsets: list[int] = []
+    pos = 0
+    with open(path, "wb") as f:
+        for item in parts:
+            offsets.append(pos)
+            for b in item:
+                f.write(b)
+                pos += len(b)
+    return offsets
+
+
+def read_spool(f: BinaryIO, offset: int, lengths: list[int]) -> list[bytes]:
+    """The byte strings of one item: ``lengths`` consecutive pieces from ``offset`` of an open spool."""
+    f.seek(offset)
+    data = f.read(sum(lengths))
+    out, pos = [], 0
+    for n in lengths:
+        out.append(data[pos : pos + n])
+        pos += n
+    return out

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow as pa
 
@@ -192,6 +192,60 @@ def parse_json_line(line: bytes, where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise Reject("malformed_json", f"{where}: a JSON {type(obj).__name__}, expected an object")
     return obj
+
+
+# --- JSON records (llava, videoqa, viscot) -------------------------------------------------------
+
+# (parsed object, locator) -> (upstream id, payload); raises Reject with the quarantine reason
+Convert = Callable[[dict[str, Any], str], tuple[str, dict[str, Any]]]
+
+
+def record_id(obj: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """The first of ``keys`` the record has (None when it has none): ``("question_id", "id")``
+    reads Visual-CoT's own id field and falls back to the generic one."""
+    value = obj.get(keys[-1])
+    for k in reversed(keys[:-1]):
+        value = obj.get(k, value)
+    return value
+
+
+def _quarantine_rid(obj: Any, keys: tuple[str, ...]) -> str:
+    """The record's id when it has a usable one (kept on quarantine lines for humans)."""
+    rid = record_id(obj, keys) if isinstance(obj, dict) else None
+    return str(rid) if isinstance(rid, (str, int)) else ""
+
+
+def json_record(src: SourceConfig, kind: str, obj: Any, where: str, order: str, convert: Convert, id_keys: tuple[str, ...]) -> RawRecord:
+    """One parsed JSON value -> its record, or a rejected record with the reason ``convert`` gave."""
+    try:
+        if not isinstance(obj, dict):
+            raise Reject("malformed_json", f"{where}: a JSON {type(obj).__name__}, expected an object")
+        rid, payload = convert(obj, where)
+    except Reject as r:
+        return rejected(src, kind, where, order, r.reason, r.detail, rid=_quarantine_rid(obj, id_keys))
+    return RawRecord(source=src.name, rid=rid, locator=where, order=order, kind=kind, payload=payload)
+
+
+def jsonl_plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
+    """Byte-range units of every ``.jsonl`` file of a source."""
+    units: list[dict[str, Any]] = []
+    for f in list_files(Path(src.path), (".jsonl",)):
+        units += jsonl_units(f, records_per_unit)
+    return units
+
+
+def read_jsonl(src: SourceConfig, kind: str, unit: dict[str, Any], unit_idx: int, convert: Convert, id_keys: tuple[str, ...]) -> Iterator[RawRecord]:
+    """The records of one JSONL unit; a line that is not UTF-8 JSON of an object is quarantined."""
+    name = Path(unit["file"]).name
+    for pos, (line_no, line) in enumerate(jsonl_lines(unit)):
+        where = f"{name}:{line_no}"
+        order = order_key(unit_idx, pos)
+        try:
+            obj = parse_json_line(line, where)
+        except Reject as r:
+            yield rejected(src, kind, where, order, r.reason, r.detail)
+            continue
+        yield json_record(src, kind, obj, where, order, convert, id_keys)
 
 
 def list_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:

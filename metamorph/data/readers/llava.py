@@ -10,26 +10,29 @@ are relative to the source's ``image_root`` (default: the annotation file's dire
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
 from metamorph.data.readers.base import (
     RawRecord,
+    Convert,
     Reject,
     SourceConfig,
     check_text,
     default_root,
-    jsonl_lines,
+    json_record,
     jsonl_units,
     list_files,
     order_key,
-    parse_json_line,
+    read_jsonl,
     rejected,
     safe_join,
     utf8,
 )
 
 KIND = "llava"
+ID_KEYS = ("id",)
 
 
 def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
@@ -42,8 +45,8 @@ def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
     return units
 
 
-def convert(src: SourceConfig, obj: dict[str, Any], image_root: Path, where: str) -> dict[str, Any]:
-    """The payload of one record (shared with the viscot reader's image handling)."""
+def convert(obj: dict[str, Any], where: str, image_root: Path) -> tuple[str, dict[str, Any]]:
+    """(id, payload) of one record."""
     rid = obj.get("id")
     if rid is None:
         raise Reject("missing_field", f"{where}: no 'id'")
@@ -61,29 +64,19 @@ def convert(src: SourceConfig, obj: dict[str, Any], image_root: Path, where: str
         raise Reject("malformed_json", f"{where}: 'image' must be a string or a list of strings")
     images = [{"path": safe_join(image_root, n, f"image[{i}]")} for i, n in enumerate(names)]
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    return {"conversations": turns, "images": images, "meta": meta}
+    return str(rid), {"conversations": turns, "images": images, "meta": meta}
 
 
 def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
     f = Path(unit["file"])
-    root = default_root(src, "image", f.parent)
+    conv = partial(convert, image_root=default_root(src, "image", f.parent))
     if unit.get("array"):
-        yield from _read_array(src, f, root, unit_idx)
-        return
-    for pos, (line_no, line) in enumerate(jsonl_lines(unit)):
-        where = f"{f.name}:{line_no}"
-        order = order_key(unit_idx, pos)
-        obj = None
-        try:
-            obj = parse_json_line(line, where)
-            payload = convert(src, obj, root, where)
-        except Reject as r:
-            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=_rid(obj))
-            continue
-        yield RawRecord(source=src.name, rid=str(obj["id"]), locator=where, order=order, kind=KIND, payload=payload)
+        yield from _read_array(src, f, conv, unit_idx)
+    else:
+        yield from read_jsonl(src, KIND, unit, unit_idx, conv, ID_KEYS)
 
 
-def _read_array(src: SourceConfig, f: Path, root: Path, unit_idx: int) -> Iterator[RawRecord]:
+def _read_array(src: SourceConfig, f: Path, conv: Convert, unit_idx: int) -> Iterator[RawRecord]:
     try:
         data = json.loads(utf8(f.read_bytes(), f.name))
         if not isinstance(data, list):
@@ -96,19 +89,4 @@ def _read_array(src: SourceConfig, f: Path, root: Path, unit_idx: int) -> Iterat
         yield rejected(src, KIND, f.name, order_key(unit_idx, 0), r.reason, r.detail)
         return
     for pos, obj in enumerate(data):
-        where = f"{f.name}[{pos}]"
-        order = order_key(unit_idx, pos)
-        try:
-            if not isinstance(obj, dict):
-                raise Reject("malformed_json", f"{where}: a JSON {type(obj).__name__}, expected an object")
-            payload = convert(src, obj, root, where)
-        except Reject as r:
-            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=_rid(obj))
-            continue
-        yield RawRecord(source=src.name, rid=str(obj["id"]), locator=where, order=order, kind=KIND, payload=payload)
-
-
-def _rid(obj: Any) -> str:
-    """The record's id when it has a usable one (kept on quarantine lines for humans)."""
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    return str(rid) if isinstance(rid, (str, int)) else ""
+        yield json_record(src, KIND, obj, f"{f.name}[{pos}]", order_key(unit_idx, pos), conv, ID_KEYS)

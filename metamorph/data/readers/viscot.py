@@ -9,6 +9,7 @@ Record: ``{"question_id", "image": "x.png" (relative to ``image_root``), "questi
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,54 +19,35 @@ from metamorph.data.readers.base import (
     SourceConfig,
     check_text,
     default_root,
-    jsonl_lines,
-    jsonl_units,
-    list_files,
-    order_key,
-    parse_json_line,
-    rejected,
+    jsonl_plan,
+    read_jsonl,
+    record_id,
     safe_join,
 )
 
 KIND = "viscot"
+ID_KEYS = ("question_id", "id")
+plan = jsonl_plan
 
 
-def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
-    units: list[dict[str, Any]] = []
-    for f in list_files(Path(src.path), (".jsonl",)):
-        units += jsonl_units(f, records_per_unit)
-    return units
+def convert(obj: dict[str, Any], where: str, root: Path, bbox_format: str) -> tuple[str, dict[str, Any]]:
+    rid = record_id(obj, ID_KEYS)
+    if rid is None:
+        raise Reject("missing_field", f"{where}: no 'question_id'")
+    bbox = obj.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        raise Reject("bad_bbox", f"{where}: bbox={bbox!r}, expected 4 numbers")
+    payload = {
+        "image": {"path": safe_join(root, obj.get("image"), "image")},
+        "question": check_text(obj.get("question"), "question"),
+        "answer": check_text(obj.get("answer"), "answer"),
+        "bbox": [float(v) for v in bbox],
+        "bbox_format": bbox_format,
+        "meta": obj.get("meta") if isinstance(obj.get("meta"), dict) else {},
+    }
+    return str(rid), payload
 
 
 def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
-    f = Path(unit["file"])
-    root = default_root(src, "image", f.parent)
-    for pos, (line_no, line) in enumerate(jsonl_lines(unit)):
-        where = f"{f.name}:{line_no}"
-        order = order_key(unit_idx, pos)
-        obj = None
-        try:
-            obj = parse_json_line(line, where)
-            rid = obj.get("question_id", obj.get("id"))
-            if rid is None:
-                raise Reject("missing_field", f"{where}: no 'question_id'")
-            bbox = obj.get("bbox")
-            if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
-                raise Reject("bad_bbox", f"{where}: bbox={bbox!r}, expected 4 numbers")
-            payload = {
-                "image": {"path": safe_join(root, obj.get("image"), "image")},
-                "question": check_text(obj.get("question"), "question"),
-                "answer": check_text(obj.get("answer"), "answer"),
-                "bbox": [float(v) for v in bbox],
-                "bbox_format": src.bbox_format,
-                "meta": obj.get("meta") if isinstance(obj.get("meta"), dict) else {},
-            }
-        except Reject as r:
-            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=_rid(obj))
-            continue
-        yield RawRecord(source=src.name, rid=str(rid), locator=where, order=order, kind=KIND, payload=payload)
-
-
-def _rid(obj: Any) -> str:
-    rid = obj.get("question_id", obj.get("id")) if isinstance(obj, dict) else None
-    return str(rid) if isinstance(rid, (str, int)) else ""
+    root = default_root(src, "image", Path(unit["file"]).parent)
+    yield from read_jsonl(src, KIND, unit, unit_idx, partial(convert, root=root, bbox_format=src.bbox_format), ID_KEYS)

@@ -1,0 +1,61 @@
+"""Shard planning: parallel writers of planned shards write what one sequential writer would.
+
+    python -m pytest tests/unit/test_shards.py -q
+"""
+
+from __future__ import annotations
+
+import random
+
+from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps
+from metamorph.data.shards import ShardWriter, iter_samples, plan_shards, read_spool, write_spool
+
+
+def _samples(n: int, seed: int = 0) -> list[tuple[Sample, list[bytes]]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        s = Sample(
+            id=f"s-{i:04d}", source="s", family="generation", task="t2i", split="train",
+            conversation=[Turn(role="user", content="Draw a box."), Turn(role="assistant", content=IMAGE_PLACEHOLDER)],
+            images=[ImageRef(ext="png", role="response")], meta={},
+        )
+        out.append((s, [rng.randbytes(rng.randint(100, 3000))]))
+    return out
+
+
+def test_plan_shards_bounds():
+    assert plan_shards([], 100, 10) == []
+    assert plan_shards([60, 60, 30, 200, 5], 100, 10) == [(0, 1), (1, 3), (3, 4), (4, 5)]  # an oversized sample gets its own shard
+    assert plan_shards([1] * 7, 100, 3) == [(0, 3), (3, 6), (6, 7)]
+
+
+def test_planned_parallel_writers_match_one_writer(tmp_path):
+    samples = _samples(40)
+    max_bytes, max_samples = 8000, 7
+    with ShardWriter(tmp_path / "one", "train", max_bytes=max_bytes, max_samples=max_samples) as w:
+        for s, images in samples:
+            w.write(s, images)
+    sizes = [len(dumps(s)) + sum(map(len, images)) for s, images in samples]
+    rows = []
+    for k, (a, b) in enumerate(plan_shards(sizes, max_bytes, max_samples)):
+        with ShardWriter(tmp_path / "many", "train", max_bytes=max_bytes, max_samples=max_samples, first_shard=k) as pw:
+            for s, images in samples[a:b]:
+                row = {"id": s.id, "key": s.key, "source": s.source, "family": s.family, "task": s.task, "split": s.split}
+                pw.write_encoded(row, dumps(s), images, ["png"])
+        assert len(pw.shards) == 1
+        rows += pw.rows
+    assert rows == w.rows
+    one = sorted((tmp_path / "one").iterdir())
+    assert [p.name for p in one] == sorted(p.name for p in (tmp_path / "many").iterdir()) and len(one) > 2
+    for p in one:
+        assert p.read_bytes() == (tmp_path / "many" / p.name).read_bytes(), p.name
+    assert [s.id for s, _ in iter_samples(tmp_path / "many")] == [s.id for s, _ in samples]
+
+
+def test_spool_round_trip(tmp_path):
+    items = [[b"rec", b"", b"image-bytes"], [b"x" * 5000], []]
+    offsets = write_spool(tmp_path / "a.bin", items)
+    with open(tmp_path / "a.bin", "rb") as f:
+        for item, off in zip(items, offsets):
+            assert read_spool(f, off, [len(b) for b in item]) == item
