@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--out-size", type=int, default=256, help="curated side (px)")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--records-per-task", type=int, default=256)
+    ap.add_argument("--cpus-per-task", type=float, default=None, help="default: the stage config's default")
     ap.add_argument("--repeats", type=int, default=3, help="alternating loop/stage runs; the best of each is compared")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = ap.parse_args()
@@ -87,6 +88,7 @@ def main() -> None:
     cfg = CurateGenerationConfig(
         sources=[SourceConfig(name="bench", format="img2dataset", path=str(world / "generation"))],
         image_size=args.out_size, records_per_task=args.records_per_task,
+        **({"cpus_per_task": args.cpus_per_task} if args.cpus_per_task else {}),
     )
 
     def stage(label: str) -> float:

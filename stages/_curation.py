@@ -4,11 +4,12 @@
 
 Three passes over the data; image bytes never reach the driver:
 
-1. parallel (Ray Data, one streaming pass): plan units on the driver (a JSONL byte range, a tar,
-   a row group), read them in tasks, rebalance into blocks of ``records_per_task`` records, then
-   decode, validate, resize, encode, hash and convert every record. Each processing task parks
-   its encoded samples (both split encodings of the record, the images, the thumbnails) in one
-   spool file under the attempt dir and returns only metadata rows with their spool offsets.
+1. parallel (Ray Data, one streaming pass, one map operator): plan units of at most about
+   ``records_per_task`` records on the driver (a JSONL/CSV byte range, a JSON-array element range,
+   a tar member range, a Parquet row range: a big file is split here), then one task per unit
+   reads it and decodes, validates, resizes, encodes, hashes and converts every record. Each task
+   parks its encoded samples (both split encodings of the record, the images, the thumbnails) in
+   one spool file under the attempt dir and returns only metadata rows with their spool offsets.
 2. driver, metadata only: duplicate ids, exact duplicates, the train/held-out split, and the
    contamination guard need a view of the whole stage, so they run once over small rows
    (``metamorph.data.curate.decide``; the few thumbnails it needs are read from the spool).
@@ -34,13 +35,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide, process_record
-from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, raw_table
+from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig
 from metamorph.data.readers.base import RawRecord, list_files
 from metamorph.data.schema import sample_key
 from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, plan_shards, read_spool, write_index, write_spool
@@ -75,7 +76,7 @@ class CurationStageConfig(StageConfig, CurateConfig):
     shard_max_mb: int = 64  # shard size bound (MiB): big enough to stream, small enough to retry
     shard_max_samples: int = 10_000  # and a sample-count bound, whichever comes first
     # --- operational (outside the cache key)
-    records_per_task: int = 256  # records per Ray task (read units and processing blocks)
+    records_per_task: int = 256  # records per Ray task: the readers cut files into units of about this many
     cpus_per_task: float = 1.0  # Ray CPUs per processing task; < 1 packs more tasks per core
 
     def __post_init__(self) -> None:
@@ -128,16 +129,20 @@ def library_config(cfg: Any, cls: type) -> Any:
 # --- Ray task bodies (module-level: pickled by reference) ----------------------------------------------
 
 
-def _read_units(batch: pa.Table, sources: list[dict[str, Any]]) -> pa.Table:
-    records = []
-    for row in batch.to_pylist():
-        src = SourceConfig(**sources[row["source"]])
-        records.extend(READERS[src.format].read(src, json.loads(row["unit"]), row["unit_idx"]))
-    return raw_table(records)
+def _read_process(batch: pa.Table, sources: list[dict[str, Any]], cfg: CurateConfig, video: Optional[VideoConfig],
+                  frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
+    """Read the batch's units (one per batch) and process their records, as they are read, in this task."""
+
+    def records() -> Iterator[RawRecord]:
+        for row in batch.to_pylist():
+            src = SourceConfig(**sources[row["source"]])
+            yield from READERS[src.format].read(src, json.loads(row["unit"]), row["unit_idx"])
+
+    return _process(records(), cfg, video, frames, spool_dir)
 
 
-def _process(batch: pa.Table, cfg: CurateConfig, video: Optional[VideoConfig], frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
-    rows = [process_record(RawRecord.from_row(r), cfg, video, frames) for r in batch.to_pylist()]
+def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[VideoConfig], frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
+    rows = [process_record(r, cfg, video, frames) for r in records]
     ok = [r for r in rows if not r["reason"]]
     spool = ""
     offsets: list[int] = []
@@ -240,19 +245,24 @@ def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig],
     encoded samples land in spool files under ``spool_dir``."""
     import ray
 
-    ds = ray.data.from_items(units, override_num_blocks=min(len(units), 1000))
+    ds = ray.data.from_items(units, override_num_blocks=min(len(units), 1000))  # a task per unit (up to 1000 blocks)
     # per-dataset context: other stages run in threads of the same driver
     ds.context.enable_progress_bars = False
-    return (
-        # reading is parsing and I/O: half the CPUs of processing. The different request also keeps
-        # Ray Data from fusing read -> repartition -> process into one task per unit, which would
-        # process a single big file (one JSONL array, one tar) on one core
-        ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task / 2,
-                       fn_kwargs={"sources": [dataclasses.asdict(s) for s in sources]})
-        .repartition(target_num_rows_per_block=cfg.records_per_task)
-        .map_batches(_process, batch_size=None, batch_format="pyarrow", num_cpus=cfg.cpus_per_task,
-                     fn_kwargs={"cfg": library_config(cfg, CurateConfig), "video": library_config(cfg, VideoConfig),
-                                "frames": library_config(cfg, FramePredictionConfig), "spool_dir": str(spool_dir)})
+    # Ray Data's per-operator reservation splits the cluster between the input buffer and this
+    # one map operator, so with 1-CPU tasks it ran one task at a time (a second one only after a
+    # while, and ~0.2 s idle between tasks) on a 2-CPU node: half the cores idle. Inputs (unit
+    # descriptors) and outputs (metadata rows) are small, so there is no memory to guard here;
+    # instead cap the tasks in flight at twice what the CPUs run at once, which keeps one task
+    # queued per worker (no gap between tasks) without flooding Ray's queue for other stages.
+    ds.context.op_resource_reservation_enabled = False
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task))
+    # one task per unit (at most ``records_per_task`` records, see the readers' ``plan``): read,
+    # decode, convert and spool in the same task, so raw bytes never travel between tasks
+    return ds.map_batches(
+        _read_process, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task, concurrency=max(1, min(2 * slots, len(units))),
+        fn_kwargs={"sources": [dataclasses.asdict(s) for s in sources], "cfg": library_config(cfg, CurateConfig),
+                   "video": library_config(cfg, VideoConfig), "frames": library_config(cfg, FramePredictionConfig),
+                   "spool_dir": str(spool_dir)},
     )
 
 

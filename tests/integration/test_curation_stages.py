@@ -116,16 +116,22 @@ def pq_split(table, split):
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_one_big_file_is_processed_by_many_tasks(ray_session, capsys):
+def test_one_big_file_is_processed_by_many_tasks(ray_session, tmp_path, capsys):
+    from metamorph.data.readers import READERS
     from stages._curation import processing_dataset
 
-    cfg = CurateGenerationConfig()
-    ds = processing_dataset([{"source": 0, "unit": "{}", "unit_idx": 0}], [SourceConfig(name="x", format="parquet", path="/x")], cfg)
+    from tests.unit.curation_fixtures import img2dataset_members, write_tar
+
+    cfg = CurateGenerationConfig(records_per_task=8)
+    src = SourceConfig(name="x", format="img2dataset", path=str(write_tar(tmp_path / "00000.tar", img2dataset_members(range(20)))))
+    # the plan cuts one tar into member ranges of records_per_task keys: one task each
+    assert len(READERS["img2dataset"].plan(src, cfg.records_per_task)) == 3
+    ds = processing_dataset([{"source": 0, "unit": "{}", "unit_idx": 0}], [src], cfg)
     capsys.readouterr()
     ds.explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
-    # fused, read -> repartition -> process would run as one task per read unit
-    assert "TaskPoolMapOperator[MapBatches(_process)]" in optimized and "->MapBatches(_process)" not in optimized
+    # read and process fused in one operator: raw image bytes never travel between tasks
+    assert "TaskPoolMapOperator[MapBatches(_read_process)]" in optimized
 
 
 @pytest.mark.integration

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -294,3 +295,82 @@ def test_howto100m_csv(tmp_path):
     assert ok[0].payload["start"] == 0.0 and ok[0].payload["end"] == 2.5
     assert ok[0].payload["video"]["candidates"][0] == os.path.join(str(tmp_path / "v"), "abc.mp4")
     assert reasons(recs) == ["malformed_csv", "malformed_csv", "non_utf8_text"]
+
+
+# --- plans split big files; reading the parts yields what reading the whole file yields ------------------
+
+
+def _same(r):
+    return (r.rid, r.locator, r.kind, json.dumps(r.payload, sort_keys=True), r.blobs, r.reason, r.detail)
+
+
+def _split_equals_whole(source, n_units_at_2):
+    whole = list(read_source(source, records_per_unit=10**9))
+    assert len(READERS[source.format].plan(source, 10**9)) == 1
+    assert len(READERS[source.format].plan(source, 2)) == n_units_at_2
+    for n in (1, 2, 3):
+        parts = list(read_source(source, records_per_unit=n))
+        assert [_same(r) for r in parts] == [_same(r) for r in whole]
+        orders = [r.order for r in parts]
+        assert orders == sorted(orders) and len(set(orders)) == len(orders)  # deterministic, unique
+    return whole
+
+
+def test_tar_split_into_member_ranges(tmp_path):
+    members = img2dataset_members(range(3)) + [("../evil.txt", b"x")] + img2dataset_members([3])
+    members += [(f"sub/{'L' * 120}00004.jpg", jpg(4)), (f"sub/{'L' * 120}00004.txt", b"long name")]  # extended headers
+    members += [("00005.jpg", jpg(5)), ("00005.txt", b"x"), ("00005.json", b"not json")]
+    f = tmp_path / "00000.tar"
+    with tarfile.open(f, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    recs = _split_equals_whole(src("img2dataset", f), 3)
+    assert reasons(recs) == ["malformed_json", "unsafe_tar_member"] and len(recs) == 7
+    # ustar headers (prefix field, a directory) take the fast header scan; it agrees with tarfile's
+    from metamorph.data.readers.img2dataset import _scan_headers, _scan_tarfile
+
+    u = tmp_path / "ustar" / "00000.tar"
+    u.parent.mkdir()
+    with tarfile.open(u, "w", format=tarfile.USTAR_FORMAT) as tar:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for name, data in img2dataset_members(range(2)) + [(f"{'p' * 90}/{'q' * 60}/00002.jpg", jpg(2)), (f"{'p' * 90}/{'q' * 60}/00002.txt", b"c")]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    assert _scan_headers(u) == _scan_tarfile(u) and len(_scan_headers(u)[0]) == 9
+    assert len(_split_equals_whole(src("img2dataset", u), 2)) == 3
+    # a truncated tar is not split: its read reports the cut
+    raw = f.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(raw[: len(raw) // 2])
+    assert READERS["img2dataset"].plan(src("img2dataset", tmp_path / "cut.tar"), 2) == [{"file": str(tmp_path / "cut.tar")}]
+
+
+def test_json_array_split_into_element_ranges(tmp_path):
+    rows = [dict(LLAVA_GOOD[0], id=f"r{i}é") for i in range(5)] + [7, {"id": "x", "conversations": []}]
+    f = tmp_path / "l.json"
+    f.write_text(" [\n" + ",\n ".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows)) + "\n] \n", encoding="utf-8")
+    recs = _split_equals_whole(src("llava", f), 4)
+    assert [r.locator for r in recs] == [f"l.json[{i}]" for i in range(7)]
+    labels = tmp_path / "labels" / "train.json"
+    labels.parent.mkdir()
+    labels.write_text(json.dumps([{"id": str(i), "label": f"move {i}"} for i in range(4)] + [{"label": "no id"}]))
+    assert reasons(_split_equals_whole(src("ssv2", labels), 3)) == ["missing_field"]
+
+
+def test_csv_split_into_row_ranges(tmp_path):
+    f = tmp_path / "c.csv"
+    f.write_bytes(b"video_id,start,end,text\r\n" + b"".join(f'v{i},{i},{i + 1},"pour, {i}\nslowly"\r\n'.encode() for i in range(4))
+                  + b"abc,3,x,bad\n\nghi,0,1,caf\xe9\n")
+    recs = _split_equals_whole(src("howto100m", f), 4)
+    assert reasons(recs) == ["malformed_csv", "non_utf8_text"]
+    assert recs[-1].locator == "c.csv:12"  # header, 4 two-line rows, abc, a blank line, ghi
+
+
+def test_parquet_row_group_split_into_row_ranges(tmp_path):
+    rows = [{"image": hf_image(jpg(i)), "caption": f"c{i}"} for i in range(5)]
+    f = write_caption_parquet(tmp_path / "p.parquet", rows)
+    _split_equals_whole(src("parquet", f), 3)

@@ -3,17 +3,24 @@
     python -c "from metamorph.data.readers.base import SourceConfig; print(SourceConfig(name='x', format='llava', path='a.jsonl'))"
 
 A reader turns one upstream dataset into ``RawRecord``s in two steps so that the work spreads
-over Ray tasks: ``plan(src)`` lists small JSON-able *units* (a byte range of a JSONL file, one tar,
-one Parquet row group) cheaply on the driver, and ``read(src, unit)`` yields the records of one
-unit inside a worker. Readers never decode images or videos (the curation step does, in
+over Ray tasks: ``plan(src, records_per_unit)`` lists small JSON-able *units* of at most about
+``records_per_unit`` records (a byte range of a JSONL or CSV file, an element range of a JSON
+array, a member range of a tar, a row range of a Parquet row group) on the driver, and
+``read(src, unit, unit_idx)`` yields the records of one unit inside a worker, which also decodes
+and converts them (one task per unit), so a big file is split here or it runs on one core. A file
+whose structure the plan cannot walk (a truncated tar, a malformed JSON array) stays one unit and
+its read reports the problem as before. Readers never decode images or videos (the curation step does, in
 parallel); they only parse text, pick up inline bytes (tars, Parquet), and reject what is already
 unreadable with a quarantine reason. Paths in a record are absolute, so any worker can open them.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -192,6 +199,104 @@ def parse_json_line(line: bytes, where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise Reject("malformed_json", f"{where}: a JSON {type(obj).__name__}, expected an object")
     return obj
+
+
+_WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
+
+
+def json_array_units(path: Path, records_per_unit: int) -> list[dict[str, Any]]:
+    """A JSON array file as byte ranges of ``records_per_unit`` elements (``first``: the index of
+    the first). The driver parses the file once to find the element boundaries; anything that is
+    not a UTF-8 JSON array, or an array of at most ``records_per_unit`` elements, is one whole-file
+    unit, whose read rejects it as before."""
+    whole = [{"file": str(path), "array": True}]
+    try:
+        text = path.read_bytes().decode("utf-8")
+        dec = json.JSONDecoder()
+        i = _WS.match(text, 0).end()
+        if text[i : i + 1] != "[":
+            return whole
+        i = _WS.match(text, i + 1).end()
+        spans: list[tuple[int, int]] = []  # (start, end) character offsets of each range
+        n = 0
+        if text[i : i + 1] != "]":
+            while True:
+                if n % records_per_unit == 0:
+                    spans.append((i, i))
+                _, i = dec.raw_decode(text, i)
+                n += 1
+                spans[-1] = (spans[-1][0], i)
+                i = _WS.match(text, i).end()
+                c = text[i : i + 1]
+                if c == "]":
+                    break
+                if c != ",":
+                    return whole
+                i = _WS.match(text, i + 1).end()
+        if _WS.match(text, i + 1).end() != len(text) or n <= records_per_unit:
+            return whole
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return whole
+    units, char, byte = [], 0, 0
+    for k, (a, b) in enumerate(spans):
+        start = byte + len(text[char:a].encode("utf-8"))
+        end = start + len(text[a:b].encode("utf-8"))
+        char, byte = b, end
+        units.append({"file": str(path), "array": True, "offset": start, "length": end - start, "first": k * records_per_unit})
+    return units
+
+
+def json_array_load(unit: dict[str, Any]) -> tuple[int, Any]:
+    """(index of the first element, the parsed value) of a ``json_array_units`` unit: the whole
+    file's value (raises ``Reject``/``JSONDecodeError`` as ``json.loads`` of it would) or the list
+    of the range's elements."""
+    f = Path(unit["file"])
+    if "offset" not in unit:
+        return 0, json.loads(utf8(f.read_bytes(), f.name))
+    with open(f, "rb") as fh:
+        fh.seek(unit["offset"])
+        data = fh.read(unit["length"])
+    return unit["first"], json.loads("[" + data.decode("utf-8") + "]")
+
+
+def csv_units(path: Path, records_per_unit: int, header: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A CSV file as byte ranges of ``records_per_unit`` rows after its header row (quoted newlines
+    kept whole; ``first_line``: the line number before the range). A file whose first row is not
+    ``header``, or with at most ``records_per_unit`` rows, is one whole-file unit."""
+    whole = [{"file": str(path)}]
+    # surrogateescape keeps every byte: the offsets below are exact
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    lines = io.StringIO(text, newline="")
+    pos = 0
+
+    def tracked() -> Iterator[str]:
+        nonlocal pos
+        for line in lines:
+            pos += len(line)
+            yield line
+
+    reader = csv.reader(tracked())
+    first = next(reader, None)
+    if first is None or [h.strip() for h in first[: len(header)]] != list(header):
+        return whole
+    cuts = [(pos, reader.line_num)]  # (character offset, lines before it) where each range starts
+    n = 0
+    for _ in reader:
+        n += 1
+        if n % records_per_unit == 0:
+            cuts.append((pos, reader.line_num))
+    if n <= records_per_unit:
+        return whole
+    if cuts[-1][0] == len(text):
+        cuts.pop()
+    units, char, byte = [], 0, 0
+    ends = [c for c, _ in cuts[1:]] + [len(text)]
+    for (a, line), b in zip(cuts, ends):
+        start = byte + len(text[char:a].encode("utf-8", errors="surrogateescape"))
+        end = start + len(text[a:b].encode("utf-8", errors="surrogateescape"))
+        char, byte = b, end
+        units.append({"file": str(path), "offset": start, "length": end - start, "first_line": line})
+    return units
 
 
 # --- JSON records (llava, videoqa, viscot) -------------------------------------------------------

@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 from typing import Any, Iterator
 
-from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_text, default_root, list_files, order_key, rejected, safe_join
+from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_text, csv_units, default_root, list_files, order_key, rejected, safe_join
 
 KIND = "clip"
 VIDEO_EXTS = ("mp4", "webm")
@@ -21,21 +21,33 @@ COLUMNS = ("video_id", "start", "end", "text")
 
 
 def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
-    return [{"file": str(f)} for f in list_files(Path(src.path), (".csv",))]
+    """Byte ranges of about ``records_per_unit`` rows (a file with a wrong header: one unit)."""
+    units: list[dict[str, Any]] = []
+    for f in list_files(Path(src.path), (".csv",)):
+        units += csv_units(f, records_per_unit, COLUMNS)
+    return units
 
 
 def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
     f = Path(unit["file"])
     root = default_root(src, "video", f.parent)
+    if "offset" in unit:  # a range of rows after the header the plan checked
+        with open(f, "rb") as fh:
+            fh.seek(unit["offset"])
+            raw = fh.read(unit["length"])
+        lines_before = unit["first_line"]
+    else:
+        raw, lines_before = f.read_bytes(), 0
     # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file
-    text = f.read_bytes().decode("utf-8", errors="surrogateescape")
+    text = raw.decode("utf-8", errors="surrogateescape")
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if header is None or [h.strip() for h in header[:4]] != list(COLUMNS):
-        yield rejected(src, KIND, f.name, order_key(unit_idx, 0), "missing_field", f"header {header!r}, expected {','.join(COLUMNS)}")
-        return
+    if "offset" not in unit:
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:4]] != list(COLUMNS):
+            yield rejected(src, KIND, f.name, order_key(unit_idx, 0), "missing_field", f"header {header!r}, expected {','.join(COLUMNS)}")
+            return
     for pos, row in enumerate(reader):
-        where = f"{f.name}:{reader.line_num}"
+        where = f"{f.name}:{lines_before + reader.line_num}"
         order = order_key(unit_idx, pos)
         if not any(c.strip() for c in row):
             continue

@@ -4,7 +4,7 @@
 
 Columns: ``original_prompt``, ``original_image`` (struct ``{bytes, path}``), ``edit_prompt``,
 ``edited_prompt``, ``edited_image``; toy-world files add ``meta`` (a JSON string) and may add
-``id``. One unit per row group.
+``id``. Units as the parquet reader plans them (row groups, or row ranges of big ones).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, default_root, order_key, rejected
 from metamorph.data.readers.parquet import image_ref, meta_cell, rows, text_cell
-from metamorph.data.readers.parquet import plan as plan  # same units: one per row group
+from metamorph.data.readers.parquet import plan as plan  # same units as the parquet reader
 
 KIND = "edit"
 

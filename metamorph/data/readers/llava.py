@@ -21,6 +21,8 @@ from metamorph.data.readers.base import (
     SourceConfig,
     check_text,
     default_root,
+    json_array_load,
+    json_array_units,
     json_record,
     jsonl_units,
     list_files,
@@ -28,7 +30,6 @@ from metamorph.data.readers.base import (
     read_jsonl,
     rejected,
     safe_join,
-    utf8,
 )
 
 KIND = "llava"
@@ -40,8 +41,8 @@ def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
     for f in list_files(Path(src.path), (".jsonl", ".json")):
         if f.name.lower().endswith(".jsonl"):
             units += jsonl_units(f, records_per_unit)
-        else:  # a JSON array must be parsed whole: one unit, parallelism comes after the read
-            units.append({"file": str(f), "array": True})
+        else:  # a JSON array: element ranges (the plan parses it once to find them)
+            units += json_array_units(f, records_per_unit)
     return units
 
 
@@ -71,14 +72,14 @@ def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[Raw
     f = Path(unit["file"])
     conv = partial(convert, image_root=default_root(src, "image", f.parent))
     if unit.get("array"):
-        yield from _read_array(src, f, conv, unit_idx)
+        yield from _read_array(src, f, unit, conv, unit_idx)
     else:
         yield from read_jsonl(src, KIND, unit, unit_idx, conv, ID_KEYS)
 
 
-def _read_array(src: SourceConfig, f: Path, conv: Convert, unit_idx: int) -> Iterator[RawRecord]:
+def _read_array(src: SourceConfig, f: Path, unit: dict[str, Any], conv: Convert, unit_idx: int) -> Iterator[RawRecord]:
     try:
-        data = json.loads(utf8(f.read_bytes(), f.name))
+        first, data = json_array_load(unit)
         if not isinstance(data, list):
             raise Reject("malformed_json", f"{f.name}: a JSON {type(data).__name__}, expected an array of records")
     except json.JSONDecodeError as e:
@@ -89,4 +90,4 @@ def _read_array(src: SourceConfig, f: Path, conv: Convert, unit_idx: int) -> Ite
         yield rejected(src, KIND, f.name, order_key(unit_idx, 0), r.reason, r.detail)
         return
     for pos, obj in enumerate(data):
-        yield json_record(src, KIND, obj, f"{f.name}[{pos}]", order_key(unit_idx, pos), conv, ID_KEYS)
+        yield json_record(src, KIND, obj, f"{f.name}[{first + pos}]", order_key(unit_idx, pos), conv, ID_KEYS)

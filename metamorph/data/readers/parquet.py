@@ -4,7 +4,9 @@
 
 Columns: ``image`` (struct ``{bytes, path}`` as HF ``Image`` writes it, or plain binary) and
 ``caption`` (or ``text``); optional ``key``/``id`` (else ``{file stem}-{row}``) and ``meta`` (JSON
-string). One unit per row group, so a big file spreads over many tasks.
+string). One unit per row group, or per ``records_per_unit`` rows of a bigger one (each such unit
+reads its row group and keeps its slice: row groups are the smallest Parquet read), so a big file
+spreads over many tasks.
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
         md = pq.ParquetFile(f).metadata
         first = 0
         for g in range(md.num_row_groups):
-            units.append({"file": str(f), "row_group": g, "first_row": first})
-            first += md.row_group(g).num_rows
+            n = md.row_group(g).num_rows
+            if n <= records_per_unit:
+                units.append({"file": str(f), "row_group": g, "first_row": first})
+            else:  # "start"/"stop": the slice of the row group
+                for a in range(0, n, records_per_unit):
+                    units.append({"file": str(f), "row_group": g, "first_row": first + a, "start": a, "stop": min(a + records_per_unit, n)})
+            first += n
     return units
 
 
@@ -68,6 +75,8 @@ def meta_cell(value: Any) -> dict[str, Any]:
 def rows(unit: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     """(row number, row or None, error) of one row group; a row Arrow cannot convert is an error."""
     table = pq.ParquetFile(unit["file"]).read_row_group(unit["row_group"])
+    if "start" in unit:
+        table = table.slice(unit["start"], unit["stop"] - unit["start"])
     cols = {name: table.column(name) for name in table.column_names}
     for i in range(table.num_rows):
         try:

@@ -4,8 +4,8 @@
 
 The video of record ``id`` is ``{video_root}/{id}.webm`` (SSv2 ships webm) or ``.mp4``; the
 default ``video_root`` is ``../videos`` next to the labels directory (SSv2's own layout:
-``labels/train.json``, ``videos/``). The label file is parsed whole on one worker; decoding the
-videos, the expensive part, spreads over tasks after the read.
+``labels/train.json``, ``videos/``). The plan parses each label file once on the driver and
+splits it into element ranges, so decoding the videos, the expensive part, spreads over tasks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_text, default_root, list_files, order_key, rejected, safe_join, utf8
+from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_text, default_root, json_array_load, json_array_units, list_files, order_key, rejected, safe_join
 
 KIND = "clip"
 VIDEO_EXTS = ("webm", "mp4")
@@ -24,7 +24,10 @@ def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
     files = list_files(Path(src.path), (".json",))
     if Path(src.path).is_dir():  # labels.json is SSv2's class-name map, not records
         files = [f for f in files if f.name != "labels.json"]
-    return [{"file": str(f)} for f in files]
+    units: list[dict[str, Any]] = []
+    for f in files:
+        units += json_array_units(f, records_per_unit)
+    return units
 
 
 def label_of(obj: dict[str, Any]) -> str:
@@ -41,7 +44,7 @@ def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[Raw
     f = Path(unit["file"])
     root = default_root(src, "video", f.parent.parent / "videos")
     try:
-        data = json.loads(utf8(f.read_bytes(), f.name))
+        first, data = json_array_load(unit)
         if not isinstance(data, list):
             raise Reject("malformed_json", f"{f.name}: expected a JSON array of label records")
     except json.JSONDecodeError as e:
@@ -51,7 +54,7 @@ def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[Raw
         yield rejected(src, KIND, f.name, order_key(unit_idx, 0), r.reason, r.detail)
         return
     for pos, obj in enumerate(data):
-        where = f"{f.name}[{pos}]"
+        where = f"{f.name}[{first + pos}]"
         order = order_key(unit_idx, pos)
         try:
             if not isinstance(obj, dict):
