@@ -11,7 +11,8 @@ A sweep file is an experiment file (merged over the preset like `--config`) plus
         stages.mix.families.understanding.ratio: [0.0, 1.0]
       plot:                               # optional: one figure, a curve per `series` value
         x: stages.mix.families.generation.max_samples
-        y: gen/attr_accuracy              # a metric on each cell's parent run
+        y: gen/attr_accuracy              # a metric on each cell's parent run, or a list of
+                                          # them (one panel each; y_label a matching list)
         series: stages.mix.families.understanding.ratio
         series_labels: {"0.0": generation only, "1.0": with understanding data}
 
@@ -101,7 +102,7 @@ def run_sweep(
     tracker = make_tracker(loaded0)
     summary_run = tracker.start_run(f"{name} (summary)", tags={"sweep": name, "sweep_summary": "true"})
     if sweep.get("plot"):
-        table = collect(tracker, results, sweep["plot"]["y"])
+        table = collect(tracker, results, plot_metrics(sweep["plot"]))
         out["table"] = table
         plot_path = sweep_dir / "plot.png"
         plot(table, sweep["plot"], plot_path)
@@ -117,13 +118,19 @@ def run_sweep(
     return out
 
 
-def collect(tracker, results: list[dict], metric: str) -> list[dict[str, Any]]:
+def plot_metrics(spec: dict[str, Any]) -> list[str]:
+    """The plot's y metric(s) as a list."""
+    y = spec["y"]
+    return [str(m) for m in y] if isinstance(y, (list, tuple)) else [str(y)]
+
+
+def collect(tracker, results: list[dict], metrics: str | list[str]) -> list[dict[str, Any]]:
+    """One row per cell: its grid values, status and the given parent-run metrics (None if absent)."""
+    metrics = [metrics] if isinstance(metrics, str) else metrics
     rows = []
     for r in results:
-        value = None
-        if r["run_id"]:
-            value = tracker.client.get_run(r["run_id"]).data.metrics.get(metric)
-        rows.append({**r["params"], metric: value, "status": r["status"]})
+        logged = tracker.client.get_run(r["run_id"]).data.metrics if r["run_id"] else {}
+        rows.append({**r["params"], **{m: logged.get(m) for m in metrics}, "status": r["status"]})
     return rows
 
 
@@ -133,23 +140,29 @@ def plot(table: list[dict], spec: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x, y, series = spec["x"], spec["y"], spec.get("series")
+    x, series = spec["x"], spec.get("series")
+    ys = plot_metrics(spec)
+    y_labels = spec.get("y_label", ys)
+    y_labels = [y_labels] if isinstance(y_labels, str) else list(y_labels)
+    if len(y_labels) != len(ys):
+        raise ConfigError(f"sweep.plot.y_label: {len(y_labels)} labels for {len(ys)} metrics")
     labels = {str(k): v for k, v in (spec.get("series_labels") or {}).items()}
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, axes = plt.subplots(1, len(ys), figsize=(6 * len(ys), 4), dpi=120, squeeze=False)
     groups: dict[Any, list] = {}
     for row in table:
         groups.setdefault(row.get(series) if series else "all", []).append(row)
-    for key, rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        pts = sorted((r[x], r[y]) for r in rows if r.get(y) is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels.get(str(key), f"{series}={key}"))
-    ax.set_xscale("log")
-    ax.set_xlabel(spec.get("x_label", x))
-    ax.set_ylabel(spec.get("y_label", y))
-    ax.set_title(spec.get("title", "sweep"))
-    ax.grid(alpha=0.3)
-    if groups:
-        ax.legend()
+    for ax, y, y_label in zip(axes[0], ys, y_labels):
+        for key, rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            pts = sorted((r[x], r[y]) for r in rows if r.get(y) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels.get(str(key), f"{series}={key}"))
+        ax.set_xscale("log")
+        ax.set_xlabel(spec.get("x_label", x))
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(spec.get("title", "sweep"))
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -1,0 +1,35 @@
+"""The sweep plot: one panel per metric, a curve per series value, cells without a value skipped."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import ConfigError
+from pipelines.sweep import plot, plot_metrics
+
+TABLE = [
+    {"n": n, "u": u, "acc": 0.1 * n / 100 + u, "top1": None if (n, u) == (400, 1.0) else 0.01 * n / 100, "status": "finished"}
+    for n in (100, 400, 1600)
+    for u in (0.0, 1.0)
+]
+
+
+def test_plot_one_panel_per_metric(tmp_path):
+    spec = {"x": "n", "y": ["acc", "top1"], "series": "u", "y_label": ["accuracy", "top-1"], "title": "t"}
+    assert plot_metrics(spec) == ["acc", "top1"]
+    out = tmp_path / "p.png"
+    plot(TABLE, spec, out)
+    from PIL import Image
+
+    w, h = Image.open(out).size
+    assert w > 1.5 * h  # two panels side by side
+
+    single = tmp_path / "s.png"
+    plot(TABLE, {"x": "n", "y": "acc", "series": "u"}, single)
+    sw, sh = Image.open(single).size
+    assert sw < 1.6 * sh and plot_metrics({"y": "acc"}) == ["acc"]
+
+
+def test_plot_label_count_must_match(tmp_path):
+    with pytest.raises(ConfigError, match="y_label"):
+        plot(TABLE, {"x": "n", "y": ["acc", "top1"], "y_label": ["only one"]}, tmp_path / "p.png")
