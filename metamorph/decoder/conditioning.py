@@ -18,6 +18,8 @@ Tensor names: B batch, N vision tokens, D vision feature dim, L context length, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -40,6 +42,7 @@ class VisionConditioner(ModelMixin, ConfigMixin):
         context_length: int = 16,  # L >= N: the UNet's context length (77 for SD 1.5)
         hidden_dim: int = 64,  # H: MLP hidden width
         position_embedding: bool = False,  # add a learned embedding per token index (see below)
+        spatial: bool = False,  # also feed the context to the UNet as input channels (see unet_input)
     ):
         super().__init__()
         if context_length < n_tokens:
@@ -71,6 +74,30 @@ class VisionConditioner(ModelMixin, ConfigMixin):
         if pad:
             ctx_BNC = F.pad(ctx_BNC, (0, 0, 0, pad))  # zero rows after the N tokens
         return ctx_BNC
+
+    @property
+    def spatial_channels(self) -> int:
+        """Input channels ``unet_input`` adds (0 without the spatial condition)."""
+        return int(self.config.cross_attention_dim) if self.config.spatial else 0
+
+    def unet_input(self, x_BCHW: torch.Tensor, ctx_BLC: torch.Tensor) -> torch.Tensor:
+        """The UNet's input: ``x_BCHW``, plus (spatial condition) the N context rows laid out as
+        their sqrt(N) x sqrt(N) grid and upsampled (nearest) to the UNet's grid, as channels.
+
+        Cross-attention queries carry no position, so a small UNet trained briefly cannot learn
+        which token describes which part of the image: it renders the right background (a global
+        property) and objects of random colour in random places (measured on the tiny preset:
+        object colour agreement at chance after 1500 steps). Token i *is* grid cell i, so handing
+        each pixel the context of its own cell removes that search. The zero condition gives zero
+        channels, so it stays the unconditional branch."""
+        if not self.config.spatial:
+            return x_BCHW
+        cfg = self.config
+        side = math.isqrt(cfg.n_tokens)
+        B, _, H, W = x_BCHW.shape
+        grid_BCss = ctx_BLC[:, : cfg.n_tokens].transpose(1, 2).reshape(B, -1, side, side)
+        grid_BCHW = F.interpolate(grid_BCss.to(x_BCHW.dtype), size=(H, W), mode="nearest")
+        return torch.cat([x_BCHW, grid_BCHW], dim=1)
 
     def null_tokens(self, batch_size: int) -> torch.Tensor:
         """The all-zero condition (the unconditional branch), [B, N, D]."""

@@ -120,6 +120,7 @@ class MetaMorphDecoderPipeline(DiffusionPipeline):
                 context_length=ctx_len,
                 hidden_dim=cfg.cond_hidden_dim or width,
                 position_embedding=cfg.token_position_embedding,
+                spatial=cfg.spatial_condition and cfg.pretrained_path is None,
             )
         return cls(
             unet=unet,
@@ -177,12 +178,14 @@ class MetaMorphDecoderPipeline(DiffusionPipeline):
         """The noise prediction with classifier-free guidance against ``null_ctx_BLC``."""
         dtype = self.unet.dtype
         if guidance_scale == 1.0:
-            return self.unet(x_BCHW.to(dtype), t, encoder_hidden_states=ctx_BLC.to(dtype)).sample
+            x_in = self.conditioner.unet_input(x_BCHW, ctx_BLC)
+            return self.unet(x_in.to(dtype), t, encoder_hidden_states=ctx_BLC.to(dtype)).sample
         # one UNet call on the doubled batch: half the Python overhead of two calls
+        both_ctx = torch.cat([null_ctx_BLC, ctx_BLC])
         eps_2BCHW = self.unet(
-            torch.cat([x_BCHW, x_BCHW]).to(dtype),
+            self.conditioner.unet_input(torch.cat([x_BCHW, x_BCHW]), both_ctx).to(dtype),
             t,
-            encoder_hidden_states=torch.cat([null_ctx_BLC, ctx_BLC]).to(dtype),
+            encoder_hidden_states=both_ctx.to(dtype),
         ).sample
         eps_uncond, eps_cond = eps_2BCHW.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -260,7 +263,8 @@ def _build_pixel_components(cfg: DecoderConfig):
     )
     unet = UNet2DConditionModel(
         sample_size=cfg.image_size // p,
-        in_channels=3 * p * p,
+        # the spatial condition adds one input channel per context width (see VisionConditioner)
+        in_channels=3 * p * p + (cfg.cross_attention_dim if cfg.spatial_condition else 0),
         out_channels=3 * p * p,
         block_out_channels=tuple(cfg.block_out_channels),
         down_block_types=down,

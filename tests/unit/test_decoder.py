@@ -112,6 +112,21 @@ def test_conditioner_zero_tokens_give_zero_context_and_padding():
         cond(torch.zeros(2, N + 1, D))
 
 
+def test_spatial_condition_lays_tokens_on_their_grid_cells():
+    pipe = tiny_pipe(spatial_condition=True)
+    cond = pipe.conditioner
+    ctx = torch.arange(2 * N * 16, dtype=torch.float32).reshape(2, N, 16)
+    x = torch.zeros(2, 12, 8, 8)  # 16 px, pixel_patch 2 -> 8x8 grid; N=4 tokens -> 2x2 cells
+    out = cond.unet_input(x, ctx)
+    assert out.shape == (2, 12 + 16, 8, 8) and pipe.unet.config.in_channels == 12 + 16
+    side = 2
+    for i in range(N):
+        r, c = divmod(i, side)
+        cell = out[:, 12:, r * 4:(r + 1) * 4, c * 4:(c + 1) * 4]  # token i fills grid cell i
+        torch.testing.assert_close(cell, ctx[:, i, :, None, None].expand_as(cell))
+    assert tiny_pipe(spatial_condition=False).conditioner.unet_input(x, ctx) is x  # off: the paper's decoder
+
+
 def test_few_steps_reduce_loss_on_a_fixed_batch():
     pipe = tiny_pipe()
     set_trainable(pipe)
@@ -155,17 +170,19 @@ def test_v_prediction_with_zero_terminal_snr():
     out = pipe(tokens(2), num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="zero_terminal_snr"):
-        tiny_cfg(zero_terminal_snr=True)  # epsilon is undefined where alpha_bar = 0
+        tiny_cfg(prediction_type="epsilon", zero_terminal_snr=True)  # epsilon is undefined where alpha_bar = 0
 
 
-def test_save_load_round_trip_gives_identical_samples(tmp_path):
-    pipe = tiny_pipe(seed=3, context_length=N + 2)
+@pytest.mark.parametrize("spatial", [False, True])
+def test_save_load_round_trip_gives_identical_samples(tmp_path, spatial):
+    pipe = tiny_pipe(seed=3, context_length=N + 2, spatial_condition=spatial)
     pipe.save_pretrained(tmp_path / "dec")
     index = json.loads((tmp_path / "dec" / "model_index.json").read_text())
     assert index["conditioner"] == ["metamorph.decoder.conditioning", "VisionConditioner"]
     assert (tmp_path / "dec" / "conditioner" / "diffusion_pytorch_model.safetensors").exists()
     loaded = MetaMorphDecoderPipeline.from_pretrained(tmp_path / "dec")
     assert loaded.config.pixel_patch == 2 and loaded.vae is None
+    assert loaded.conditioner.spatial_channels == (16 if spatial else 0)
     for sampler in ("ddim", "dpm"):
         kw = dict(num_inference_steps=4, sampler=sampler, guidance_scale=2.0, output_type="pt")
         a = pipe(tokens(2), generator=torch.Generator().manual_seed(7), **kw).images
@@ -183,20 +200,22 @@ def _reference_loop(pipe, ctx_BLC, steps, seed):
     x = torch.randn(pipe.model_space_shape(ctx_BLC.shape[0]), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for t in sched.timesteps:
-            x = sched.step(pipe.unet(x, t, encoder_hidden_states=ctx_BLC).sample, t, x).prev_sample
+            x_in = pipe.conditioner.unet_input(x, ctx_BLC)
+            x = sched.step(pipe.unet(x_in, t, encoder_hidden_states=ctx_BLC).sample, t, x).prev_sample
     return ((pipe.decode_to_pixels(x).clamp(-1, 1) + 1) / 2)
 
 
-def test_guidance_scale_one_equals_conditional_prediction():
-    pipe = tiny_pipe(seed=1)
+@pytest.mark.parametrize("spatial", [False, True])
+def test_guidance_scale_one_equals_conditional_prediction(spatial):
+    pipe = tiny_pipe(seed=1, spatial_condition=spatial)
     tok = tokens(2, seed=5)
     with torch.no_grad():
         ctx = pipe.conditioner(tok)
         null = pipe.conditioner(pipe.conditioner.null_tokens(2))
         x = torch.randn(pipe.model_space_shape(2), generator=torch.Generator().manual_seed(0))
         t = torch.tensor(500)
-        cond = pipe.unet(x, t, encoder_hidden_states=ctx).sample
-        uncond = pipe.unet(x, t, encoder_hidden_states=null).sample
+        cond = pipe.unet(pipe.conditioner.unet_input(x, ctx), t, encoder_hidden_states=ctx).sample
+        uncond = pipe.unet(pipe.conditioner.unet_input(x, null), t, encoder_hidden_states=null).sample
         assert not torch.allclose(cond, uncond, atol=1e-4)  # the condition matters, so the checks below bite
         torch.testing.assert_close(pipe.guided_noise(x, t, ctx, null, 1.0), cond)
         # the batched two-branch path at g=1 is the conditional prediction too
@@ -206,8 +225,9 @@ def test_guidance_scale_one_equals_conditional_prediction():
     torch.testing.assert_close(out, _reference_loop(pipe, ctx, 5, 9), atol=1e-5, rtol=1e-5)
 
 
-def test_zeroed_condition_is_the_unconditional_branch():
-    pipe = tiny_pipe(seed=2, context_length=N + 3)
+@pytest.mark.parametrize("spatial", [False, True])
+def test_zeroed_condition_is_the_unconditional_branch(spatial):
+    pipe = tiny_pipe(seed=2, context_length=N + 3, spatial_condition=spatial)
     zeros = torch.zeros(2, N, D)
     kw = dict(num_inference_steps=5, output_type="pt")
     uncond = _reference_loop(pipe, torch.zeros(2, N + 3, 16), 5, 4)
@@ -219,7 +239,10 @@ def test_zeroed_condition_is_the_unconditional_branch():
     x = torch.randn(pipe.model_space_shape(2))
     t = torch.tensor([10, 900])
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, zeros), pipe.unet(x, t, encoder_hidden_states=torch.zeros(2, N + 3, 16)).sample)
+        null = torch.zeros(2, N + 3, 16)
+        torch.testing.assert_close(model(x, t, zeros), pipe.unet(pipe.conditioner.unet_input(x, null), t, encoder_hidden_states=null).sample)
+        if spatial:  # the zero condition adds all-zero channels
+            assert pipe.conditioner.unet_input(x, null)[:, x.shape[1]:].abs().max() == 0
 
 
 def test_batches_cover_each_epoch_once():
