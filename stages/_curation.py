@@ -146,17 +146,18 @@ def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vi
     ok = [r for r in rows if not r["reason"]]
     spool = ""
     offsets: list[int] = []
+    items = [[r["sample"].encode(), r["sample_heldout"].encode(), *r["images"], *r["thumb"]] for r in ok]
     if ok:
         # a fresh name per attempt: a retried task never appends to what a failed one left
         spool = str(Path(spool_dir) / f"{uuid.uuid4().hex}.bin")
-        offsets = write_spool(Path(spool), [[r["sample"].encode(), r["sample_heldout"].encode(), *r["images"], *r["thumb"]] for r in ok])
-    at = iter(offsets)
+        offsets = write_spool(Path(spool), items)
+    at = iter(zip(offsets, items))
     for r in rows:
         if r["reason"]:
             r.update(exts=[], spool="", offset=0, parts=[])
         else:
-            r.update(exts=[cfg.image_format] * len(r["images"]), spool=spool, offset=next(at),
-                     parts=[len(r["sample"].encode()), len(r["sample_heldout"].encode()), *map(len, r["images"]), *map(len, r["thumb"])])
+            offset, item = next(at)
+            r.update(exts=[cfg.image_format] * len(r["images"]), spool=spool, offset=offset, parts=[len(b) for b in item])
     return pa.Table.from_pylist(rows, schema=META_SCHEMA)
 
 

@@ -41,7 +41,6 @@ class VisionConditioner(ModelMixin, ConfigMixin):
         cross_attention_dim: int = 64,  # C: the UNet's cross-attention width (768 for SD 1.5)
         context_length: int = 16,  # L >= N: the UNet's context length (77 for SD 1.5)
         hidden_dim: int = 64,  # H: MLP hidden width
-        position_embedding: bool = False,  # add a learned embedding per token index (see below)
         spatial: bool = False,  # also feed the context to the UNet as input channels (see unet_input)
     ):
         super().__init__()
@@ -49,10 +48,6 @@ class VisionConditioner(ModelMixin, ConfigMixin):
             raise ValueError(f"context_length={context_length} must be >= n_tokens={n_tokens}")
         self.fc1 = nn.Linear(feature_dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, cross_attention_dim)
-        # Cross-attention is blind to the order of its context; token i of the N is grid cell i of
-        # the image, so an embedding per index tells the UNet where each token sits instead of
-        # leaving it to decode position from the features.
-        self.pos_NC = nn.Parameter(torch.randn(n_tokens, cross_attention_dim) * 0.02) if position_embedding else None
 
     def forward(self, tokens_BND: torch.Tensor) -> torch.Tensor:
         """[B, N, D] vision tokens -> [B, L, C] context; all-zero tokens give all-zero rows."""
@@ -66,10 +61,7 @@ class VisionConditioner(ModelMixin, ConfigMixin):
         # only guards against a caller passing raw features (F.normalize keeps zeros at zero)
         tokens_BND = F.normalize(tokens_BND, dim=-1)
         present_BN1 = (tokens_BND.abs().amax(dim=-1, keepdim=True) > 0).to(tokens_BND.dtype)
-        ctx_BNC = self.fc2(F.gelu(self.fc1(tokens_BND)))
-        if self.pos_NC is not None:
-            ctx_BNC = ctx_BNC + self.pos_NC
-        ctx_BNC = ctx_BNC * present_BN1
+        ctx_BNC = self.fc2(F.gelu(self.fc1(tokens_BND))) * present_BN1
         pad = cfg.context_length - cfg.n_tokens
         if pad:
             ctx_BNC = F.pad(ctx_BNC, (0, 0, 0, pad))  # zero rows after the N tokens

@@ -64,10 +64,6 @@ class DecoderConfig:
     # tokens equal to 3 digits) and sampled grey mean images. The zero condition still maps to
     # one fixed embedding, so it stays the unconditional branch.
     pooled_condition: bool = True
-    # Add a learned embedding per token index to the context (the tokens are a sqrt(N) x sqrt(N)
-    # grid in row-major order, and cross-attention cannot tell one slot from another). The paper's
-    # MLP has none (SigLIP features carry some position), so it is off by default.
-    token_position_embedding: bool = False
     # Pixel space: also give each pixel the context of its own token-grid cell as UNet input
     # channels (see VisionConditioner.unet_input). Not in the paper, whose SD UNet learned where
     # things go from captions at scale; a small UNet trained for minutes ignores object colour and

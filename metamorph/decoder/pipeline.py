@@ -119,7 +119,6 @@ class MetaMorphDecoderPipeline(DiffusionPipeline):
                 cross_attention_dim=width,
                 context_length=ctx_len,
                 hidden_dim=cfg.cond_hidden_dim or width,
-                position_embedding=cfg.token_position_embedding,
                 spatial=cfg.spatial_condition and cfg.pretrained_path is None,
             )
         return cls(

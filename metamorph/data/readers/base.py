@@ -179,11 +179,16 @@ def jsonl_units(path: Path, records_per_unit: int) -> list[dict[str, Any]]:
     return units
 
 
-def jsonl_lines(unit: dict[str, Any]) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line bytes without the newline) of one unit; blank lines are skipped."""
+def read_range(unit: dict[str, Any]) -> bytes:
+    """The bytes of a byte-range unit: ``length`` bytes of ``file`` from ``offset``."""
     with open(unit["file"], "rb") as f:
         f.seek(unit["offset"])
-        data = f.read(unit["length"])
+        return f.read(unit["length"])
+
+
+def jsonl_lines(unit: dict[str, Any]) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line bytes without the newline) of one unit; blank lines are skipped."""
+    data = read_range(unit)
     for i, line in enumerate(data.split(b"\n")):
         line = line.rstrip(b"\r")
         if line.strip():
@@ -237,13 +242,22 @@ def json_array_units(path: Path, records_per_unit: int) -> list[dict[str, Any]]:
             return whole
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return whole
-    units, char, byte = [], 0, 0
-    for k, (a, b) in enumerate(spans):
-        start = byte + len(text[char:a].encode("utf-8"))
-        end = start + len(text[a:b].encode("utf-8"))
+    return [
+        {"file": str(path), "array": True, "offset": start, "length": length, "first": k * records_per_unit}
+        for k, (start, length) in enumerate(_byte_ranges(text, spans, "strict"))
+    ]
+
+
+def _byte_ranges(text: str, spans: list[tuple[int, int]], errors: str) -> list[tuple[int, int]]:
+    """(byte offset, byte length) in the UTF-8 file of each increasing (start, end) character span of
+    its decoded ``text`` (``errors``: the decode's error handler, so the re-encoding is exact)."""
+    out, char, byte = [], 0, 0
+    for a, b in spans:
+        start = byte + len(text[char:a].encode("utf-8", errors))
+        end = start + len(text[a:b].encode("utf-8", errors))
         char, byte = b, end
-        units.append({"file": str(path), "array": True, "offset": start, "length": end - start, "first": k * records_per_unit})
-    return units
+        out.append((start, end - start))
+    return out
 
 
 def json_array_load(unit: dict[str, Any]) -> tuple[int, Any]:
@@ -253,10 +267,7 @@ def json_array_load(unit: dict[str, Any]) -> tuple[int, Any]:
     f = Path(unit["file"])
     if "offset" not in unit:
         return 0, json.loads(utf8(f.read_bytes(), f.name))
-    with open(f, "rb") as fh:
-        fh.seek(unit["offset"])
-        data = fh.read(unit["length"])
-    return unit["first"], json.loads("[" + data.decode("utf-8") + "]")
+    return unit["first"], json.loads("[" + read_range(unit).decode("utf-8") + "]")
 
 
 def csv_units(path: Path, records_per_unit: int, header: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -289,14 +300,12 @@ def csv_units(path: Path, records_per_unit: int, header: tuple[str, ...]) -> lis
         return whole
     if cuts[-1][0] == len(text):
         cuts.pop()
-    units, char, byte = [], 0, 0
     ends = [c for c, _ in cuts[1:]] + [len(text)]
-    for (a, line), b in zip(cuts, ends):
-        start = byte + len(text[char:a].encode("utf-8", errors="surrogateescape"))
-        end = start + len(text[a:b].encode("utf-8", errors="surrogateescape"))
-        char, byte = b, end
-        units.append({"file": str(path), "offset": start, "length": end - start, "first_line": line})
-    return units
+    spans = [(a, b) for (a, _), b in zip(cuts, ends)]
+    return [
+        {"file": str(path), "offset": start, "length": length, "first_line": line}
+        for (start, length), (_, line) in zip(_byte_ranges(text, spans, "surrogateescape"), cuts)
+    ]
 
 
 # --- JSON records (llava, videoqa, viscot) -------------------------------------------------------
@@ -308,10 +317,7 @@ Convert = Callable[[dict[str, Any], str], tuple[str, dict[str, Any]]]
 def record_id(obj: dict[str, Any], keys: tuple[str, ...]) -> Any:
     """The first of ``keys`` the record has (None when it has none): ``("question_id", "id")``
     reads Visual-CoT's own id field and falls back to the generic one."""
-    value = obj.get(keys[-1])
-    for k in reversed(keys[:-1]):
-        value = obj.get(k, value)
-    return value
+    return next((obj[k] for k in keys if k in obj), None)
 
 
 def _quarantine_rid(obj: Any, keys: tuple[str, ...]) -> str:

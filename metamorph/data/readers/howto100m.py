@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 from typing import Any, Iterator
 
-from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_text, csv_units, default_root, list_files, order_key, rejected, safe_join
+from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_text, csv_units, default_root, list_files, order_key, read_range, rejected, safe_join
 
 KIND = "clip"
 VIDEO_EXTS = ("mp4", "webm")
@@ -32,10 +32,7 @@ def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[Raw
     f = Path(unit["file"])
     root = default_root(src, "video", f.parent)
     if "offset" in unit:  # a range of rows after the header the plan checked
-        with open(f, "rb") as fh:
-            fh.seek(unit["offset"])
-            raw = fh.read(unit["length"])
-        lines_before = unit["first_line"]
+        raw, lines_before = read_range(unit), unit["first_line"]
     else:
         raw, lines_before = f.read_bytes(), 0
     # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file
