@@ -8,15 +8,16 @@ Three passes over the data; image bytes never reach the driver:
    ``records_per_task`` records on the driver (a JSONL/CSV byte range, a JSON-array element range,
    a tar member range, a Parquet row range: a big file is split here), then one task per unit
    reads it and decodes, validates, resizes, encodes, hashes and converts every record. Each task
-   parks its encoded samples (both split encodings of the record, the images, the thumbnails) in
-   one spool file under the attempt dir and returns only metadata rows with their spool offsets.
+   parks its samples as ready tar members (both split encodings of the record, the images) and
+   the thumbnails in one spool file under the attempt dir, and returns only metadata rows with
+   their spool offsets.
 2. driver, metadata only: duplicate ids, exact duplicates, the train/held-out split, and the
    contamination guard need a view of the whole stage, so they run once over small rows
    (``metamorph.data.curate.decide``; the few thumbnails it needs are read from the spool).
-   Then the kept samples are sorted by id and cut into size-bounded shards (``plan_shards``):
-   the same rule one sequential writer applies, so a rerun writes byte-identical files whatever
-   the task scheduling was.
-3. parallel Ray tasks, one per shard: copy the spooled bytes into the tar, and return the
+   Then the kept samples are sorted by id and cut into size-bounded shards (``plan_shards`` on
+   their bytes in the tar): the same rule one sequential writer applies, so a rerun writes
+   byte-identical files whatever the task scheduling was.
+3. parallel Ray tasks, one per shard: concatenate the spooled members into the tar, and return the
    shard's index and image-hash rows; the driver writes ``index.parquet`` and
    ``image_hashes.parquet`` from them in shard order and removes the spool.
 
@@ -41,10 +42,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide, process_record
+from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig
 from metamorph.data.readers.base import RawRecord, list_files
 from metamorph.data.schema import sample_key
-from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, plan_shards, read_spool, write_index, write_spool
+from metamorph.data.shards import QUARANTINE_FILE, plan_shards, read_spool, tar_end, tar_member, write_index, write_spool
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
@@ -56,7 +58,8 @@ HASHES_SCHEMA = pa.schema(
 )
 SPOOL_DIR = "_spool"  # under the attempt dir, removed before the stage returns
 # what a processing task returns per record (``decide``'s inputs and where the bytes are parked);
-# ``parts``: byte lengths of [train record, held-out record, image 0..n-1, thumbnail 0..n-1]
+# ``parts``: byte lengths of [train record member, held-out record member, image member 0..n-1,
+# thumbnail 0..n-1] (members: tar header + payload + padding, see ``_members``)
 META_SCHEMA = pa.schema(
     [
         ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
@@ -133,6 +136,8 @@ def _read_process(batch: pa.Table, sources: list[dict[str, Any]], cfg: CurateCon
                   frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
     """Read the batch's units (one per batch) and process their records, as they are read, in this task."""
 
+    keep_image_buffers()
+
     def records() -> Iterator[RawRecord]:
         for row in batch.to_pylist():
             src = SourceConfig(**sources[row["source"]])
@@ -146,7 +151,7 @@ def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vi
     ok = [r for r in rows if not r["reason"]]
     spool = ""
     offsets: list[int] = []
-    items = [[r["sample"].encode(), r["sample_heldout"].encode(), *r["images"], *r["thumb"]] for r in ok]
+    items = [_members(r, cfg.image_format) for r in ok]
     if ok:
         # a fresh name per attempt: a retried task never appends to what a failed one left
         spool = str(Path(spool_dir) / f"{uuid.uuid4().hex}.bin")
@@ -161,34 +166,61 @@ def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vi
     return pa.Table.from_pylist(rows, schema=META_SCHEMA)
 
 
-def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
-    """(train record, held-out record, images, thumbnails) of one meta row from its open spool."""
+def _members(r: dict[str, Any], ext: str) -> list[bytes]:
+    """A processed record as the spool keeps it: its tar members, already encoded (the train
+    record, the held-out record, each image), then the raw thumbnails. Encoding the tar headers
+    here, in parallel, leaves the shard writers a plain byte copy."""
+    key = sample_key(r["id"])
+    return [
+        tar_member(f"{key}.json", r["sample"].encode()),
+        tar_member(f"{key}.json", r["sample_heldout"].encode()),
+        *(tar_member(f"{key}.{i}.{ext}", b) for i, b in enumerate(r["images"])),
+        *r["thumb"],
+    ]
+
+
+def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, bytes, list[bytes]]:
+    """(train record member, held-out record member, image members, thumbnails) of one meta row
+    from its open spool."""
     n = len(m["sha"])
     parts = read_spool(f, m["offset"], m["parts"])
-    return parts[0], parts[1], parts[2 : 2 + n], parts[2 + n :]
+    return parts[0], parts[1], b"".join(parts[2 : 2 + n]), parts[2 + n :]
 
 
-def _write_shard(out: str, split: str, shard: int, metas: list[dict[str, Any]], max_bytes: int, max_samples: int) -> tuple[list[dict[str, Any]], pa.Table]:
-    """One planned shard (``metas`` in id order): its tar, and its index and image-hash rows."""
+def shard_bytes(m: dict[str, Any], split: str) -> int:
+    """Bytes a meta row's sample takes in a ``split`` shard (its record and image members)."""
+    n = len(m["sha"])
+    return m["parts"][0 if split == "train" else 1] + sum(m["parts"][2 : 2 + n])
+
+
+def _write_shard(out: str, split: str, shard: int, metas: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], pa.Table]:
+    """One planned shard (``metas`` in id order): its tar (a concatenation of the spooled members,
+    byte-identical to what ``ShardWriter`` writes), and its index and image-hash rows."""
     files: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     hashes: list[dict[str, Any]] = []
+    name = f"shard-{split}-{shard:05d}.tar"
+    nbytes = 0
     try:
-        with ShardWriter(Path(out), split, max_bytes=max_bytes, max_samples=max_samples, first_shard=shard) as w:
+        with open(Path(out) / name, "wb") as dst:
             for m in metas:
                 f = files.get(m["spool"]) or files.setdefault(m["spool"], open(m["spool"], "rb"))
                 train_rec, held_rec, images, thumbs = _spooled(f, m)
-                row = {"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"], "split": split}
-                w.write_encoded(row, train_rec if split == "train" else held_rec, images, m["exts"])
+                rec = train_rec if split == "train" else held_rec
+                dst.write(rec)
+                dst.write(images)
+                nbytes += len(rec) + len(images)
+                rows.append({"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"],
+                             "split": split, "shard": name, "n_images": len(m["sha"])})
                 hashes += [
                     {"id": m["id"], "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
                     for i, (s, p, t) in enumerate(zip(m["sha"], m["phash"], thumbs))
                 ]
+            dst.write(tar_end(nbytes))
     finally:
         for f in files.values():
             f.close()
-    if len(w.shards) != 1:  # plan_shards and the writer apply one rule; anything else is a bug
-        raise RuntimeError(f"shard {split}/{shard}: the writer split it into {w.shards}")
-    return w.rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
+    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
 
 
 def _rows(ds: Any) -> list[dict[str, Any]]:
@@ -298,9 +330,13 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
 
     def thumbs(ids: set[str]) -> dict[str, list[bytes]]:
         got: dict[str, list[bytes]] = {}
-        for sid in sorted(ids):
-            with open(first[sid]["spool"], "rb") as f:
-                got[sid] = _spooled(f, first[sid])[3]
+        by_spool: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for sid in ids:
+            by_spool[first[sid]["spool"]].append(first[sid])
+        for path, ms in by_spool.items():  # each spool opened once, read in offset order
+            with open(path, "rb") as f:
+                for m in sorted(ms, key=lambda m: m["offset"]):
+                    got[m["id"]] = _spooled(f, m)[3]
         return got
 
     t_decide = time.perf_counter()
@@ -313,14 +349,15 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
     )
     max_bytes, max_samples = cfg.shard_max_mb * 2**20, cfg.shard_max_samples
     jobs = []  # (split, first shard number, its samples), train shards first
-    for split, part in (("train", 0), ("heldout", 1)):
+    for split in ("train", "heldout"):
         kept = sorted((m for m in meta if dec.keep.get((m["id"], m["order"])) == split), key=lambda m: m["id"])
-        sizes = [m["parts"][part] + sum(m["parts"][2 : 2 + len(m["sha"])]) for m in kept]
+        sizes = [shard_bytes(m, split) for m in kept]
         for k, (a, b) in enumerate(plan_shards(sizes, max_bytes, max_samples)):
             jobs.append((split, k, kept[a:b]))
     t_write = time.perf_counter()
     write = ray.remote(_write_shard).options(num_cpus=cfg.cpus_per_task / 2)
-    refs = [write.remote(str(out), split, k, ms, max_bytes, max_samples) for split, k, ms in jobs]
+    out.mkdir(parents=True, exist_ok=True)
+    refs = [write.remote(str(out), split, k, ms) for split, k, ms in jobs]
     results = ray.get(refs)
     index_rows = [r for rows, _ in results for r in rows]
     hashes = pa.concat_tables([h for _, h in results]) if results else HASHES_SCHEMA.empty_table()

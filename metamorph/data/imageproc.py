@@ -9,8 +9,11 @@ checked from the header before any pixel is decoded (a 20000x20000 PNG is ~50 KB
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import io
+import sys
 import warnings
 from functools import lru_cache
 from typing import Any
@@ -61,6 +64,28 @@ def open_image(
         raise Reject("decompression_bomb", str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise Reject("image_decode_error", f"{type(e).__name__}: {e}") from None
+
+
+@lru_cache(maxsize=1)
+def keep_image_buffers(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 128 * 2**20) -> bool:
+    """Let this process reuse freed image and zlib buffers instead of returning them to the OS.
+
+    A decoded 384-512 px picture (0.4-0.8 MB) and each PNG encoder's zlib state (~0.3 MB) are
+    above glibc's default mmap threshold (128 KiB, adaptive), and the heap is trimmed whenever
+    64 KiB sit free at its top: so every image was mapped, page-faulted in (zeroed by the
+    kernel) and unmapped again. Measured on a decode-resize-PNG loop of 512 -> 384 px JPEGs:
+    1.9M minor faults for 3000 images and 23% of the run; with these thresholds, 10K faults.
+    Big allocations (above ``mmap_threshold``) still get their own mapping, and at most
+    ``trim_threshold`` bytes stay cached. Once per process; False where there is no glibc
+    ``mallopt`` (macOS, musl), which changes nothing but speed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def check_size(w: int, h: int, *, min_side: int, max_aspect: float) -> None:
@@ -125,7 +150,12 @@ def pixel_hash(img: Image.Image) -> str:
 
 def signature(img: Image.Image) -> tuple[int, bytes]:
     """(pHash, 16x16 thumbnail) from one shared 32x32 box reduction of the image."""
-    small = (img if img.mode == "RGB" else img.convert("RGB")).resize((32, 32), Image.Resampling.BOX)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = rgb.size
+    if w == h and w % 32 == 0:  # curated images are square; reduce() is the same box mean, 3x faster
+        small = rgb.reduce(w // 32)
+    else:
+        small = rgb.resize((32, 32), Image.Resampling.BOX)
     return _phash32(small.convert("L")), small.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps
-from metamorph.data.shards import ShardWriter, iter_samples, plan_shards, read_spool, write_spool
+from metamorph.data.shards import ShardWriter, iter_samples, plan_shards, read_spool, tar_end, tar_member, write_spool
 
 
 def _samples(n: int, seed: int = 0) -> list[tuple[Sample, list[bytes]]]:
@@ -59,3 +59,33 @@ def test_spool_round_trip(tmp_path):
     with open(tmp_path / "a.bin", "rb") as f:
         for item, off in zip(items, offsets):
             assert read_spool(f, off, [len(b) for b in item]) == item
+
+
+def test_pre_encoded_members_equal_the_writer(tmp_path):
+    """The curation stages concatenate members encoded in parallel; the tar must be the one
+    ``ShardWriter`` writes (byte for byte), and webdataset must read it back."""
+    samples = _samples(7, seed=3)
+    with ShardWriter(tmp_path / "w", "train") as w:
+        for s, images in samples:
+            w.write(s, images)
+    blob = b"".join(tar_member(f"{s.key}.json", dumps(s)) + tar_member(f"{s.key}.0.png", images[0]) for s, images in samples)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "shard-train-00000.tar").write_bytes(blob + tar_end(len(blob)))
+    assert (tmp_path / "c" / "shard-train-00000.tar").read_bytes() == (tmp_path / "w" / "shard-train-00000.tar").read_bytes()
+    got = list(iter_samples(tmp_path / "c"))
+    assert [(s.id, im) for s, im in got] == [(s.id, im) for s, im in samples]
+
+
+def test_tar_member_header_matches_tarfile():
+    import io
+    import tarfile
+
+    for name, size in [("a.json", 0), ("k" * 100, 511), ("d" * 60 + "/" + "k" * 60 + ".png", 513), ("é-1.json", 7), ("x.0.png", 10**6)]:
+        payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, 0, 0o644, "", ""
+            t.addfile(ti, io.BytesIO(payload))
+        member = tar_member(name, payload)
+        assert buf.getvalue() == member + tar_end(len(member)), name
