@@ -50,6 +50,9 @@ class EvaluateConfig(StageConfig):
     n_image_edit: int = 32
     n_frame_prediction: int = 32
     max_new_tokens: int = 16  # answer length cap (toy answers are 1-3 tokens; MC letters 1)
+    # QA majority baseline from the training answers: at most this many training QA items are
+    # read (0 = all; the shards holding them are streamed, images are not decoded)
+    prior_max_items: int = 200_000
     # Visual-token CFG scales (1.0 = off, the paper's setting); the first is the headline. Each
     # extra scale repeats generation and decoding.
     cfg_scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
@@ -72,6 +75,8 @@ class EvaluateConfig(StageConfig):
         for k in ("n_image_qa", "n_video_qa", "n_visual_thinking", "n_t2i", "n_image_edit", "n_frame_prediction"):
             if getattr(self, k) < 0:
                 raise ValueError(f"evaluate.{k}={getattr(self, k)} must be >= 0 (0 = all held-out samples)")
+        if self.prior_max_items < 0:
+            raise ValueError(f"evaluate.prior_max_items={self.prior_max_items} must be >= 0 (0 = every training item)")
         if self.max_new_tokens < 1:
             raise ValueError(f"evaluate.max_new_tokens={self.max_new_tokens} must be >= 1")
         if not self.cfg_scales or any(s < 0 for s in self.cfg_scales):
@@ -155,10 +160,10 @@ def evaluate_all(paths: dict[str, str], cfg: EvaluateConfig, out_dir: str, pipel
     import torch
 
     from metamorph.eval.generation import evaluate_generation, gen_items
-    from metamorph.eval.heldout import load_heldout
+    from metamorph.eval.heldout import iter_train, load_heldout
     from metamorph.eval.inference import VPiTRunner
     from metamorph.eval.judge import Judge, infer_geometry
-    from metamorph.eval.understanding import evaluate_qa, qa_items, summarise
+    from metamorph.eval.understanding import answer_prior, evaluate_qa, qa_items, summarise
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -192,12 +197,15 @@ def evaluate_all(paths: dict[str, str], cfg: EvaluateConfig, out_dir: str, pipel
     t = time.perf_counter()
     qa = [it for task in QA_TASKS for s, ims in heldout.get(task, []) for it in qa_items(s, ims)]
     qa_records = evaluate_qa(runner, qa, cfg.max_new_tokens)
-    metrics.update(summarise(qa_records))
+    prior, n_prior = answer_prior((it for s, ims in iter_train(paths["mixture"], QA_TASKS) for it in qa_items(s, ims)), cfg.prior_max_items) if qa else ({}, 0)
+    metrics["qa_prior_items"] = float(n_prior)
+    metrics.update(summarise(qa_records, prior))
     if qa_records:
         vt = [r["crop_cosine"] for r in qa_records if "crop_cosine" in r]
         if vt:
             metrics["qa_crop_cosine/visual_thinking"] = sum(vt) / len(vt)
         log(f"QA: {len(qa_records)} items, acc {metrics['qa_acc']:.3f} vs majority {metrics['qa_majority']:.3f} "
+            f"(training answers; held-out answers' own majority {metrics['qa_majority_heldout']:.3f}) "
             f"({time.perf_counter() - t:.1f}s)")
 
     # --- generation
@@ -271,6 +279,7 @@ def _headline(metrics: dict[str, float], s0: float, judge_ok: bool) -> dict[str,
     pick = {
         "qa_acc": "qa_acc",
         "qa_majority": "qa_majority",
+        "qa_majority_heldout": "qa_majority_heldout",
         "judge_acc": "judge_acc_min",
         "judge_ok": "judge_ok",
         "token_cosine": f"gen/t2i/cfg{s0:g}/cosine",
@@ -314,13 +323,16 @@ def _write_report(path: Path, cfg: EvaluateConfig, metrics, headline, params, qa
     # understanding
     if "qa_acc" in metrics:
         r.heading("Understanding: held-out QA (exact match)")
-        rows = [["all", int(metrics["qa_n"]), metrics["qa_acc"], metrics["qa_majority"]]]
+        rows = [["all", int(metrics["qa_n"]), metrics["qa_acc"], metrics["qa_majority"], metrics["qa_majority_heldout"]]]
         for k in sorted(m for m in metrics if m.startswith("qa_acc/")):
             key = k[len("qa_acc/"):]
-            rows.append([key, int(metrics.get(f"qa_n/{key}", 0)), metrics[k], metrics.get(f"qa_majority/{key}")])
-        r.table(["task / attribute", "n", "accuracy", "majority baseline"], rows,
-                note="majority baseline: always answering the most common true answer of the item's "
-                     "(task, attribute, open/multiple-choice) group")
+            rows.append([key, int(metrics.get(f"qa_n/{key}", 0)), metrics[k], metrics.get(f"qa_majority/{key}"),
+                         metrics.get(f"qa_majority_heldout/{key}")])
+        r.table(["task / attribute", "n", "accuracy", "majority baseline", "held-out majority (upper bound)"], rows,
+                note="majority baseline: always giving the most common training answer of the item's "
+                     f"(task, attribute, open/multiple-choice) group ({int(metrics.get('qa_prior_items', 0))} training items), "
+                     "what a model blind to the image learns; held-out majority: the most common answer "
+                     "among these evaluated items themselves, the best any blind answerer could do on them")
         grid = []
         for it, rec in list(zip(qa_items_, qa_records))[: cfg.report_samples * 2]:
             imgs = [open_image(b) for b in it.images[:4]]

@@ -180,9 +180,14 @@ def list_shards(out_dir: Path, split: str | None = None) -> list[Path]:
 
 def iter_samples(out_dir: Path | str, split: str | None = None) -> Iterator[tuple[Sample, list[bytes]]]:
     """Yield (sample, image payloads) from the shards under ``out_dir`` (via ``webdataset``)."""
+    yield from iter_shards(list_shards(Path(out_dir), split))
+
+
+def iter_shards(paths: list[Path]) -> Iterator[tuple[Sample, list[bytes]]]:
+    """Yield (sample, image payloads) from these shard files, in order (via ``webdataset``)."""
     import webdataset as wds
 
-    urls = [str(p) for p in list_shards(Path(out_dir), split)]
+    urls = [str(p) for p in paths]
     if not urls:
         return
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)

@@ -12,12 +12,12 @@ items), then sorted by id so reports line up across runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from metamorph.data.schema import Sample
-from metamorph.data.shards import iter_samples, list_shards
+from metamorph.data.shards import INDEX_FILE, iter_samples, iter_shards, list_shards, read_index
 
 
 def heldout_dir(mixture: str | Path) -> tuple[Path, Optional[str]]:
@@ -49,3 +49,17 @@ def load_heldout(mixture: str | Path, caps: dict[str, int], seed: int = 0) -> di
             if j < cap:
                 kept[t][j] = (sample, images)
     return {t: sorted(v, key=lambda si: si[0].id) for t, v in kept.items()}
+
+
+def iter_train(mixture: str | Path, tasks: tuple[str, ...]) -> Iterator[tuple[Sample, list[bytes]]]:
+    """The mixture's training samples of ``tasks``, streamed from only the shards that hold them
+    (``index.parquet`` says which); a mixture without an index streams every training shard."""
+    mixture = Path(mixture)
+    shards = list_shards(mixture, "train")
+    if (mixture / INDEX_FILE).exists():
+        index = read_index(mixture).select(["task", "split", "shard"]).to_pylist()
+        wanted = {r["shard"] for r in index if r["split"] == "train" and r["task"] in tasks}
+        shards = [p for p in shards if p.name in wanted]
+    for sample, images in iter_shards(shards):
+        if sample.task in tasks:
+            yield sample, images

@@ -10,8 +10,10 @@ crop first, as it was trained to). Prediction and truth are compared after
 ``normalise_answer`` (lowercase, no surrounding punctuation), so "Red." == "red".
 
 Majority baseline: within each (task, attribute, open/multiple-choice) group, always answering
-that group's most common true answer; computed on the evaluated items themselves, so it is the best any
-image-blind answerer that knows the question type could do on exactly these items.
+that group's most common answer in the *training* data (``answer_prior``), which is what a model
+that ignores the image converges to. Also reported (``qa_majority_heldout``): the most common
+answer of the evaluated items themselves, the best any image-blind answerer could do on exactly
+these items; it peeks at their answers, so in small groups it sits well above chance.
 Toy-world attributes come from ``Sample.meta["qa"][i]["type"]`` (colour, shape, count,
 position, size, direction, mover_shape, mover_colour); other sources fall under ``other``.
 """
@@ -86,37 +88,69 @@ def qa_items(sample: Sample, images: Sequence[bytes]) -> list[QAItem]:
     return items
 
 
-def majority_baseline(
-    items: Sequence[dict[str, Any]], group_keys: Sequence[str] = ("task", "attribute", "format")
-) -> tuple[list[float], dict[tuple, str]]:
-    """Per item: 1 if its truth is its group's most common truth (ties: alphabetically first).
-    Groups split open and multiple-choice questions: "red" and "B" are different guesses."""
-    def group(it: dict[str, Any]) -> tuple:
-        return tuple(it.get(k, "") for k in group_keys)
+GROUP_KEYS = ("task", "attribute", "format")
 
+
+def _group(it: Any, keys: Sequence[str] = GROUP_KEYS) -> tuple:
+    get = it.get if isinstance(it, dict) else (lambda k, d="": getattr(it, k, d))
+    return tuple(get(k, "") for k in keys)
+
+
+def _most_common(c: Counter) -> str:
+    return sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]  # ties: alphabetically first
+
+
+def answer_prior(items: Iterable[Any], limit: int = 0) -> tuple[dict[tuple, str], int]:
+    """({(task, attribute, format): most common answer}, items counted) over training QA items
+    (``QAItem``s or dicts; ``limit`` > 0 stops after that many): what a model that never looks at
+    the image learns to answer for each question type."""
+    groups: dict[tuple, Counter] = defaultdict(Counter)
+    n = 0
+    for it in items:
+        truth = it["truth"] if isinstance(it, dict) else it.truth
+        groups[_group(it)][normalise_answer(truth)] += 1
+        n += 1
+        if limit and n >= limit:
+            break
+    return {g: _most_common(c) for g, c in groups.items()}, n
+
+
+def majority_baseline(
+    items: Sequence[dict[str, Any]], prior: Optional[dict[tuple, str]] = None
+) -> tuple[list[float], dict[tuple, str]]:
+    """Per item: 1 if its truth is its group's majority answer. Groups split open and
+    multiple-choice questions: "red" and "B" are different guesses.
+
+    ``prior`` (from ``answer_prior`` over the training items): the majority answer is the
+    training one; a group the training data lacks falls back to the evaluated items' own
+    majority. Without ``prior``: the evaluated items' own majority, i.e. the best any image-blind
+    answerer could do knowing these items' answers (an upper bound: in a group of a few items
+    it is well above chance)."""
     groups: dict[tuple, Counter] = defaultdict(Counter)
     for it in items:
-        groups[group(it)][normalise_answer(it["truth"])] += 1
-    majority = {g: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for g, c in groups.items()}
-    hits = [float(normalise_answer(it["truth"]) == majority[group(it)]) for it in items]
+        groups[_group(it)][normalise_answer(it["truth"])] += 1
+    majority = {g: _most_common(c) for g, c in groups.items()}
+    if prior:
+        majority = {g: prior.get(g, m) for g, m in majority.items()}
+    hits = [float(normalise_answer(it["truth"]) == majority[_group(it)]) for it in items]
     return hits, majority
 
 
-def summarise(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Accuracy and majority baseline overall, per task and per task/attribute.
+def summarise(records: Sequence[dict[str, Any]], prior: Optional[dict[tuple, str]] = None) -> dict[str, float]:
+    """Accuracy and majority baselines overall, per task and per task/attribute.
 
-    ``records``: dicts with task, attribute, truth, correct (as ``evaluate_qa`` writes them).
-    Keys: ``qa_acc``, ``qa_majority``, ``qa_n``, ``qa_acc/<task>``, ``qa_majority/<task>``,
-    ``qa_acc/<task>/<attribute>``, ``qa_majority/<task>/<attribute>``.
+    ``records``: dicts with task, attribute, format, truth, correct (as ``evaluate_qa`` writes
+    them). Keys: ``qa_acc``, ``qa_majority`` (the training answers' majority when ``prior`` is
+    given, see ``majority_baseline``), ``qa_majority_heldout`` (the evaluated items' own
+    majority, an upper bound for blind answering), ``qa_n``, and each of them per
+    ``<task>`` and ``<task>/<attribute>``.
     """
     if not records:
         return {}
-    base, _ = majority_baseline(records)
-    out = {
-        "qa_n": float(len(records)),
-        "qa_acc": float(np.mean([r["correct"] for r in records])),
-        "qa_majority": float(np.mean(base)),
-    }
+    base, _ = majority_baseline(records, prior)
+    upper, _ = majority_baseline(records)
+    out = {"qa_n": float(len(records)), "qa_acc": float(np.mean([r["correct"] for r in records])),
+           "qa_majority": float(np.mean(base)), "qa_majority_heldout": float(np.mean(upper))}
     by: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         by[r["task"]].append(i)
@@ -124,6 +158,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     for key, idx in sorted(by.items()):
         out[f"qa_acc/{key}"] = float(np.mean([records[i]["correct"] for i in idx]))
         out[f"qa_majority/{key}"] = float(np.mean([base[i] for i in idx]))
+        out[f"qa_majority_heldout/{key}"] = float(np.mean([upper[i] for i in idx]))
         out[f"qa_n/{key}"] = float(len(idx))
     return out
 

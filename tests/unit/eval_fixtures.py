@@ -95,6 +95,15 @@ def make_samples(n_per_task: int = 3, seed: int = 0) -> list[tuple[Sample, list[
     return out
 
 
+def write_train(mixture: Path, samples) -> None:
+    """Training shards and index beside ``heldout/`` (the evaluate stage reads their answers)."""
+    with ShardWriter(mixture, "train") as w:
+        for s, ims in samples:
+            s.split = "train"
+            w.write(s, ims)
+    write_index(mixture, w.rows)
+
+
 def write_heldout(mixture: Path, samples) -> Path:
     with ShardWriter(mixture / "heldout", "heldout") as w:
         for s, ims in samples:
@@ -159,6 +168,7 @@ def build_run(root: str | Path, n_per_task: int = 3) -> dict[str, Path]:
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     write_heldout(dirs["mix"] / "mixture", samples)
+    write_train(dirs["mix"] / "mixture", make_samples(n_per_task, seed=1))
     tok = build_tokenizer(samples, dirs["tokenize"] / "tokenizer")
     tmp = build_models(tok, root / "_build")
     paths = {

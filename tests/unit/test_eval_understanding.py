@@ -11,7 +11,7 @@ import torch
 from metamorph.data.schema import ImageRef, Sample, Turn
 from metamorph.eval.generation import gen_items, retrieval_ranks
 from metamorph.eval.inference import drop_instruction, normalise_answer
-from metamorph.eval.understanding import majority_baseline, qa_items, summarise
+from metamorph.eval.understanding import answer_prior, majority_baseline, qa_items, summarise
 from tests.unit.eval_fixtures import make_samples
 
 
@@ -60,6 +60,24 @@ def test_majority_baseline_and_summary():
     assert m["qa_acc"] == pytest.approx(3 / 6) and m["qa_majority"] == pytest.approx(4 / 6)
     assert m["qa_acc/image_qa/colour"] == pytest.approx(2 / 3) and m["qa_majority/video_qa"] == 0.5
     assert m["qa_n/image_qa"] == 4
+
+
+def test_majority_from_training_answers():
+    """The headline baseline is what a blind model learns from the training answers; the
+    evaluated items' own majority (an upper bound that peeks at them) is kept beside it."""
+    train = [{"task": "image_qa", "attribute": "colour", "format": "open", "truth": t} for t in ("Blue", "blue", "red")]
+    train.append({"task": "video_qa", "attribute": "direction", "format": "open", "truth": "up"})
+    prior, n = answer_prior(train)
+    assert n == 4 and prior == {("image_qa", "colour", "open"): "blue", ("video_qa", "direction", "open"): "up"}
+    assert answer_prior(train, limit=2)[1] == 2
+    recs = [{"task": "image_qa", "attribute": "colour", "format": "open", "truth": x, "correct": c}
+            for x, c in (("red", True), ("red", True), ("blue", False))]
+    recs.append({"task": "image_qa", "attribute": "size", "format": "open", "truth": "small", "correct": False})
+    m = summarise(recs, prior)
+    assert m["qa_majority/image_qa/colour"] == pytest.approx(1 / 3)  # training says blue; these items are mostly red
+    assert m["qa_majority_heldout/image_qa/colour"] == pytest.approx(2 / 3)
+    assert m["qa_majority/image_qa/size"] == 1.0  # no training group: falls back to the items' own majority
+    assert m["qa_majority"] == pytest.approx(2 / 4) and m["qa_majority_heldout"] == pytest.approx(3 / 4)
 
 
 def test_gen_items_and_retrieval():
