@@ -6,10 +6,11 @@ Both sides read the same toy-world img2dataset tars and do the same per-image wo
 resize to ``--out-size`` (center crop), PNG encode, write into a tar. The stage also does what
 the loop skips (validation, pHash/sha256/thumbnail, the id sort, index/quarantine files), so the
 ratio understates the raw parallel speed-up. Both run with the same malloc thresholds
-(``keep_image_buffers``: without them every image buffer is page-faulted in anew). Ray starts before any timing. The stage's first
-run is reported apart (``cold``: Ray's worker processes start); then the loop and the stage
-alternate ``--repeats`` times and the best of each is compared (timeit's rule: on a shared
-machine the minimum is the run least disturbed by other processes). Target on 2 cores: >= 1.5x.
+(``keep_image_buffers``: without them every image buffer is page-faulted in anew). Ray starts
+before any timing. The stage's first run is reported apart (``cold``: Ray's worker processes
+start); then the loop and the stage alternate ``--repeats`` times and the best of each is
+compared (timeit's rule: on a shared machine the minimum is the run least disturbed by other
+processes). Target on 2 cores: >= 1.5x.
 """
 
 from __future__ import annotations

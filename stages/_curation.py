@@ -17,7 +17,7 @@ Three passes over the data; image bytes never reach the driver:
    Then the kept samples are sorted by id and cut into size-bounded shards (``plan_shards`` on
    their bytes in the tar): the same rule one sequential writer applies, so a rerun writes
    byte-identical files whatever the task scheduling was.
-3. parallel Ray tasks, one per shard: concatenate the spooled members into the tar, and return the
+3. parallel Ray tasks, one per shard: copy the spooled members into the tar (``ShardWriter``), and return the
    shard's index and image-hash rows; the driver writes ``index.parquet`` and
    ``image_hashes.parquet`` from them in shard order and removes the spool.
 
@@ -46,7 +46,7 @@ from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig
 from metamorph.data.readers.base import RawRecord, list_files
 from metamorph.data.schema import sample_key
-from metamorph.data.shards import QUARANTINE_FILE, plan_shards, read_spool, tar_end, tar_member, write_index, write_spool
+from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, plan_shards, read_spool, tar_member, write_index, write_spool
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
@@ -65,7 +65,7 @@ META_SCHEMA = pa.schema(
         ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
         ("reason", pa.string()), ("detail", pa.string()), ("family", pa.string()), ("task", pa.string()),
         ("content_hash", pa.string()), ("sha", pa.list_(pa.string())), ("phash", pa.list_(pa.int64())),
-        ("exts", pa.list_(pa.string())), ("n_decoded", pa.int32()),
+        ("n_decoded", pa.int32()),
         ("spool", pa.string()), ("offset", pa.int64()), ("parts", pa.list_(pa.int64())),
     ]
 )
@@ -159,10 +159,10 @@ def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vi
     at = iter(zip(offsets, items))
     for r in rows:
         if r["reason"]:
-            r.update(exts=[], spool="", offset=0, parts=[])
+            r.update(spool="", offset=0, parts=[])
         else:
             offset, item = next(at)
-            r.update(exts=[cfg.image_format] * len(r["images"]), spool=spool, offset=offset, parts=[len(b) for b in item])
+            r.update(spool=spool, offset=offset, parts=[len(b) for b in item])
     return pa.Table.from_pylist(rows, schema=META_SCHEMA)
 
 
@@ -179,12 +179,12 @@ def _members(r: dict[str, Any], ext: str) -> list[bytes]:
     ]
 
 
-def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, bytes, list[bytes]]:
+def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
     """(train record member, held-out record member, image members, thumbnails) of one meta row
     from its open spool."""
     n = len(m["sha"])
     parts = read_spool(f, m["offset"], m["parts"])
-    return parts[0], parts[1], b"".join(parts[2 : 2 + n]), parts[2 + n :]
+    return parts[0], parts[1], parts[2 : 2 + n], parts[2 + n :]
 
 
 def shard_bytes(m: dict[str, Any], split: str) -> int:
@@ -193,34 +193,28 @@ def shard_bytes(m: dict[str, Any], split: str) -> int:
     return m["parts"][0 if split == "train" else 1] + sum(m["parts"][2 : 2 + n])
 
 
-def _write_shard(out: str, split: str, shard: int, metas: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], pa.Table]:
-    """One planned shard (``metas`` in id order): its tar (a concatenation of the spooled members,
-    byte-identical to what ``ShardWriter`` writes), and its index and image-hash rows."""
+def _write_shard(out: str, split: str, shard: int, metas: list[dict[str, Any]], max_bytes: int, max_samples: int) -> tuple[list[dict[str, Any]], pa.Table]:
+    """One planned shard (``metas`` in id order): its tar, from the spooled members, and its
+    index and image-hash rows."""
     files: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
     hashes: list[dict[str, Any]] = []
-    name = f"shard-{split}-{shard:05d}.tar"
-    nbytes = 0
     try:
-        with open(Path(out) / name, "wb") as dst:
+        with ShardWriter(Path(out), split, max_bytes=max_bytes, max_samples=max_samples, first_shard=shard) as w:
             for m in metas:
                 f = files.get(m["spool"]) or files.setdefault(m["spool"], open(m["spool"], "rb"))
                 train_rec, held_rec, images, thumbs = _spooled(f, m)
-                rec = train_rec if split == "train" else held_rec
-                dst.write(rec)
-                dst.write(images)
-                nbytes += len(rec) + len(images)
-                rows.append({"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"],
-                             "split": split, "shard": name, "n_images": len(m["sha"])})
+                row = {"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"], "split": split}
+                w.write_members(row, [train_rec if split == "train" else held_rec, *images], len(images), shard_bytes(m, split))
                 hashes += [
                     {"id": m["id"], "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
                     for i, (s, p, t) in enumerate(zip(m["sha"], m["phash"], thumbs))
                 ]
-            dst.write(tar_end(nbytes))
     finally:
         for f in files.values():
             f.close()
-    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
+    if len(w.shards) != 1:  # plan_shards and the writer apply one rule; anything else is a bug
+        raise RuntimeError(f"shard {split}/{shard}: the writer split it into {w.shards}")
+    return w.rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
 
 
 def _rows(ds: Any) -> list[dict[str, Any]]:
@@ -356,8 +350,7 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
             jobs.append((split, k, kept[a:b]))
     t_write = time.perf_counter()
     write = ray.remote(_write_shard).options(num_cpus=cfg.cpus_per_task / 2)
-    out.mkdir(parents=True, exist_ok=True)
-    refs = [write.remote(str(out), split, k, ms) for split, k, ms in jobs]
+    refs = [write.remote(str(out), split, k, ms, max_bytes, max_samples) for split, k, ms in jobs]
     results = ray.get(refs)
     index_rows = [r for rows, _ in results for r in rows]
     hashes = pa.concat_tables([h for _, h in results]) if results else HASHES_SCHEMA.empty_table()

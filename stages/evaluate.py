@@ -197,7 +197,11 @@ def evaluate_all(paths: dict[str, str], cfg: EvaluateConfig, out_dir: str, pipel
     t = time.perf_counter()
     qa = [it for task in QA_TASKS for s, ims in heldout.get(task, []) for it in qa_items(s, ims)]
     qa_records = evaluate_qa(runner, qa, cfg.max_new_tokens)
-    prior, n_prior = answer_prior((it for s, ims in iter_train(paths["mixture"], QA_TASKS) for it in qa_items(s, ims)), cfg.prior_max_items) if qa else ({}, 0)
+    prior, n_prior = {}, 0
+    if qa:  # the baseline's answers: the training QA items' (no image is decoded)
+        train_qa = ({"task": it.task, "attribute": it.attribute, "format": it.format, "truth": it.truth}
+                    for s, ims in iter_train(paths["mixture"], QA_TASKS) for it in qa_items(s, ims))
+        prior, n_prior = answer_prior(train_qa, cfg.prior_max_items)
     metrics["qa_prior_items"] = float(n_prior)
     metrics.update(summarise(qa_records, prior))
     if qa_records:

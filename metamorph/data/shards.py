@@ -10,7 +10,6 @@ byte-identical files. ``index.parquet`` lists every sample; readers trust it for
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -48,9 +47,9 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def tar_member(name: str, payload: bytes) -> bytes:
-    """One regular-file member byte for byte as ``ShardWriter`` writes it (header, payload, NUL
-    padding to the 512-byte block): parallel workers pre-encode members, and a shard is then
-    their concatenation plus ``tar_end``."""
+    """One regular-file member as ``tarfile`` writes it in USTAR format (header, payload, NUL
+    padding to the 512-byte block); a shard is its members' concatenation plus ``tar_end``, so
+    parallel workers can pre-encode members (``ShardWriter.write_members``)."""
     raw = name.encode("ascii", "ignore")
     if len(raw) == len(name) and len(raw) <= 100 and len(payload) < 8**11:
         # the only per-member fields (name, size, checksum) in a header otherwise constant: ~10x
@@ -101,17 +100,19 @@ def plan_shards(sizes: list[int], max_bytes: int, max_samples: int) -> list[tupl
 class ShardWriter:
     """Size-bounded, deterministic tar shards for one split. Use as a context manager.
 
-    ``first_shard``: the number of the first shard this writer opens (parallel writers of one
-    split each fill the shards ``plan_shards`` gave them)."""
+    The tars are written member by member with ``tar_member`` (the bytes ``tarfile`` writes in
+    USTAR format). ``first_shard``: the number of the first shard this writer opens (parallel
+    writers of one split each fill the shards ``plan_shards`` gave them)."""
 
     out_dir: Path
     split: str
     max_bytes: int = 64 * 2**20  # ~64 MB shards: large enough for streaming, small for retries
     max_samples: int = 10_000
     first_shard: int = 0
-    _tar: tarfile.TarFile | None = None
+    _file: BinaryIO | None = None
     _n_shard: int = 0
-    _bytes: int = 0
+    _bytes: int = 0  # what counts toward max_bytes in the open shard
+    _written: int = 0  # member bytes in the open shard file
     _count: int = 0
     rows: list[dict] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
@@ -123,11 +124,10 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = f"shard-{self.split}-{self._n_shard:05d}.tar"
-        self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+        self._file = open(self.out_dir / name, "wb")
         self.shards.append(name)
         self._n_shard += 1
-        self._bytes = 0
-        self._count = 0
+        self._bytes = self._written = self._count = 0
 
     def write(self, sample: Sample, images: list[bytes]) -> None:
         sample.validate()
@@ -139,23 +139,29 @@ class ShardWriter:
     def write_encoded(self, row: dict, record: bytes, images: list[bytes], exts: list[str]) -> None:
         """``write`` for a sample already serialised (``dumps``) and validated; ``row`` holds the
         index fields id, key, source, family, task, split."""
-        size = len(record) + sum(len(b) for b in images)
-        if self._tar is None or _rolls_over(self._count, self._bytes, size, self.max_bytes, self.max_samples):
+        key = row["key"]
+        members = [tar_member(f"{key}.json", record), *(tar_member(f"{key}.{i}.{ext}", b) for i, (ext, b) in enumerate(zip(exts, images)))]
+        self.write_members(row, members, len(images), size=len(record) + sum(len(b) for b in images))
+
+    def write_members(self, row: dict, members: list[bytes], n_images: int, size: int) -> None:
+        """One sample as its tar members, already encoded (``tar_member``: the record, then each
+        image); ``size`` is what it counts toward ``max_bytes``."""
+        if self._file is None or _rolls_over(self._count, self._bytes, size, self.max_bytes, self.max_samples):
             self.close_shard()
             self._open()
-        key = row["key"]
-        assert self._tar is not None
-        self._tar.addfile(_tarinfo(f"{key}.json", len(record)), io.BytesIO(record))
-        for i, (ext, payload) in enumerate(zip(exts, images)):
-            self._tar.addfile(_tarinfo(f"{key}.{i}.{ext}", len(payload)), io.BytesIO(payload))
+        assert self._file is not None
+        for m in members:
+            self._file.write(m)
+            self._written += len(m)
         self._bytes += size
         self._count += 1
-        self.rows.append({**{k: row[k] for k in ("id", "key", "source", "family", "task", "split")}, "shard": self.shards[-1], "n_images": len(images)})
+        self.rows.append({**{k: row[k] for k in ("id", "key", "source", "family", "task", "split")}, "shard": self.shards[-1], "n_images": n_images})
 
     def close_shard(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        if self._file is not None:
+            self._file.write(tar_end(self._written))
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> "ShardWriter":
         return self

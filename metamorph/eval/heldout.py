@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from metamorph.data.schema import Sample
 from metamorph.data.shards import INDEX_FILE, iter_samples, iter_shards, list_shards, read_index
@@ -57,8 +59,9 @@ def iter_train(mixture: str | Path, tasks: tuple[str, ...]) -> Iterator[tuple[Sa
     mixture = Path(mixture)
     shards = list_shards(mixture, "train")
     if (mixture / INDEX_FILE).exists():
-        index = read_index(mixture).select(["task", "split", "shard"]).to_pylist()
-        wanted = {r["shard"] for r in index if r["split"] == "train" and r["task"] in tasks}
+        index = read_index(mixture)
+        rows = pc.and_(pc.equal(index["split"], "train"), pc.is_in(index["task"], value_set=pa.array(tasks)))
+        wanted = set(pc.unique(index.filter(rows)["shard"]).to_pylist())
         shards = [p for p in shards if p.name in wanted]
     for sample, images in iter_shards(shards):
         if sample.task in tasks:

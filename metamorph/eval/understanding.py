@@ -91,24 +91,22 @@ def qa_items(sample: Sample, images: Sequence[bytes]) -> list[QAItem]:
 GROUP_KEYS = ("task", "attribute", "format")
 
 
-def _group(it: Any, keys: Sequence[str] = GROUP_KEYS) -> tuple:
-    get = it.get if isinstance(it, dict) else (lambda k, d="": getattr(it, k, d))
-    return tuple(get(k, "") for k in keys)
+def _group(it: dict[str, Any]) -> tuple:
+    return tuple(it.get(k, "") for k in GROUP_KEYS)
 
 
 def _most_common(c: Counter) -> str:
     return sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]  # ties: alphabetically first
 
 
-def answer_prior(items: Iterable[Any], limit: int = 0) -> tuple[dict[tuple, str], int]:
+def answer_prior(items: Iterable[dict[str, Any]], limit: int = 0) -> tuple[dict[tuple, str], int]:
     """({(task, attribute, format): most common answer}, items counted) over training QA items
-    (``QAItem``s or dicts; ``limit`` > 0 stops after that many): what a model that never looks at
-    the image learns to answer for each question type."""
+    (dicts with task, attribute, format, truth; ``limit`` > 0 stops after that many): what a
+    model that never looks at the image learns to answer for each question type."""
     groups: dict[tuple, Counter] = defaultdict(Counter)
     n = 0
     for it in items:
-        truth = it["truth"] if isinstance(it, dict) else it.truth
-        groups[_group(it)][normalise_answer(truth)] += 1
+        groups[_group(it)][normalise_answer(it["truth"])] += 1
         n += 1
         if limit and n >= limit:
             break

@@ -61,18 +61,24 @@ def test_spool_round_trip(tmp_path):
             assert read_spool(f, off, [len(b) for b in item]) == item
 
 
-def test_pre_encoded_members_equal_the_writer(tmp_path):
-    """The curation stages concatenate members encoded in parallel; the tar must be the one
-    ``ShardWriter`` writes (byte for byte), and webdataset must read it back."""
+def test_writer_writes_what_tarfile_writes(tmp_path):
+    """ShardWriter encodes members itself (``tar_member``); its shards must be the tars
+    ``tarfile`` writes (byte for byte), and webdataset must read them back."""
+    import io
+    import tarfile
+
     samples = _samples(7, seed=3)
     with ShardWriter(tmp_path / "w", "train") as w:
         for s, images in samples:
             w.write(s, images)
-    blob = b"".join(tar_member(f"{s.key}.json", dumps(s)) + tar_member(f"{s.key}.0.png", images[0]) for s, images in samples)
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "shard-train-00000.tar").write_bytes(blob + tar_end(len(blob)))
-    assert (tmp_path / "c" / "shard-train-00000.tar").read_bytes() == (tmp_path / "w" / "shard-train-00000.tar").read_bytes()
-    got = list(iter_samples(tmp_path / "c"))
+    with tarfile.open(tmp_path / "expected.tar", "w", format=tarfile.USTAR_FORMAT) as t:
+        for s, images in samples:
+            for name, payload in ((f"{s.key}.json", dumps(s)), (f"{s.key}.0.png", images[0])):
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(payload), 0, 0o644, "", ""
+                t.addfile(ti, io.BytesIO(payload))
+    assert (tmp_path / "w" / "shard-train-00000.tar").read_bytes() == (tmp_path / "expected.tar").read_bytes()
+    got = list(iter_samples(tmp_path / "w"))
     assert [(s.id, im) for s, im in got] == [(s.id, im) for s, im in samples]
 
 
