@@ -27,7 +27,7 @@ class CurateGenerationConfig(CurationStageConfig):
 
 class CurateGeneration(CurationStage):
     name = "curate_generation"
-    version = "1"
+    version = "2"  # 2: pHash from stepwise box reductions
     family = "generation"
     outputs = ("curated_generation",)
     config_cls = CurateGenerationConfig

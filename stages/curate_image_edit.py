@@ -25,7 +25,7 @@ class CurateImageEditConfig(CurationStageConfig):
 
 class CurateImageEdit(CurationStage):
     name = "curate_image_edit"
-    version = "1"
+    version = "2"  # 2: pHash from stepwise box reductions
     family = "image_edit"
     outputs = ("curated_image_edit",)
     config_cls = CurateImageEditConfig

@@ -35,7 +35,7 @@ class CurateUnderstandingConfig(CurationStageConfig, VideoConfig):
 
 class CurateUnderstanding(CurationStage):
     name = "curate_understanding"
-    version = "1"
+    version = "2"  # 2: pHash from stepwise box reductions
     family = "understanding"
     outputs = ("curated_understanding",)
     config_cls = CurateUnderstandingConfig

@@ -45,7 +45,7 @@ from metamorph.data.imageproc import (
     thumb_max_diff,
 )
 from metamorph.data.readers.base import RawRecord, Reject
-from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps
+from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps_splits
 from metamorph.data.video import VideoConfig, sample_frames
 
 # Every reason a record can be quarantined with (readers, processing, decisions).
@@ -448,10 +448,8 @@ def process_record(
     payloads = [encode(img, cfg.image_format) for img in work.images]
     shas = [content_sha(b) for b in payloads]
     sigs = [signature(img) for img in work.images]
-    record = dumps(work.sample)
-    work.sample.split = "heldout"  # both encodings now: the shard writers then copy bytes, never re-parse
-    record_heldout = dumps(work.sample)
-    work.sample.split = "train"
+    # both encodings now: the shard writers then copy bytes, never re-parse
+    record, record_heldout = dumps_splits(work.sample, ("train", "heldout"))
     content = hashlib.sha256()
     if cfg.dedup == "sample":
         content.update(f"{work.sample.task}\n{work.text_key}\n".encode())

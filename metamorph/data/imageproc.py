@@ -150,12 +150,25 @@ def pixel_hash(img: Image.Image) -> str:
 
 def signature(img: Image.Image) -> tuple[int, bytes]:
     """(pHash, 16x16 thumbnail) from one shared 32x32 box reduction of the image."""
+    return _signature32(_box32(img))
+
+
+def _box32(img: Image.Image) -> Image.Image:
+    """The image as 32x32 RGB box means. A square image whose side is a multiple of 32 (every
+    curated image) is reduced in steps of Pillow's specialised 2-5x kernels (4x then 2x for 256
+    px: 1.5x faster than one 8x step, and within one grey level of it); anything else is box-resized."""
     rgb = img if img.mode == "RGB" else img.convert("RGB")
     w, h = rgb.size
-    if w == h and w % 32 == 0:  # curated images are square; reduce() is the same box mean, 3x faster
-        small = rgb.reduce(w // 32)
-    else:
-        small = rgb.resize((32, 32), Image.Resampling.BOX)
+    if w != h or w % 32:
+        return rgb.resize((32, 32), Image.Resampling.BOX)
+    f = w // 32
+    while f > 1:
+        k = next((k for k in (4, 3, 2, 5) if f % k == 0), f)
+        rgb, f = rgb.reduce(k), f // k
+    return rgb
+
+
+def _signature32(small: Image.Image) -> tuple[int, bytes]:
     return _phash32(small.convert("L")), small.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
 
 
@@ -173,13 +186,13 @@ def phash(img: Image.Image) -> int:
 
     Returned as a signed int64 (Arrow has no uint64-friendly path everywhere); compare with
     ``hamming``. Near copies (re-encoded, slightly resized) land within a few bits."""
-    return _phash32(img.convert("RGB").resize((32, 32), Image.Resampling.BOX).convert("L"))
+    return _phash32(_box32(img).convert("L"))
 
 
 def _phash32(grey_img: Image.Image) -> int:
     grey = np.asarray(grey_img, dtype=np.float64)
-    d = _dct_matrix()
-    low = (d @ grey @ d.T)[:8, :8].ravel()
+    d = _dct_matrix()[:8]  # only the low 8x8 frequencies are kept
+    low = (d @ grey @ d.T).ravel()
     ac = low[1:]  # the DC term would skew the median
     bits = low > np.partition(ac, 31)[31]  # median of the 63 AC terms (np.median costs 4x more)
     return int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)
@@ -204,6 +217,9 @@ def thumb_max_diff(a: bytes, b: bytes) -> int:
     return int(np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8).astype(np.int16)).max())
 
 
+_U64 = (1 << 64) - 1  # a signed int64 hash as its unsigned bit pattern: value & _U64
+
+
 class HammingIndex:
     """Find stored 64-bit hashes within ``max_distance`` bits of a query without a full scan.
 
@@ -217,37 +233,36 @@ class HammingIndex:
         self.max_distance = max_distance
         n = max_distance + 1
         edges = np.linspace(0, 64, n + 1).astype(int)
-        self._bands = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+        self._bands = [(int(lo), (1 << int(hi - lo)) - 1) for lo, hi in zip(edges[:-1], edges[1:])]  # (shift, mask)
         self._tables: list[dict[int, list[int]]] = [dict() for _ in self._bands]
-        self._values: list[int] = []
+        self._values: list[int] = []  # as unsigned 64-bit ints
         self._labels: list[Any] = []
-        self._array: np.ndarray | None = None  # _values as uint64, rebuilt after adds
 
-    def _band_keys(self, value: int) -> list[int]:
-        u = int(np.array(value, dtype=np.int64).view(np.uint64))
-        return [(u >> lo) & ((1 << (hi - lo)) - 1) for lo, hi in self._bands]
+    def _band_keys(self, u: int) -> list[int]:
+        return [(u >> lo) & mask for lo, mask in self._bands]
 
     def add(self, value: int, label: Any) -> None:
         idx = len(self._values)
-        self._values.append(value)
+        u = value & _U64
+        self._values.append(u)
         self._labels.append(label)
-        for table, key in zip(self._tables, self._band_keys(value)):
+        for table, key in zip(self._tables, self._band_keys(u)):
             table.setdefault(key, []).append(idx)
 
     def __len__(self) -> int:
         return len(self._values)
 
     def query(self, value: int) -> list[tuple[Any, int]]:
-        """(label, distance) of every stored hash within the distance, closest first."""
+        """(label, distance) of every stored hash within the distance, closest first (ties in
+        the order they were added)."""
+        u = value & _U64
         cands: set[int] = set()
-        for table, key in zip(self._tables, self._band_keys(value)):
+        for table, key in zip(self._tables, self._band_keys(u)):
             cands.update(table.get(key, ()))
-        if not cands:
-            return []
-        if self._array is None or len(self._array) != len(self._values):
-            self._array = np.array(self._values, dtype=np.int64).view(np.uint64)
-        idx = np.fromiter(sorted(cands), dtype=np.int64, count=len(cands))
-        dist = np.bitwise_count(self._array[idx] ^ np.array(value, dtype=np.int64).view(np.uint64))
-        near = np.flatnonzero(dist <= self.max_distance)
-        near = near[np.argsort(dist[near], kind="stable")]
-        return [(self._labels[int(idx[j])], int(dist[j])) for j in near]
+        near = []
+        for j in cands:  # a few per query in real data: plain ints beat building arrays
+            d = (self._values[j] ^ u).bit_count()
+            if d <= self.max_distance:
+                near.append((d, j))
+        near.sort()
+        return [(self._labels[j], d) for d, j in near]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -114,3 +114,17 @@ def sample_key(sample_id: str) -> str:
 
 def dumps(sample: Sample) -> bytes:
     return json.dumps(sample.to_json(), ensure_ascii=False, sort_keys=True).encode("utf-8")
+
+
+def dumps_splits(sample: Sample, splits: tuple[str, ...] = ("train", "heldout")) -> list[bytes]:
+    """``dumps(sample)`` with ``split`` set to each of ``splits``, from one encoding: with sorted
+    keys, "split" and "task" are the last two top-level keys, so the records differ only in that
+    tail (``meta`` may hold a "split" of its own; it comes earlier and stays)."""
+    task = json.dumps(sample.task, ensure_ascii=False)
+    first = replace(sample, split=splits[0])
+    rec = dumps(first)
+    tail = f'"split": {json.dumps(splits[0])}, "task": {task}}}'.encode()
+    if not rec.endswith(tail):  # a schema change moved the keys: encode each one
+        return [rec] + [dumps(replace(sample, split=s)) for s in splits[1:]]
+    head = rec[: -len(tail)]
+    return [rec] + [head + f'"split": {json.dumps(s)}, "task": {task}}}'.encode() for s in splits[1:]]

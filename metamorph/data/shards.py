@@ -55,9 +55,10 @@ def tar_member(name: str, payload: bytes) -> bytes:
         # the only per-member fields (name, size, checksum) in a header otherwise constant: ~10x
         # cheaper than TarInfo.tobuf, which is the fallback for long or non-ASCII names
         head = bytearray(_HEADER)
+        size = b"%011o\0" % len(payload)
         head[0 : len(raw)] = raw
-        head[124:136] = b"%011o\0" % len(payload)
-        head[148:156] = b"%06o\0 " % sum(head)  # summed with the checksum field as 8 spaces
+        head[124:136] = size
+        head[148:156] = b"%06o\0 " % (_HEADER_SUM + sum(raw) + sum(size))  # the checksum field counts as 8 spaces
         header = bytes(head)
     else:
         header = _tarinfo(name, len(payload)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
@@ -67,6 +68,7 @@ def tar_member(name: str, payload: bytes) -> bytes:
 # a member header with an empty name, size 0 and the checksum field as 8 spaces
 _HEADER = bytearray(_tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
 _HEADER[148:156] = b" " * 8
+_HEADER_SUM = sum(_HEADER) - sum(_HEADER[124:136])  # all but the name (empty here) and the size
 
 
 def tar_end(nbytes: int) -> bytes:

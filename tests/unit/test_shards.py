@@ -95,3 +95,17 @@ def test_tar_member_header_matches_tarfile():
             t.addfile(ti, io.BytesIO(payload))
         member = tar_member(name, payload)
         assert buf.getvalue() == member + tar_end(len(member)), name
+
+
+def test_dumps_splits_equals_dumps_per_split():
+    # one encoding, the split swapped in its tail: byte-equal to encoding each split, also when
+    # meta holds a "split" of its own and text holds the pattern
+    from dataclasses import replace
+
+    from metamorph.data.schema import dumps_splits
+
+    for sample, _ in _samples(3):
+        for meta in ({}, {"split": "train", "note": '"split": "train", "task": "t2i"}'}, {"z": ["é", 1.5]}):
+            s = replace(sample, meta=meta)
+            assert dumps_splits(s) == [dumps(replace(s, split="train")), dumps(replace(s, split="heldout"))]
+            assert dumps_splits(s, ("heldout",)) == [dumps(replace(s, split="heldout"))]
