@@ -67,9 +67,9 @@ def main() -> None:
     ap.add_argument("--world-size", type=int, default=512, help="side of the rendered JPEGs (px)")
     ap.add_argument("--out-size", type=int, default=256, help="curated side (px)")
     ap.add_argument("--num-cpus", type=int, default=2)
-    ap.add_argument("--records-per-task", type=int, default=256)
+    ap.add_argument("--records-per-task", type=int, default=None, help="default: the stage config's default")
     ap.add_argument("--cpus-per-task", type=float, default=None, help="default: the stage config's default")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating loop/stage runs; the best of each is compared")
+    ap.add_argument("--repeats", type=int, default=5, help="alternating loop/stage runs; the best of each is compared")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = ap.parse_args()
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}.items():
@@ -92,7 +92,8 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
     cfg = CurateGenerationConfig(
         sources=[SourceConfig(name="bench", format="img2dataset", path=str(world / "generation"))],
-        image_size=args.out_size, records_per_task=args.records_per_task,
+        image_size=args.out_size,
+        **({"records_per_task": args.records_per_task} if args.records_per_task else {}),
         **({"cpus_per_task": args.cpus_per_task} if args.cpus_per_task else {}),
     )
 

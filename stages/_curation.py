@@ -46,7 +46,7 @@ from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig
 from metamorph.data.readers.base import RawRecord, list_files
 from metamorph.data.schema import sample_key
-from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, plan_shards, read_spool, tar_member, write_index, write_spool
+from metamorph.data.shards import QUARANTINE_FILE, Piece, ShardWriter, Spool, plan_shards, read_spool, tar_member, tar_member_parts, write_index
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
@@ -147,26 +147,22 @@ def _read_process(batch: pa.Table, sources: list[dict[str, Any]], cfg: CurateCon
 
 
 def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[VideoConfig], frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
-    rows = [process_record(r, cfg, video, frames) for r in records]
-    ok = [r for r in rows if not r["reason"]]
-    spool = ""
-    offsets: list[int] = []
-    items = [_members(r, cfg.image_format) for r in ok]
-    if ok:
-        # a fresh name per attempt: a retried task never appends to what a failed one left
-        spool = str(Path(spool_dir) / f"{uuid.uuid4().hex}.bin")
-        offsets = write_spool(Path(spool), items)
-    at = iter(zip(offsets, items))
-    for r in rows:
-        if r["reason"]:
-            r.update(spool="", offset=0, parts=[])
-        else:
-            offset, item = next(at)
-            r.update(spool=spool, offset=offset, parts=[len(b) for b in item])
+    # a fresh name per attempt: a retried task never appends to what a failed one left
+    spool = Spool(Path(spool_dir) / f"{uuid.uuid4().hex}.bin")
+    rows = []
+    with spool:
+        for rec in records:
+            r = process_record(rec, cfg, video, frames)
+            if r["reason"]:
+                r.update(spool="", offset=0, parts=[])
+            else:  # spooled now: the task holds one record's bytes at a time
+                offset, parts = spool.append(_members(r, cfg.image_format))
+                r.update(spool=str(spool.path), offset=offset, parts=parts, images=None, thumb=None, sample=None, sample_heldout=None)
+            rows.append(r)
     return pa.Table.from_pylist(rows, schema=META_SCHEMA)
 
 
-def _members(r: dict[str, Any], ext: str) -> list[bytes]:
+def _members(r: dict[str, Any], ext: str) -> list[Piece]:
     """A processed record as the spool keeps it: its tar members, already encoded (the train
     record, the held-out record, each image), then the raw thumbnails. Encoding the tar headers
     here, in parallel, leaves the shard writers a plain byte copy."""
@@ -174,7 +170,7 @@ def _members(r: dict[str, Any], ext: str) -> list[bytes]:
     return [
         tar_member(f"{key}.json", r["sample"].encode()),
         tar_member(f"{key}.json", r["sample_heldout"].encode()),
-        *(tar_member(f"{key}.{i}.{ext}", b) for i, b in enumerate(r["images"])),
+        *(tar_member_parts(f"{key}.{i}.{ext}", b) for i, b in enumerate(r["images"])),
         *r["thumb"],
     ]
 
@@ -330,7 +326,8 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
         for path, ms in by_spool.items():  # each spool opened once, read in offset order
             with open(path, "rb") as f:
                 for m in sorted(ms, key=lambda m: m["offset"]):
-                    got[m["id"]] = _spooled(f, m)[3]
+                    n = len(m["sha"])  # the thumbnails are the item's last n parts: read only those
+                    got[m["id"]] = read_spool(f, m["offset"] + sum(m["parts"][: 2 + n]), m["parts"][2 + n :])
         return got
 
     t_decide = time.perf_counter()

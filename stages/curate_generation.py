@@ -23,6 +23,9 @@ def _sources() -> list[SourceConfig]:
 class CurateGenerationConfig(CurationStageConfig):
     sources: list[SourceConfig] = field(default_factory=_sources)
     dedup: str = "images"  # one caption per picture
+    # a captioned image costs ~1.5 ms at 256-384 px: 512 make tasks of ~0.5-1 s, so Ray's ~15 ms
+    # per task (scheduling, block handling, a cold start) stays near 2% (256: -3% throughput)
+    records_per_task: int = 512
 
 
 class CurateGeneration(CurationStage):

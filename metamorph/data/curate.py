@@ -42,7 +42,7 @@ from metamorph.data.imageproc import (
     open_image,
     resize,
     signature,
-    thumb_max_diff,
+    thumb_max_diffs,
 )
 from metamorph.data.readers.base import RawRecord, Reject
 from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps_splits
@@ -558,25 +558,29 @@ class ContaminationGuard:
         """{train id: why} for every contaminated training sample."""
         hits: dict[str, str] = {}
         pending: dict[str, list[tuple[int, str, int, int]]] = {}  # id -> (image, held id, held image, bits)
+        near = self._index.query_many([p for _, _, phashes in train for p in phashes])
+        k = 0
         for sid, shas, phashes in train:
-            for i, (s, p) in enumerate(zip(shas, phashes)):
+            for i, s in enumerate(shas):
                 self._checked += 1
                 if s in self._sha:
                     hits[sid] = f"image {i} has the pixels of held-out {self._sha[s]}"
                     break
-                for (hid, hi), bits in self._index.query(p):
+                for (hid, hi), bits in near[k + i]:
                     pending.setdefault(sid, []).append((i, hid, hi, bits))
+            k += len(phashes)
         pending = {k: v for k, v in pending.items() if k not in hits}
         self._candidates = sum(len(v) for v in pending.values())
         if pending:
             need = set(pending) | {hid for v in pending.values() for _, hid, _, _ in v}
             th = thumbs(need)
-            for sid, cands in sorted(pending.items()):
-                for i, hid, hi, bits in cands:
-                    diff = thumb_max_diff(th[sid][i], th[hid][hi])
-                    if diff <= self.near_copy_max_diff:
+            order = sorted(pending.items())
+            pairs = [(th[sid][i], th[hid][hi]) for sid, cands in order for i, hid, hi, _ in cands]
+            diffs = iter(thumb_max_diffs(pairs))
+            for sid, cands in order:
+                for (i, hid, hi, bits), diff in zip(cands, diffs):
+                    if diff <= self.near_copy_max_diff and sid not in hits:
                         hits[sid] = f"image {i} is a near copy of held-out {hid} image {hi} (pHash {bits} bits, thumbnail max diff {diff})"
-                        break
         return hits
 
     def stats(self) -> dict[str, float]:

@@ -14,7 +14,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +50,11 @@ def tar_member(name: str, payload: bytes) -> bytes:
     """One regular-file member as ``tarfile`` writes it in USTAR format (header, payload, NUL
     padding to the 512-byte block); a shard is its members' concatenation plus ``tar_end``, so
     parallel workers can pre-encode members (``ShardWriter.write_members``)."""
+    return b"".join(tar_member_parts(name, payload))
+
+
+def tar_member_parts(name: str, payload: bytes) -> tuple[bytes, bytes, bytes]:
+    """``tar_member`` as (header, payload, padding), for writers that need not join them."""
     raw = name.encode("ascii", "ignore")
     if len(raw) == len(name) and len(raw) <= 100 and len(payload) < 8**11:
         # the only per-member fields (name, size, checksum) in a header otherwise constant: ~10x
@@ -62,7 +67,7 @@ def tar_member(name: str, payload: bytes) -> bytes:
         header = bytes(head)
     else:
         header = _tarinfo(name, len(payload)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-    return header + payload + b"\0" * (-len(payload) % tarfile.BLOCKSIZE)
+    return header, payload, b"\0" * (-len(payload) % tarfile.BLOCKSIZE)
 
 
 # a member header with an empty name, size 0 and the checksum field as 8 spaces
@@ -208,20 +213,50 @@ def iter_shards(paths: list[Path]) -> Iterator[tuple[Sample, list[bytes]]]:
 # --- spool: encoded samples parked between processing and shard writing -------------------------------
 
 
-def write_spool(path: Path, parts: list[list[bytes]]) -> list[int]:
-    """Append each item's byte strings to a new file at ``path``; return each item's start offset.
+Piece = bytes | tuple[bytes, ...]  # one spooled part: bytes, or consecutive byte strings
 
-    Processing tasks park encoded records, images and thumbnails here so that only small metadata
-    travels to the driver; shard writers then copy byte ranges (``read_spool``)."""
-    offsets: list[int] = []
-    pos = 0
-    with open(path, "wb") as f:
-        for item in parts:
-            offsets.append(pos)
-            for b in item:
-                f.write(b)
-                pos += len(b)
-    return offsets
+
+class Spool:
+    """A spool file written item by item: processing tasks park each record's encoded parts here
+    as soon as it is done (only small metadata travels to the driver, and a task holds one record's
+    bytes at a time); shard writers then copy byte ranges (``read_spool``). A part may be a tuple
+    of byte strings written back to back (a tar member's header, payload and padding: no copy
+    joins them). The file is created with the first item."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: BinaryIO | None = None
+        self._pos = 0
+
+    def append(self, item: list[Piece]) -> tuple[int, list[int]]:
+        """Write one item; return its start offset and the length of each part."""
+        if self._f is None:
+            self._f = open(self.path, "wb")
+        start, lengths = self._pos, []
+        for part in item:
+            n = 0
+            for b in (part,) if isinstance(part, bytes) else part:
+                self._f.write(b)
+                n += len(b)
+            lengths.append(n)
+            self._pos += n
+        return start, lengths
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+    def __enter__(self) -> "Spool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def write_spool(path: Path, parts: list[list[Piece]]) -> list[int]:
+    """Write every item to a new spool at ``path``; return each item's start offset."""
+    with Spool(path) as spool:
+        return [spool.append(item)[0] for item in parts]
 
 
 def read_spool(f: BinaryIO, offset: int, lengths: list[int]) -> list[bytes]:

@@ -411,3 +411,27 @@ def test_config_validation_names_the_key():
             CurateConfig(**kw)
     with pytest.raises(ValueError, match="fps"):
         VideoConfig(fps=0)
+
+
+@pytest.mark.parametrize("d", [0, 3])
+def test_hamming_index_query_many_equals_query(d):
+    # the array path (small index) and the bands give the same neighbours in the same order
+    rng = np.random.default_rng(10 + d)
+    base = [int(v) for v in rng.integers(-(2**63), 2**63 - 1, size=60, dtype=np.int64)]
+    base += [b ^ (1 << int(rng.integers(64))) for b in base[:30]]  # near copies: ties and close pairs
+    idx = HammingIndex(d)
+    for i, v in enumerate(base):
+        idx.add(v, i)
+    queries = base[::3] + [v ^ 3 for v in base[:20]] + [int(rng.integers(-(2**63), 2**63 - 1))]
+    want = [idx.query(v) for v in queries]
+    assert idx.query_many(queries) == want == idx.query_many(queries, brute_force_max=0)
+    assert sum(map(len, want)) >= len(base[::3]) + (30 if d else 0)  # every stored value finds itself; near copies at d=3
+
+
+def test_thumb_max_diffs_equals_pairwise():
+    from metamorph.data.imageproc import thumb_max_diff, thumb_max_diffs
+
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(0, 256, 768, dtype=np.uint8).tobytes(), rng.integers(0, 256, 768, dtype=np.uint8).tobytes()) for _ in range(5)]
+    pairs.append((pairs[0][0], pairs[0][0]))
+    assert thumb_max_diffs(pairs) == [thumb_max_diff(a, b) for a, b in pairs] and thumb_max_diffs([]) == []
