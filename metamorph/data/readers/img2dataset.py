@@ -79,8 +79,8 @@ _ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
 
 def _scan_headers(path: Path) -> Scan | None:
     """The member headers by plain 512-byte reads (a few us each; tarfile takes ~15 us), or None
-    when a header needs tarfile's full parser (anything but plain files and directories in
-    ustar/v7 headers with octal sizes). Checksums are verified as tarfile does."""
+    when a header needs tarfile's full parser (``_parse_header``: anything but plain files and
+    directories in ustar/v7 headers). Checksums are verified as tarfile does."""
     members: list[tuple[int, str, bool]] = []
     offset = 0
     with open(path, "rb", buffering=0) as f:
@@ -89,19 +89,11 @@ def _scan_headers(path: Path) -> Scan | None:
             buf = os.pread(fd, tarfile.BLOCKSIZE, offset)
             if len(buf) < tarfile.BLOCKSIZE or buf == _ZERO_BLOCK:
                 return members, offset  # _missing_end judges how the archive ends
-            if sum(buf) - sum(buf[148:156]) + 8 * 32 != int(buf[148:156].split(b"\0", 1)[0].strip() or b"0", 8):
+            m = _parse_header(buf, offset)
+            if m is None:
                 return None
-            kind = buf[156:157]
-            if kind not in (b"0", b"\0", b"5") or buf[124] & 0x80:
-                return None
-            size = int(buf[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            name = buf[:100].split(b"\0", 1)[0]
-            if buf[257:265] == tarfile.POSIX_MAGIC and buf[345:346] != b"\0":  # tarfile's rule for the prefix
-                name = buf[345:500].split(b"\0", 1)[0] + b"/" + name
-            text = name.decode("utf-8", "surrogateescape")
-            is_file = kind == b"0" or (kind == b"\0" and not text.endswith("/"))  # else a directory
-            members.append((offset, text if is_file else text.rstrip("/"), is_file))
-            offset += tarfile.BLOCKSIZE + (-(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if is_file else 0)
+            members.append((offset, m.name, m.isfile()))
+            offset += tarfile.BLOCKSIZE + (-(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if m.isfile() else 0)
 
 
 def _scan_tarfile(path: Path) -> Scan:
@@ -114,7 +106,7 @@ def _scan_tarfile(path: Path) -> Scan:
 
 def _split_key(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is the path up to the first dot of the basename."""
-    d, b = os.path.split(name)
+    d, b = os.path.split(name) if "/" in name else ("", name)
     stem, _, ext = b.partition(".")
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
@@ -167,6 +159,27 @@ class _Member:
         return self._dir
 
 
+def _parse_header(buf: bytes, offset: int) -> _Member | None:
+    """The member a plain file/directory header describes; None when tarfile must judge it."""
+    if len(buf) != tarfile.BLOCKSIZE or buf[156:157] not in (b"0", b"\0", b"5"):
+        return None
+    if _CANONICAL.fullmatch(buf, 100, 156) and _CANONICAL_DEV.fullmatch(buf, 329, 345):
+        chk, size = int(buf[148:154], 8), int(buf[124:135], 8)  # what tarfile/GNU tar write
+    else:
+        chk, size = _octal(buf, 148, 156), _octal(buf, 124, 136)
+        if any(_OCTAL.fullmatch(buf, a, b) is None for a, b in _NUMERIC):
+            return None
+    if chk is None or size is None or chk != sum(buf) - sum(buf[148:156]) + 8 * 32:
+        return None  # includes the all-zero end block (its checksum field reads 0)
+    name = buf[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+    if buf[345] and buf[257:263] != b"ustar\0":  # a prefix field outside ustar: tarfile's reading
+        return None
+    if buf[345]:
+        name = buf[345:500].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape") + "/" + name
+    is_dir = buf[156:157] == b"5" or (buf[156:157] == b"\0" and name.endswith("/"))
+    return _Member(name.rstrip("/") if is_dir else name, size, offset, is_dir)
+
+
 class _Members:
     """``tarfile.TarFile``'s ``next``/``extractfile``/``offset`` over an open tar positioned at a
     member header, parsing plain ustar/v7 file and directory headers directly. At the first header
@@ -190,7 +203,7 @@ class _Members:
             if self._fh.tell() != pos:
                 self._fh.seek(pos)
             buf = self._fh.read(tarfile.BLOCKSIZE)
-            m = self._parse(buf, pos)
+            m = _parse_header(buf, pos)
             if m is not None:
                 self._pos = pos + tarfile.BLOCKSIZE + (-(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if m.isfile() else 0)
                 return m
@@ -201,27 +214,6 @@ class _Members:
         self._fh.seek(pos)
         self._tar = tarfile.open(fileobj=self._fh, mode="r:")
         return self._tar.next()
-
-    @staticmethod
-    def _parse(buf: bytes, offset: int) -> _Member | None:
-        """The member a plain file/directory header describes; None when tarfile must judge it."""
-        if len(buf) != tarfile.BLOCKSIZE or buf[156:157] not in (b"0", b"\0", b"5"):
-            return None
-        if _CANONICAL.fullmatch(buf, 100, 156) and _CANONICAL_DEV.fullmatch(buf, 329, 345):
-            chk, size = int(buf[148:154], 8), int(buf[124:135], 8)  # what tarfile/GNU tar write
-        else:
-            chk, size = _octal(buf, 148, 156), _octal(buf, 124, 136)
-            if any(_OCTAL.fullmatch(buf, a, b) is None for a, b in _NUMERIC):
-                return None
-        if chk is None or size is None or chk != sum(buf) - sum(buf[148:156]) + 8 * 32:
-            return None  # includes the all-zero end block (its checksum field reads 0)
-        name = buf[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
-        if buf[345] and buf[257:263] != b"ustar\0":  # a prefix field outside ustar: tarfile's reading
-            return None
-        if buf[345]:
-            name = buf[345:500].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape") + "/" + name
-        is_dir = buf[156:157] == b"5" or (buf[156:157] == b"\0" and name.endswith("/"))
-        return _Member(name.rstrip("/") if is_dir else name, size, offset, is_dir)
 
     def next(self) -> Any:
         if self._first is not None:
