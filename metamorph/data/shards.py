@@ -253,12 +253,6 @@ class Spool:
         self.close()
 
 
-def write_spool(path: Path, parts: list[list[Piece]]) -> list[int]:
-    """Write every item to a new spool at ``path``; return each item's start offset."""
-    with Spool(path) as spool:
-        return [spool.append(item)[0] for item in parts]
-
-
 def read_spool(f: BinaryIO, offset: int, lengths: list[int]) -> list[bytes]:
     """The byte strings of one item: ``lengths`` consecutive pieces from ``offset`` of an open spool."""
     f.seek(offset)

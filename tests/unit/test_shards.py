@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps
-from metamorph.data.shards import ShardWriter, iter_samples, plan_shards, read_spool, tar_end, tar_member, write_spool
+from metamorph.data.shards import ShardWriter, Spool, iter_samples, plan_shards, read_spool, tar_end, tar_member
 
 
 def _samples(n: int, seed: int = 0) -> list[tuple[Sample, list[bytes]]]:
@@ -54,11 +54,16 @@ def test_planned_parallel_writers_match_one_writer(tmp_path):
 
 
 def test_spool_round_trip(tmp_path):
-    items = [[b"rec", b"", b"image-bytes"], [b"x" * 5000], []]
-    offsets = write_spool(tmp_path / "a.bin", items)
+    # parts may be tuples of pieces written back to back (a tar member's header, payload, padding)
+    items = [[b"rec", b"", (b"head", b"image-bytes", b"\0" * 3)], [b"x" * 5000], []]
+    spool = Spool(tmp_path / "a.bin")
+    assert not spool.path.exists()  # created with the first item: a task with no good record leaves none
+    with spool:
+        placed = [spool.append(item) for item in items]
+    assert [n for _, lengths in placed for n in lengths] == [3, 0, 18, 5000]
     with open(tmp_path / "a.bin", "rb") as f:
-        for item, off in zip(items, offsets):
-            assert read_spool(f, off, [len(b) for b in item]) == item
+        for item, (off, lengths) in zip(items, placed):
+            assert read_spool(f, off, lengths) == [p if isinstance(p, bytes) else b"".join(p) for p in item]
 
 
 def test_writer_writes_what_tarfile_writes(tmp_path):
