@@ -17,9 +17,11 @@ Three passes over the data; image bytes never reach the driver:
    Then the kept samples are sorted by id and cut into size-bounded shards (``plan_shards`` on
    their bytes in the tar): the same rule one sequential writer applies, so a rerun writes
    byte-identical files whatever the task scheduling was.
-3. parallel Ray tasks, one per shard: copy the spooled members into the tar (``ShardWriter``), and return the
-   shard's index and image-hash rows; the driver writes ``index.parquet`` and
-   ``image_hashes.parquet`` from them in shard order and removes the spool.
+3. parallel Ray tasks, one per shard, or per byte range of a shard when there are fewer shards
+   than CPUs to write them (``write_shard_piece``: a small stage's one big train shard is then
+   written by every worker at once): copy the spooled members into the tar, and return their
+   index and image-hash rows; the driver writes ``index.parquet`` and ``image_hashes.parquet``
+   from them in shard order and removes the spool.
 
 Output (``ctx.output(<artifact>)``): ``shard-{train,heldout}-NNNNN.tar``, ``index.parquet``,
 ``quarantine.jsonl`` (one line per rejected record) and ``image_hashes.parquet`` (sha256 and pHash
@@ -46,7 +48,7 @@ from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig
 from metamorph.data.readers.base import RawRecord, list_files
 from metamorph.data.schema import sample_key
-from metamorph.data.shards import QUARANTINE_FILE, Piece, ShardWriter, Spool, plan_shards, read_spool, tar_member, tar_member_parts, write_index
+from metamorph.data.shards import QUARANTINE_FILE, Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_index, write_shard_piece
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
@@ -190,28 +192,47 @@ def shard_bytes(m: dict[str, Any], split: str) -> int:
     return m["parts"][0 if split == "train" else 1] + sum(m["parts"][2 : 2 + n])
 
 
-def _write_shard(out: str, split: str, shard: int, metas: list[dict[str, Any]], max_bytes: int, max_samples: int) -> tuple[list[dict[str, Any]], pa.Table]:
-    """One planned shard (``metas`` in id order): its tar, from the spooled members, and its
-    index and image-hash rows."""
+def _write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[str, Any]], total: int | None) -> tuple[list[dict[str, Any]], pa.Table]:
+    """Samples ``metas`` (in id order) of one planned shard, from byte ``offset`` of it: their
+    spooled members copied into the tar (``total``: the shard's member bytes, for its last
+    piece), and their index and image-hash rows."""
     files: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     hashes: list[dict[str, Any]] = []
+    name = shard_name(split, shard)
+
+    def members() -> Iterator[bytes]:
+        for m in metas:
+            f = files.get(m["spool"]) or files.setdefault(m["spool"], open(m["spool"], "rb"))
+            train_rec, held_rec, images, thumbs = _spooled(f, m)
+            rows.append({"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"],
+                         "split": split, "shard": name, "n_images": len(images)})
+            hashes.extend({"id": m["id"], "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
+                          for i, (s, p, t) in enumerate(zip(m["sha"], m["phash"], thumbs)))
+            yield train_rec if split == "train" else held_rec
+            yield from images
+
     try:
-        with ShardWriter(Path(out), split, max_bytes=max_bytes, max_samples=max_samples, first_shard=shard) as w:
-            for m in metas:
-                f = files.get(m["spool"]) or files.setdefault(m["spool"], open(m["spool"], "rb"))
-                train_rec, held_rec, images, thumbs = _spooled(f, m)
-                row = {"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"], "split": split}
-                w.write_members(row, [train_rec if split == "train" else held_rec, *images], len(images), shard_bytes(m, split))
-                hashes += [
-                    {"id": m["id"], "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
-                    for i, (s, p, t) in enumerate(zip(m["sha"], m["phash"], thumbs))
-                ]
+        write_shard_piece(Path(out) / name, offset, members(), total)
     finally:
         for f in files.values():
             f.close()
-    if len(w.shards) != 1:  # plan_shards and the writer apply one rule; anything else is a bug
-        raise RuntimeError(f"shard {split}/{shard}: the writer split it into {w.shards}")
-    return w.rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
+    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
+
+
+def _pieces(sizes: list[int], target: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of ``sizes`` of about equal bytes, each near ``target`` (the count is
+    rounded up, so none is a small remainder); at least one sample each."""
+    total = sum(sizes)
+    n = max(1, -(-total // max(1, target)))
+    out, a, acc = [], 0, 0
+    for i, z in enumerate(sizes):
+        acc += z
+        if acc * n >= total * (len(out) + 1) and i + 1 < len(sizes):
+            out.append((a, i + 1))
+            a = i + 1
+    out.append((a, len(sizes)))
+    return out
 
 
 def _rows(ds: Any) -> list[dict[str, Any]]:
@@ -340,15 +361,26 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
         thumbs=thumbs,
     )
     max_bytes, max_samples = cfg.shard_max_mb * 2**20, cfg.shard_max_samples
-    jobs = []  # (split, first shard number, its samples), train shards first
+    shards = []  # (split, shard number, its samples, their bytes in the tar), train shards first
     for split in ("train", "heldout"):
         kept = sorted((m for m in meta if dec.keep.get((m["id"], m["order"])) == split), key=lambda m: m["id"])
         sizes = [shard_bytes(m, split) for m in kept]
         for k, (a, b) in enumerate(plan_shards(sizes, max_bytes, max_samples)):
-            jobs.append((split, k, kept[a:b]))
+            shards.append((split, k, kept[a:b], sizes[a:b]))
+    # pieces of about 1/(2 x CPUs) of all the bytes (>= 4 MiB): a stage with fewer shards than
+    # CPUs still writes on every CPU; a big stage keeps one task per shard
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task))
+    target = max(4 * 2**20, sum(sum(z) for *_, z in shards) // (2 * slots))
+    jobs = []  # (split, shard number, piece offset, its samples, the shard's member bytes if last)
+    for split, k, ms, sizes in shards:
+        (out / shard_name(split, k)).write_bytes(b"")  # the pieces write into it, never truncate it
+        total, offset = sum(sizes), 0
+        for a, b in _pieces(sizes, target):
+            jobs.append((split, k, offset, ms[a:b], total if b == len(sizes) else None))
+            offset += sum(sizes[a:b])
     t_write = time.perf_counter()
-    write = ray.remote(_write_shard).options(num_cpus=cfg.cpus_per_task / 2)
-    refs = [write.remote(str(out), split, k, ms, max_bytes, max_samples) for split, k, ms in jobs]
+    write = ray.remote(_write_piece).options(num_cpus=cfg.cpus_per_task)  # the processing slots: no extra workers to start
+    refs = [write.remote(str(out), split, k, offset, ms, total) for split, k, offset, ms, total in jobs]
     results = ray.get(refs)
     index_rows = [r for rows, _ in results for r in rows]
     hashes = pa.concat_tables([h for _, h in results]) if results else HASHES_SCHEMA.empty_table()

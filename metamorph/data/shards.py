@@ -14,7 +14,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -83,6 +83,30 @@ def tar_end(nbytes: int) -> bytes:
     return b"\0" * (end + (-(nbytes + end) % tarfile.RECORDSIZE))
 
 
+def shard_name(split: str, n: int) -> str:
+    return f"shard-{split}-{n:05d}.tar"
+
+
+def write_shard_piece(path: Path, offset: int, members: Iterable[bytes], total: int | None = None) -> int:
+    """Write ``members`` (``tar_member`` bytes) back to back from byte ``offset`` of the shard at
+    ``path``, so that several tasks write one big shard at once, each its own byte range of the
+    file the planner made (and emptied): the file is opened without truncation and must exist.
+    The last piece passes ``total``, the shard's member bytes, and writes the tar end after its
+    members. Returns the member bytes written. Pieces covering a shard write what ``ShardWriter``
+    writes for it."""
+    n = 0
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        for m in members:
+            f.write(m)
+            n += len(m)
+        if total is not None:
+            if offset + n != total:
+                raise ValueError(f"{path}: the last piece ends at {offset + n}, the members at {total}")
+            f.write(tar_end(total))
+    return n
+
+
 def _rolls_over(count: int, nbytes: int, size: int, max_bytes: int, max_samples: int) -> bool:
     """Whether a sample of ``size`` bytes starts a new shard after ``count`` samples of ``nbytes``."""
     return count > 0 and (nbytes + size > max_bytes or count >= max_samples)
@@ -130,7 +154,7 @@ class ShardWriter:
         self._n_shard = self.first_shard
 
     def _open(self) -> None:
-        name = f"shard-{self.split}-{self._n_shard:05d}.tar"
+        name = shard_name(self.split, self._n_shard)
         self._file = open(self.out_dir / name, "wb")
         self.shards.append(name)
         self._n_shard += 1

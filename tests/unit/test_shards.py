@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps
 from metamorph.data.shards import ShardWriter, Spool, iter_samples, plan_shards, read_spool, tar_end, tar_member
 
@@ -114,3 +116,28 @@ def test_dumps_splits_equals_dumps_per_split():
             s = replace(sample, meta=meta)
             assert dumps_splits(s) == [dumps(replace(s, split="train")), dumps(replace(s, split="heldout"))]
             assert dumps_splits(s, ("heldout",)) == [dumps(replace(s, split="heldout"))]
+
+
+def test_shard_pieces_in_any_order_write_what_one_writer_writes(tmp_path):
+    # a big shard written by several tasks at once: each writes its byte range of the emptied
+    # file, the last one the tar end; in whatever order they land, the file is ShardWriter's
+    from metamorph.data.shards import shard_name, write_shard_piece
+
+    samples = _samples(25, seed=5)
+    with ShardWriter(tmp_path / "one", "train", max_bytes=10**9) as w:
+        for s, images in samples:
+            w.write(s, images)
+    want = (tmp_path / "one" / shard_name("train", 0)).read_bytes()
+    members = [[tar_member(f"{s.key}.json", dumps(s)), tar_member(f"{s.key}.0.png", images[0])] for s, images in samples]
+    sizes = [sum(map(len, m)) for m in members]
+    cuts = [0, 1, 9, 10, 24, 25]  # pieces of 1, 8, 1, 14 and 1 samples
+    pieces = [(sum(sizes[:a]), [b for m in members[a:b] for b in m], b == len(samples)) for a, b in zip(cuts, cuts[1:])]
+    for order in (pieces, pieces[::-1], pieces[2:] + pieces[:2]):
+        path = tmp_path / "pieces" / shard_name("train", 0)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")  # what the planner leaves before the pieces run
+        for offset, ms, last in order:
+            assert write_shard_piece(path, offset, ms, sum(sizes) if last else None) == sum(map(len, ms))
+        assert path.read_bytes() == want
+    with pytest.raises(ValueError, match="last piece"):
+        write_shard_piece(path, 0, members[0], total=sum(sizes))
