@@ -368,9 +368,11 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
         for k, (a, b) in enumerate(plan_shards(sizes, max_bytes, max_samples)):
             shards.append((split, k, kept[a:b], sizes[a:b]))
     # pieces of about 1/(2 x CPUs) of all the bytes (>= 4 MiB): a stage with fewer shards than
-    # CPUs still writes on every CPU; a big stage keeps one task per shard
+    # CPUs still writes on every CPU; a big stage keeps one task per shard. Only on one node:
+    # disjoint writes into one file from several hosts are not safe on every shared file system
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task))
-    target = max(4 * 2**20, sum(sum(z) for *_, z in shards) // (2 * slots))
+    one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1
+    target = max(4 * 2**20, sum(sum(z) for *_, z in shards) // (2 * slots)) if one_node else max_bytes + 1
     jobs = []  # (split, shard number, piece offset, its samples, the shard's member bytes if last)
     for split, k, ms, sizes in shards:
         (out / shard_name(split, k)).write_bytes(b"")  # the pieces write into it, never truncate it
