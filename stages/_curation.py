@@ -297,14 +297,15 @@ def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig],
     # one map operator, so with 1-CPU tasks it ran one task at a time (a second one only after a
     # while, and ~0.2 s idle between tasks) on a 2-CPU node: half the cores idle. Inputs (unit
     # descriptors) and outputs (metadata rows) are small, so there is no memory to guard here;
-    # instead cap the tasks in flight at twice what the CPUs run at once, which keeps one task
-    # queued per worker (no gap between tasks) without flooding Ray's queue for other stages.
+    # instead cap the tasks in flight at four times what the CPUs run at once: queued tasks keep
+    # the workers busy between tasks (Ray pushes the next one to a worker it already holds; 2x
+    # measured ~2% slower, 1x ~10%), without flooding Ray's queue for other stages.
     ds.context.op_resource_reservation_enabled = False
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task))
     # one task per unit (at most ``records_per_task`` records, see the readers' ``plan``): read,
     # decode, convert and spool in the same task, so raw bytes never travel between tasks
     return ds.map_batches(
-        _read_process, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task, concurrency=max(1, min(2 * slots, len(units))),
+        _read_process, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task, concurrency=max(1, min(4 * slots, len(units))),
         fn_kwargs={"sources": [dataclasses.asdict(s) for s in sources], "cfg": library_config(cfg, CurateConfig),
                    "video": library_config(cfg, VideoConfig), "frames": library_config(cfg, FramePredictionConfig),
                    "spool_dir": str(spool_dir)},
