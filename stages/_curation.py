@@ -186,6 +186,12 @@ def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, list[bytes], list
     return parts[0], parts[1], parts[2 : 2 + n], parts[2 + n :]
 
 
+def _spooled_thumbs(f: Any, m: dict[str, Any]) -> list[bytes]:
+    """Only the thumbnails of one meta row (the item's last parts) from its open spool."""
+    n = len(m["sha"])
+    return read_spool(f, m["offset"] + sum(m["parts"][: 2 + n]), m["parts"][2 + n :])
+
+
 def shard_bytes(m: dict[str, Any], split: str) -> int:
     """Bytes a meta row's sample takes in a ``split`` shard (its record and image members)."""
     n = len(m["sha"])
@@ -285,6 +291,13 @@ class CurationStage(Stage):
         return run_curation(ctx, self.artifact, ctx.cfg)
 
 
+def _slots(cfg: CurationStageConfig) -> int:
+    """Tasks of ``cfg.cpus_per_task`` CPUs the cluster runs at once."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task))
+
+
 def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig], cfg: CurationStageConfig, spool_dir: Path | str = SPOOL_DIR) -> Any:
     """The lazy Ray Dataset of processed rows (``META_SCHEMA``) for the planned units; the
     encoded samples land in spool files under ``spool_dir``."""
@@ -301,7 +314,7 @@ def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig],
     # the workers busy between tasks (Ray pushes the next one to a worker it already holds; 2x
     # measured ~2% slower, 1x ~10%), without flooding Ray's queue for other stages.
     ds.context.op_resource_reservation_enabled = False
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task))
+    slots = _slots(cfg)
     # one task per unit (at most ``records_per_task`` records, see the readers' ``plan``): read,
     # decode, convert and spool in the same task, so raw bytes never travel between tasks
     return ds.map_batches(
@@ -349,8 +362,7 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
         for path, ms in by_spool.items():  # each spool opened once, read in offset order
             with open(path, "rb") as f:
                 for m in sorted(ms, key=lambda m: m["offset"]):
-                    n = len(m["sha"])  # the thumbnails are the item's last n parts: read only those
-                    got[m["id"]] = read_spool(f, m["offset"] + sum(m["parts"][: 2 + n]), m["parts"][2 + n :])
+                    got[m["id"]] = _spooled_thumbs(f, m)
         return got
 
     t_decide = time.perf_counter()
@@ -371,7 +383,7 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
     # pieces of about 1/(2 x CPUs) of all the bytes (>= 4 MiB): a stage with fewer shards than
     # CPUs still writes on every CPU; a big stage keeps one task per shard. Only on one node:
     # disjoint writes into one file from several hosts are not safe on every shared file system
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task))
+    slots = _slots(cfg)
     one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1
     target = max(4 * 2**20, sum(sum(z) for *_, z in shards) // (2 * slots)) if one_node else max_bytes + 1
     jobs = []  # (split, shard number, piece offset, its samples, the shard's member bytes if last)

@@ -214,7 +214,7 @@ def thumb_max_diff(a: bytes, b: bytes) -> int:
     """Largest per-channel difference (0-255) between two thumbnails: small for re-encodes and
     resizes of one picture, large somewhere for a different picture whose pHash collides (a toy
     scene with another colour, a shape swapped). See CurateConfig.near_copy_max_diff."""
-    return int(np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8).astype(np.int16)).max())
+    return thumb_max_diffs([(a, b)])[0]
 
 
 _U64 = (1 << 64) - 1  # a signed int64 hash as its unsigned bit pattern: value & _U64
