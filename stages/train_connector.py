@@ -55,7 +55,7 @@ class TrainConnector(Stage):
 
     def validate(self, cfg: TrainConnectorConfig) -> None:
         if cfg.train.weight_decay != 0:
-            # set_trainable("connector") marks the whole embedding/LM-head matrices trainable and
+            # set_trainable("connector") marks the whole input-embedding matrix trainable and
             # zeroes the gradient of all but two rows; decay would still shrink every row
             raise ValueError(
                 f"train_connector.train.weight_decay={cfg.train.weight_decay}: must be 0 in stage 1 "

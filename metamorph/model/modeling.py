@@ -149,13 +149,15 @@ class MetaMorphForCausalLM(nn.Module):
         """Switch between the paper's two stages; returns the names of trainable parameters.
 
         ``connector`` (stage 1): the projector + the ``<image_start>``/``<image_end>`` rows of the
-        input embedding and LM head; the visual term is left out of the loss. Only those rows
-        must learn, but a row of a weight cannot carry its own requires_grad, so the embedding
-        and head weights are marked trainable and ``forward`` lets gradient reach only the
-        special rows (non-special embedding outputs and head rows are ``detach``ed). That masks
-        in the graph itself, so it holds under DDP and FSDP alike, with no hooks. The other rows
-        get an exact-zero gradient: with AdamW they stay put only with weight decay 0 on these
-        two weights (the paper uses 0 everywhere).
+        input embedding, as the official code (LLaVA's ``tune_mm_mlp_adapter`` with new image
+        tokens: input embeddings trainable, output embeddings frozen); the LM head stays frozen
+        and the visual term is left out of the loss. Only two rows must learn, but a row of a
+        weight cannot carry its own requires_grad, so the embedding weight is marked trainable
+        and ``forward`` lets gradient reach only the special rows (non-special embedding outputs
+        are ``detach``ed, and the head is applied with a detached weight, which also covers a
+        head tied to the embedding). That masks in the graph itself, so it holds under DDP and
+        FSDP alike, with no hooks. The other rows get an exact-zero gradient: with AdamW they
+        stay put only with weight decay 0 on this weight (the paper uses 0 everywhere).
         ``vpit`` (stage 2): everything in this module (the vision encoder is not part of it).
         """
         if stage not in TRAIN_STAGES:
@@ -167,7 +169,6 @@ class MetaMorphForCausalLM(nn.Module):
             self.requires_grad_(False)
             self.projector.requires_grad_(True)
             self.llm.get_input_embeddings().weight.requires_grad_(True)
-            self.llm.get_output_embeddings().weight.requires_grad_(True)
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     # --- pieces shared with generation --------------------------------------------------------
@@ -195,11 +196,9 @@ class MetaMorphForCausalLM(nn.Module):
     def lm_logits(self, h_Td: torch.Tensor) -> torch.Tensor:
         head = self.llm.get_output_embeddings()
         if self.train_stage == "connector" and torch.is_grad_enabled():
-            W_Vd = head.weight
-            keep_V = torch.zeros(W_Vd.shape[0], 1, dtype=torch.bool, device=W_Vd.device)
-            keep_V[list(self.special_ids)] = True
+            # frozen in stage 1 (also when tied to the embedding, whose two new rows do learn)
             bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
-            return F.linear(h_Td, torch.where(keep_V, W_Vd, W_Vd.detach()), bias)
+            return F.linear(h_Td, head.weight.detach(), bias)
         return head(h_Td)
 
     def decode(

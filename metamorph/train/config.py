@@ -3,8 +3,10 @@
     python -c "from metamorph.train.config import TrainConfig; print(TrainConfig())"
 
 Defaults suit the `tiny` preset (2 CPU workers, a few minutes); conf/presets/*.yaml override them
-under `stages.<train stage>.train`. Global batch = micro_batch_size x grad_accum x num_workers
-packed sequences per optimizer step.
+under `stages.<train stage>.train`. A step is either ``grad_accum`` rounds of one micro-batch
+per worker (global batch = micro_batch_size x grad_accum x num_workers packed rows), or, with
+``global_batch_samples`` > 0 (the paper's units), as many rounds as it takes to hold that many
+samples (metamorph.train.schedule.steps_from_samples).
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ class TrainConfig:
 
     # --- batch and length of the run
     micro_batch_size: int = 4  # packed rows per worker per forward
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (row rule only; must stay 1 with samples)
+    # > 0: global batch in SAMPLES, as the paper counts it (one sample per padded row in the
+    # official code): a step takes rounds of packed rows until the run holds k x this many
+    # samples after step k; lr_base_batch and warmup then count samples too. 0: rows (grad_accum).
+    global_batch_samples: int = 0
     max_steps: int = 0  # optimizer steps; 0: derive from `epochs`
     epochs: float = 1.0  # passes over the tokenized shards when max_steps == 0 (paper: 1)
 
@@ -45,7 +51,9 @@ class TrainConfig:
     # > 0: apply the paper's rule lr * sqrt(global_batch / lr_base_batch) (schedule.sqrt_scaled_lr);
     # the paper's bases: 448 @ 3.74e-5 (stage 1), 1536 @ 6.93e-5 (stage 2). 0: use lr as given.
     lr_base_batch: int = 0
-    warmup_ratio: float = 0.03  # fraction of the steps with linear warmup (paper: 3%)
+    # fraction of the run with linear warmup (paper: 3%): of the steps, or of the samples when
+    # global_batch_samples > 0 (warmup ends at the step where 3% of the run's samples are seen)
+    warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak LR
     weight_decay: float = 0.0  # paper: 0
     adam_beta1: float = 0.9
@@ -64,6 +72,13 @@ class TrainConfig:
     # modern CPU core ~5e10-1e11 fp32). 0 disables MFU.
     peak_flops: float = 1e11
 
+    # --- the dry run's estimate (operational: only `metamorph run --dry-run` reads them; the real
+    # run counts the tokenized rows). Expected samples in the tokenized data and samples per
+    # packed row (e.g. 4096-position rows of ~110-position t2i and ~300-position QA samples: ~20).
+    expected_samples: int = 0
+    expected_samples_per_row: float = 0.0
+    gpu_memory_gb: float = 80.0  # per-GPU memory the dry run's estimate must fit (use_gpu only)
+
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"train.num_workers must be >= 1, got {self.num_workers}")
@@ -80,6 +95,16 @@ class TrainConfig:
         for key in ("micro_batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.global_batch_samples < 0:
+            raise ValueError(f"train.global_batch_samples must be >= 0 (0: count rows), got {self.global_batch_samples}")
+        if self.global_batch_samples and self.grad_accum != 1:
+            raise ValueError(
+                f"train.grad_accum={self.grad_accum} with train.global_batch_samples={self.global_batch_samples}: "
+                "a step's micro-batch count follows from the samples; leave train.grad_accum at 1"
+            )
+        if self.expected_samples < 0 or self.expected_samples_per_row < 0 or self.gpu_memory_gb <= 0:
+            raise ValueError("train.expected_samples and train.expected_samples_per_row must be >= 0, "
+                             "train.gpu_memory_gb > 0")
         if self.max_steps < 0:
             raise ValueError(f"train.max_steps must be >= 0 (0: use train.epochs), got {self.max_steps}")
         if self.max_steps == 0 and not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -110,8 +135,25 @@ class TrainConfig:
 
     @property
     def global_batch(self) -> int:
-        """Packed sequences per optimizer step, summed over workers."""
+        """Packed rows per optimizer step under the row rule, summed over workers."""
         return self.micro_batch_size * self.grad_accum * self.num_workers
+
+    @property
+    def counts_samples(self) -> bool:
+        return self.global_batch_samples > 0
+
+    def peak_lr(self, world_size: int | None = None) -> float:
+        """``lr``, or ``lr x sqrt(batch / lr_base_batch)`` with the batch in the rule's unit
+        (samples with global_batch_samples, else rows over ``world_size`` workers)."""
+        if self.lr_base_batch <= 0:
+            return self.lr
+        from metamorph.train.schedule import sqrt_scaled_lr
+
+        if self.counts_samples:
+            batch = self.global_batch_samples
+        else:
+            batch = self.micro_batch_size * self.grad_accum * (world_size or self.num_workers)
+        return sqrt_scaled_lr(batch, self.lr_base_batch, self.lr)
 
 
 # Fields that change speed or bookkeeping but not the trained weights: outside the cache key.
@@ -124,4 +166,7 @@ OPERATIONAL_FIELDS = (
     "keep_last",
     "log_every",
     "peak_flops",
+    "expected_samples",
+    "expected_samples_per_row",
+    "gpu_memory_gb",
 )

@@ -5,9 +5,11 @@
 Uses only ``torch.distributed``: Ray Train workers call it after Ray set up the process group
 (stages/_training.py); without a process group it is a plain single-process loop.
 
-Per optimizer step: ``grad_accum`` micro-batches (gradient sync only on the last), clip,
-AdamW, cosine LR. Every ``log_every`` steps the window's losses and token counts are
-all-reduced and handed to ``on_log`` on every rank (identical values; side effects such as
+Per optimizer step: ``grad_accum`` micro-batches, or with ``global_batch_samples`` as many
+micro-batch rounds as hold that many samples (a plan every rank derives from the shards' sample
+counts, see metamorph.train.schedule); gradient sync only on the last; each micro-batch's loss
+weighted by its share of the step's samples; clip, AdamW, cosine LR. Every ``log_every`` steps
+the window's losses and token counts are all-reduced and handed to ``on_log`` on every rank (identical values; side effects such as
 MLflow belong on rank 0, while Ray's ``report`` is a barrier every rank must reach). Every
 ``checkpoint_every`` steps and at the end: a checkpoint (metamorph.train.checkpoint). On start
 the loop resumes from the newest complete checkpoint under ``checkpoint_root``, so a restarted
@@ -31,17 +33,70 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from metamorph.train import checkpoint as ckpt
 from metamorph.train.config import TrainConfig
 from metamorph.train.reader import ShardReader
-from metamorph.train.schedule import sqrt_scaled_lr, warmup_cosine_scheduler
+from metamorph.train.schedule import (
+    steps_from_samples,
+    warmup_cosine_scheduler,
+    warmup_steps_for,
+    warmup_steps_in_samples,
+)
 
 LogFn = Callable[[int, dict[str, float]], None]
 
 
 def effective_lr(cfg: TrainConfig, world_size: int) -> float:
     """Peak LR: ``cfg.lr``, or the sqrt-scaled LR when ``cfg.lr_base_batch`` is set."""
-    if cfg.lr_base_batch > 0:
-        global_batch = cfg.micro_batch_size * cfg.grad_accum * world_size
-        return sqrt_scaled_lr(global_batch, cfg.lr_base_batch, cfg.lr)
-    return cfg.lr
+    return cfg.peak_lr(world_size)
+
+
+@dataclass
+class StepPlan:
+    """Micro-batches per optimizer step and, when steps count samples, the samples in each step."""
+
+    rounds: list[int]  # micro-batches (per rank) in each step
+    samples: list[int] | None  # samples in each step, summed over ranks (None: row rule)
+    warmup_steps: int
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.rounds)
+
+
+def plan_steps(cfg: TrainConfig, reader: ShardReader) -> StepPlan:
+    """The run's optimizer steps: ``grad_accum`` micro-batches each (rows), or sample-counted."""
+    if not cfg.counts_samples:
+        total = cfg.max_steps or reader.batches_in(cfg.epochs) // cfg.grad_accum
+        if total < 1:
+            raise ValueError(
+                f"train.epochs={cfg.epochs} gives {reader.batches_in(cfg.epochs)} micro-batches per worker, fewer "
+                f"than train.grad_accum={cfg.grad_accum}: train longer or tokenize more data"
+            )
+        return StepPlan([cfg.grad_accum] * total, None, warmup_steps_for(total, cfg.warmup_ratio))
+    B = cfg.global_batch_samples
+    epochs = cfg.epochs if not cfg.max_steps else 1.0
+    while True:
+        rounds = reader.round_samples(epochs)
+        steps = steps_from_samples(rounds, B)
+        if not cfg.max_steps or len(steps) >= cfg.max_steps or epochs > 1000:
+            break
+        epochs += 1.0
+    if rounds and sum(rounds) / len(rounds) > B:
+        raise ValueError(
+            f"train.global_batch_samples={B}, but one round of micro-batches (train.micro_batch_size="
+            f"{cfg.micro_batch_size} rows on {reader.world_size} workers) holds {sum(rounds) / len(rounds):.0f} "
+            "samples on average: lower micro_batch_size or num_workers, or raise global_batch_samples"
+        )
+    if cfg.max_steps:
+        steps = steps[: cfg.max_steps]
+    if not steps or (cfg.max_steps and len(steps) < cfg.max_steps):
+        raise ValueError(
+            f"train.global_batch_samples={B}: the tokenized data holds {sum(rounds)} samples in train.epochs="
+            f"{cfg.epochs}, not enough for one step; lower it or tokenize more data"
+        )
+    samples, i = [], 0
+    for k in steps:
+        samples.append(int(sum(rounds[i : i + k])))
+        i += k
+    return StepPlan(steps, samples, warmup_steps_in_samples(samples, cfg.warmup_ratio))
 
 
 def flops_per_token(model: nn.Module, n_layers: int = 0, hidden: int = 0, seq_len: int = 0) -> float:
@@ -129,13 +184,11 @@ def train_loop(
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=peak_lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
     )
-    total_steps = cfg.max_steps or reader.batches_in(cfg.epochs) // cfg.grad_accum
-    if total_steps < 1:
-        raise ValueError(
-            f"train.epochs={cfg.epochs} gives {reader.batches_in(cfg.epochs)} micro-batches per worker, fewer "
-            f"than train.grad_accum={cfg.grad_accum}: train longer or tokenize more data"
-        )
-    scheduler = warmup_cosine_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+    plan = plan_steps(cfg, reader)
+    total_steps = plan.total_steps
+    scheduler = warmup_cosine_scheduler(
+        optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio, warmup_steps=plan.warmup_steps
+    )
 
     # --- resume from the newest complete checkpoint, else start from the seed
     torch.manual_seed(cfg.seed * 1000 + rank)  # dropout streams differ per rank
@@ -152,6 +205,11 @@ def train_loop(
         first, last = state["first_metrics"], state["last_metrics"]
         reader.load_state_dict(state["reader"])
         scheduler.load_state_dict(state["scheduler"])
+        if reader.rounds_done != sum(plan.rounds[:step]):
+            raise ValueError(
+                f"checkpoint {latest}: the data position ({reader.rounds_done} micro-batches) does not match "
+                f"step {step} of this run's plan; keep the train config or start a fresh checkpoint dir"
+            )
     start_step = step
     batches: Iterator[dict[str, Any]] = iter(reader)
 
@@ -175,15 +233,22 @@ def train_loop(
     while step < total_steps:
         loss_sum = torch.zeros(3, device=device)  # total, text, vision loss sums over micro-batches
         counts = torch.zeros(4)  # micro-batches, with text targets, with visual targets, tokens
-        for micro in range(cfg.grad_accum):
+        n_micro = plan.rounds[step]
+        for micro in range(n_micro):
             cpu_batch = next(batches)
+            # this micro-batch's share of the step's gradient: the gradient all-reduce averages
+            # over ranks, so a rank's share is scaled by the world size
+            if plan.samples is not None:
+                weight = _count_samples(cpu_batch) * world / plan.samples[step]
+            else:
+                weight = 1.0 / n_micro
             # which losses this micro-batch has, decided on the host (no device sync)
             has_text = "labels" not in cpu_batch or bool((cpu_batch["labels"] != -100).any())
             has_vision = bool(cpu_batch["response_visual_mask"].any()) if "response_visual_mask" in cpu_batch else True
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in cpu_batch.items()}
-            with _grad_sync(train_model, cfg.strategy, enabled=micro == cfg.grad_accum - 1), _autocast(device, bf16):
+            with _grad_sync(train_model, cfg.strategy, enabled=micro == n_micro - 1), _autocast(device, bf16):
                 out = train_model(**batch)
-                (out.loss / cfg.grad_accum).backward()
+                (out.loss * weight).backward()
             loss_sum[0] += out.loss.detach().float()
             counts[0] += 1
             counts[3] += _count_tokens(cpu_batch)
@@ -247,7 +312,12 @@ def train_loop(
         "steps_per_s": steady_steps / steady_seconds if steady_seconds else 0.0,
         "peak_lr": peak_lr,
         "global_batch": float(cfg.micro_batch_size * cfg.grad_accum * world),
+        "warmup_steps": float(plan.warmup_steps),
     }
+    if plan.samples is not None:
+        result["global_batch_samples"] = float(cfg.global_batch_samples)
+        result["mean_samples_per_step"] = sum(plan.samples) / len(plan.samples)
+        result["mean_rows_per_step"] = sum(plan.rounds) / len(plan.rounds) * cfg.micro_batch_size * world
     result.update({f"first_{k}": v for k, v in first.items()})
     result.update({f"final_{k}": v for k, v in last.items()})
     return result
@@ -318,6 +388,13 @@ def _grad_sync(model: nn.Module, strategy: str, enabled: bool):
 def _autocast(device: torch.device, bf16: bool):
     # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast covers DDP on GPU
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _count_samples(batch: Mapping[str, Any]) -> int:
+    """Packed samples in a collated batch: the largest segment id of each row (segments are 1..k)."""
+    if "segment_ids" in batch:
+        return int(batch["segment_ids"].amax(dim=1).sum())
+    return int(batch["input_ids"].shape[0])
 
 
 def _count_tokens(batch: Mapping[str, Any]) -> int:

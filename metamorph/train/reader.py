@@ -13,6 +13,10 @@ micro_batch_size; the few leftover rows are dropped), so DDP/FSDP collectives st
 The position is therefore the same on every rank, ``(epoch, batches taken in the epoch)``,
 and ``state_dict()`` from rank 0 resumes every rank (row-group metadata turns it back into a
 file, group and row offset without reading any data).
+
+``round_samples`` gives the samples in every round (one micro-batch on each rank) of the run,
+from each row's sample count (the ``sample_ids`` column, one small read of every file, cached),
+so every rank plans the same sample-counted optimizer steps (metamorph.train.schedule).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -86,6 +92,7 @@ class ShardReader:
         self.columns = list(columns) if columns else None
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches already yielded in `epoch`
+        self._row_samples: dict[int, np.ndarray] | None = None  # group id -> samples per row
         if self.batches_per_epoch(0) == 0:
             raise ValueError(
                 f"some worker gets fewer than micro_batch_size={micro_batch_size} rows per epoch: "
@@ -112,6 +119,62 @@ class ShardReader:
         full = int(epochs)
         n = sum(self.batches_per_epoch(e) for e in range(full))
         return n + int((epochs - full) * self.batches_per_epoch(full))
+
+    # ---- samples (for optimizer steps counted in samples)
+    def row_samples(self, group_id: int) -> np.ndarray:
+        """Samples packed in each row of a group, in file order: the length of ``sample_ids``, or
+        (older shards without it) the largest segment id of the row."""
+        if self._row_samples is None:
+            self._row_samples = {}
+            by_file: dict[str, list[int]] = {}
+            for gid, g in enumerate(self.groups):
+                by_file.setdefault(g.path, []).append(gid)
+            for path, gids in by_file.items():
+                f = pq.ParquetFile(path)
+                names = f.schema_arrow.names
+                for gid in gids:
+                    g = self.groups[gid]
+                    if "sample_ids" in names:
+                        col = f.read_row_group(g.index, columns=["sample_ids"]).column(0)
+                        counts = pc.list_value_length(col)
+                    else:
+                        col = f.read_row_group(g.index, columns=["segment_ids"]).column(0)
+                        counts = [max(v) if v else 0 for v in col.to_pylist()]
+                    self._row_samples[gid] = np.asarray(counts, dtype=np.int64)
+        return self._row_samples[group_id]
+
+    def batch_samples(self, epoch: int) -> np.ndarray:
+        """[world_size, batches_per_epoch(epoch)]: samples in each micro-batch of every rank."""
+        n = self.batches_per_epoch(epoch)
+        out = np.zeros((self.world_size, n), dtype=np.int64)
+        for r in range(self.world_size):
+            per_row = []
+            for gid in self.rank_groups(epoch, r):
+                counts = self.row_samples(gid)
+                order = list(range(len(counts)))
+                if self.shuffle:  # the same permutation _rows applies (it depends on the length only)
+                    random.Random(f"{self.seed}:rows:{epoch}:{gid}").shuffle(order)
+                per_row.append(counts[order])
+            rows = np.concatenate(per_row)[: n * self.micro_batch_size]
+            out[r] = rows.reshape(n, self.micro_batch_size).sum(axis=1)
+        return out
+
+    def round_samples(self, epochs: float) -> list[int]:
+        """Samples in each round (one micro-batch per rank, summed over ranks) in ``epochs``
+        passes from the start, truncated like ``batches_in``."""
+        full = int(epochs)
+        out: list[int] = []
+        for e in range(full + (1 if epochs > full else 0)):
+            rounds = self.batch_samples(e).sum(axis=0).tolist()
+            if e == full:
+                rounds = rounds[: int((epochs - full) * len(rounds))]
+            out.extend(rounds)
+        return out
+
+    @property
+    def rounds_done(self) -> int:
+        """Micro-batches this rank (and so every rank) has taken since the start of the run."""
+        return sum(self.batches_per_epoch(e) for e in range(self.epoch)) + self.batch_in_epoch
 
     @property
     def total_rows(self) -> int:

@@ -160,11 +160,13 @@ def test_trainable_sets():
     grads = _grad_report(model, batch)
     emb = "llm.model.embed_tokens.weight"
     head = "llm.lm_head.weight"
-    assert set(names) == {emb, head} | {n for n in grads if n.startswith("projector.")}
+    # the official stage 1: projector + the two new input-embedding rows; lm_head stays frozen
+    assert set(names) == {emb} | {n for n in grads if n.startswith("projector.")}
+    assert head not in names
     for n, g in grads.items():
         if n.startswith("projector."):
             assert g is not None and g.abs().sum() > 0, n
-        elif n in (emb, head):
+        elif n == emb:
             nonzero = g.abs().sum(-1).nonzero().flatten().tolist()
             assert nonzero == [START, END], (n, nonzero)  # only the new special-token rows
         else:
@@ -180,6 +182,13 @@ def test_trainable_sets():
         assert g is not None and g.abs().sum() > 0, n
     with pytest.raises(ValueError, match="connector"):
         model.set_trainable("decoder")
+
+
+def test_stage1_with_a_tied_head_still_moves_only_the_new_rows():
+    model = _model(tie_word_embeddings=True)
+    model.set_trainable("connector")
+    g = _grad_report(model, _example())["llm.model.embed_tokens.weight"]
+    assert g.abs().sum(-1).nonzero().flatten().tolist() == [START, END]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
