@@ -3,9 +3,15 @@
     python -m metamorph.decoder.conditioning    # maps random tokens and an all-zero condition
 
 No captions: the context is the image's own N vision-encoder tokens (or the N tokens the VPiT
-model predicted), each mapped by the same MLP ``Linear(D, H) - GELU - Linear(H, C)`` to the
-UNet's cross-attention width C, then zero-padded to the UNet's context length L (77 for SD 1.5,
-as in the paper; N itself for a small UNet built here).
+model predicted), each mapped by the same MLP to the UNet's cross-attention width C, then
+zero-padded to the UNet's context length L (77 for SD 1.5, as in the paper; N itself for a small
+UNet built here). Two layouts:
+
+* ``official`` (the MetaMorph code's): ``Linear(D, H) - LayerNorm(H) - ReLU - Linear(H, C) -
+  LayerNorm(C)``, H = 2048 for SD 1.5. The output LayerNorm matters there: SD 1.5's
+  cross-attention was trained on CLIP text states, which end in a LayerNorm.
+* ``mlp``: ``Linear(D, H) - GELU - Linear(H, C)``, what the tiny preset's figures were measured
+  with (and what exports made before the official layout load as).
 
 The unconditional branch of classifier-free guidance is the **all-zero condition**: a token
 that is all zeros maps to an all-zero context row (not to ``MLP(0)``, which would be a learned
@@ -26,6 +32,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+LAYOUTS = ("official", "mlp")
+
 
 class VisionConditioner(ModelMixin, ConfigMixin):
     """Per-token MLP from vision tokens to the UNet context (a diffusers model: save/load with
@@ -42,12 +50,24 @@ class VisionConditioner(ModelMixin, ConfigMixin):
         context_length: int = 16,  # L >= N: the UNet's context length (77 for SD 1.5)
         hidden_dim: int = 64,  # H: MLP hidden width
         spatial: bool = False,  # also feed the context to the UNet as input channels (see unet_input)
+        layout: str = "mlp",  # "official" (Linear-LayerNorm-ReLU-Linear-LayerNorm) or "mlp"
     ):
         super().__init__()
         if context_length < n_tokens:
             raise ValueError(f"context_length={context_length} must be >= n_tokens={n_tokens}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"conditioner layout {layout!r}: use one of {LAYOUTS}")
         self.fc1 = nn.Linear(feature_dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, cross_attention_dim)
+        if layout == "official":
+            self.norm1 = nn.LayerNorm(hidden_dim)
+            self.norm2 = nn.LayerNorm(cross_attention_dim)
+
+    def mlp(self, tokens_BND: torch.Tensor) -> torch.Tensor:
+        """The per-token map, without the zero-condition mask."""
+        if self.config.layout == "official":
+            return self.norm2(self.fc2(F.relu(self.norm1(self.fc1(tokens_BND)))))
+        return self.fc2(F.gelu(self.fc1(tokens_BND)))
 
     def forward(self, tokens_BND: torch.Tensor) -> torch.Tensor:
         """[B, N, D] vision tokens -> [B, L, C] context; all-zero tokens give all-zero rows."""
@@ -61,7 +81,7 @@ class VisionConditioner(ModelMixin, ConfigMixin):
         # only guards against a caller passing raw features (F.normalize keeps zeros at zero)
         tokens_BND = F.normalize(tokens_BND, dim=-1)
         present_BN1 = (tokens_BND.abs().amax(dim=-1, keepdim=True) > 0).to(tokens_BND.dtype)
-        ctx_BNC = self.fc2(F.gelu(self.fc1(tokens_BND))) * present_BN1
+        ctx_BNC = self.mlp(tokens_BND) * present_BN1
         pad = cfg.context_length - cfg.n_tokens
         if pad:
             ctx_BNC = F.pad(ctx_BNC, (0, 0, 0, pad))  # zero rows after the N tokens

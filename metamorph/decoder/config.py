@@ -71,7 +71,11 @@ class DecoderConfig:
     # IoU 0.03 -> 0.31). A pretrained (SD) UNet keeps its 4 input channels: ignored there.
     spatial_condition: bool = True
     context_length: Optional[int] = None
-    cond_hidden_dim: Optional[int] = None  # conditioner MLP hidden width; None: context width
+    cond_hidden_dim: Optional[int] = None  # conditioner MLP hidden width; None: context width (SD: 2048)
+    # Conditioner layout (metamorph.decoder.conditioning): "official", the MetaMorph code's
+    # Linear-LayerNorm-ReLU-Linear-LayerNorm, or "mlp" (Linear-GELU-Linear, no output norm), which
+    # the tiny preset keeps because its decoder figures were measured with it.
+    conditioner: str = "official"
     # DDPM training schedule (pixel space; a pretrained model brings its own). The default is SD
     # 1.5's (scaled_linear, 0.00085..0.012: alpha_bar_T = 0.0047). Schedules that end at
     # alpha_bar_T ~ 0 (cosine, or linear 1e-4..0.02) make an epsilon model's first sampling steps
@@ -100,6 +104,8 @@ class DecoderConfig:
             raise ValueError(f"decoder.context_length={self.context_length} must be > 0 or null")
         if self.cond_hidden_dim is not None and self.cond_hidden_dim <= 0:
             raise ValueError(f"decoder.cond_hidden_dim={self.cond_hidden_dim} must be > 0 or null")
+        if self.conditioner not in ("official", "mlp"):
+            raise ValueError(f"decoder.conditioner={self.conditioner!r} must be 'official' or 'mlp'")
         if self.pretrained_path is not None:
             return  # the architecture comes from the checkpoint
         if self.pixel_patch < 1:

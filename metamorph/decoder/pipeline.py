@@ -120,6 +120,7 @@ class MetaMorphDecoderPipeline(DiffusionPipeline):
                 context_length=ctx_len,
                 hidden_dim=cfg.cond_hidden_dim or width,
                 spatial=cfg.spatial_condition and cfg.pretrained_path is None,
+                layout=cfg.conditioner,
             )
         return cls(
             unet=unet,

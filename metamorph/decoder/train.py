@@ -50,7 +50,7 @@ class DecoderTrainConfig:
     batch_size: int = 32  # global batch, split evenly across workers (paper-scale SD fine-tunes use 256+)
     lr: float = 2e-3  # peak AdamW LR; a from-scratch pixel UNet this small tolerates 2e-3 (with
     # Min-SNR weighting: clean samples in 1500 steps where 1e-3 unweighted left grain); SD 1.5 wants ~1e-5
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01  # AdamW decoupled decay, the official decoder script's (and diffusers')
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 50  # linear LR warmup from ~0; guards the first steps of a fresh UNet
     lr_schedule: str = "constant"  # after warmup: "constant" (SD fine-tuning) or "cosine" to 0

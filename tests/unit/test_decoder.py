@@ -337,3 +337,40 @@ def test_agreement_and_grid():
     assert reconstruction_agreement([truth], [blank])["colour_agreement"] == 0.0
     grid = image_grid(pair_rows([truth] * 3, [blank] * 3, per_row=2))
     assert grid.size == (2 * 66 + 2, 4 * 66 + 2)
+
+
+def test_official_conditioner_layout_and_zero_condition():
+    """The MetaMorph code's conditioner: Linear(D, H) - LayerNorm(H) - ReLU - Linear(H, C) -
+    LayerNorm(C); the all-zero condition still maps to all-zero rows (the CFG baseline)."""
+    from torch import nn
+
+    from metamorph.decoder.conditioning import VisionConditioner
+
+    cond = VisionConditioner(feature_dim=12, n_tokens=4, cross_attention_dim=8, context_length=6, hidden_dim=20,
+                             layout="official")
+    layers = [(n, type(m)) for n, m in cond.named_children()]
+    assert layers == [("fc1", nn.Linear), ("fc2", nn.Linear), ("norm1", nn.LayerNorm), ("norm2", nn.LayerNorm)]
+    assert (cond.fc1.in_features, cond.fc1.out_features, cond.norm1.normalized_shape) == (12, 20, (20,))
+    assert (cond.fc2.in_features, cond.fc2.out_features, cond.norm2.normalized_shape) == (20, 8, (8,))
+    tokens = torch.randn(2, 4, 12)
+    with torch.no_grad():
+        ctx = cond(tokens)
+        x = torch.nn.functional.normalize(tokens, dim=-1)
+        want = cond.norm2(cond.fc2(torch.relu(cond.norm1(cond.fc1(x)))))
+        assert torch.allclose(ctx[:, :4], want)
+        assert torch.equal(ctx[:, 4:], torch.zeros(2, 2, 8))  # zero padding to the context length
+        # each real row is layer-normed: mean ~0, std ~1 (norm2 starts at weight 1, bias 0)
+        assert ctx[:, :4].mean(-1).abs().max() < 1e-5
+        assert cond(cond.null_tokens(3)).abs().max() == 0
+    with pytest.raises(ValueError, match="layout"):
+        VisionConditioner(layout="gelu")
+
+
+def test_decoder_defaults_are_the_official_conditioner_and_decay():
+    from metamorph.decoder.config import DecoderConfig
+    from metamorph.decoder.train import DecoderTrainConfig
+
+    assert DecoderConfig().conditioner == "official"
+    assert DecoderTrainConfig().weight_decay == 0.01
+    with pytest.raises(ValueError, match="decoder.conditioner"):
+        DecoderConfig(conditioner="x")
