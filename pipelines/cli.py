@@ -123,6 +123,15 @@ def execute(
         for row in report.rows:
             table.add_row(*row)
         console.print(table)
+        if report.training:
+            from pipelines.resources import TRAIN_COLUMNS
+
+            ttable = Table(title="training stages (per optimizer step; memory per GPU, estimated)")
+            for col in TRAIN_COLUMNS:
+                ttable.add_column(col)
+            for est in report.training:
+                ttable.add_row(*est.row())
+            console.print(ttable)
         console.print(f"ray: {report.cluster}; run root: {loaded.run_root}")
         for w in report.warnings:
             console.print(f"[yellow]warning:[/] {w}")

@@ -6,11 +6,18 @@
 Everything here is read-only: nothing is written under run_root, no stage runs. Each check
 returns a list of problems (strings that name the config key and the fix); the dry run prints
 them all at once rather than stopping at the first, so one pass fixes a whole preset.
+
+``training_estimates`` is the per-training-stage table (samples and tokens per step, steps,
+warmup, peak LR, memory per GPU for the FSDP2 layout), computed from the configs alone: it needs
+neither the checkpoint (a checkpoint's config.json is read when present, else the ``llm`` fields
+describe the architecture) nor the tokenized data (``train.expected_samples`` and
+``train.expected_samples_per_row`` stand in for it), so it prints before any path check fails.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import urllib.error
@@ -244,6 +251,201 @@ def check_resources(engine, plan, totals: dict[str, float] | None = None,
     return problems
 
 
+# ------------------------------------------------------------------ training steps and memory
+# Which parameters each LLM training stage trains (metamorph.model.modeling.set_trainable).
+TRAIN_STAGES = {"train_connector": "connector", "train_vpit": "vpit"}
+GB = 1e9  # memory figures are in decimal GB, as cards are sold ("80 GB"): conservative vs GiB
+# CUDA context, NCCL buffers, allocator caching/fragmentation: a fixed allowance per GPU.
+RUNTIME_OVERHEAD_GB = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    @property
+    def block_params(self) -> int:
+        d = self.hidden
+        return 2 * d * d + 2 * d * self.kv_dim + 3 * d * self.intermediate + 2 * d  # q,o k,v mlp 2 norms
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+
+def llm_shape(model_cfg: Any) -> LLMShape:
+    """The LLM's architecture: the checkpoint's config.json when ``llm.path`` holds one (its vocab
+    + the two image tokens), else the ``llm`` fields (the cluster preset fills them with
+    Llama-3.1-8B's so the estimate works before the checkpoint is downloaded)."""
+    llm = model_cfg.llm
+    conf = Path(str(llm.path)) / "config.json" if llm.path else None
+    if conf is not None and conf.is_file():
+        c = json.loads(conf.read_text())
+        return LLMShape(
+            hidden=int(c["hidden_size"]), layers=int(c["num_hidden_layers"]), heads=int(c["num_attention_heads"]),
+            kv_heads=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
+            intermediate=int(c["intermediate_size"]), vocab=int(llm.vocab_size or int(c["vocab_size"]) + 2),
+            tied=bool(c.get("tie_word_embeddings", False)),
+        )
+    return LLMShape(hidden=llm.hidden_size, layers=llm.num_layers, heads=llm.num_heads, kv_heads=llm.num_kv_heads,
+                    intermediate=llm.intermediate_size, vocab=llm.vocab_size, tied=llm.tie_word_embeddings)
+
+
+def param_counts(model_cfg: Any, shape: LLMShape, trainable: str) -> tuple[int, int]:
+    """(all parameters, trainable parameters) of MetaMorphForCausalLM (without the frozen vision
+    encoder, which is not part of it: features are precomputed by tokenize)."""
+    d, dv = shape.hidden, model_cfg.vision_dim
+    projector = dv * d + d + d * d + d  # Linear(D, d) - GELU - Linear(d, d)
+    vision_head = d * d + d + d * dv + dv  # Linear(d, d) - GELU - Linear(d, D)
+    head = 0 if shape.tied else shape.embed_params
+    total = shape.embed_params + shape.layers * shape.block_params + d + head + projector + vision_head
+    # stage 1: the projector and the input-embedding matrix (requires_grad is per weight: only its
+    # two new rows get a gradient, but the whole matrix has gradient and AdamW state)
+    return total, (total if trainable == "vpit" else projector + shape.embed_params)
+
+
+@dataclasses.dataclass
+class TrainEstimate:
+    stage: str
+    samples_per_step: float
+    rows_per_step: float
+    tokens_per_step: float  # positions (packed rows x max_length, padding included)
+    steps_per_epoch: int | None  # None: train.expected_samples not set
+    total_steps: int | None
+    warmup_steps: int | None
+    peak_lr: float
+    memory_gb: dict[str, float]  # params, grads, optimizer, activations, overhead, total (per GPU)
+    gpu_memory_gb: float | None  # the budget it must fit (GPU runs only)
+    params: int
+    trainable: int
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_memory_gb is None or self.memory_gb["total"] <= self.gpu_memory_gb
+
+    def row(self) -> tuple[str, ...]:
+        def n(v):
+            return "-" if v is None else f"{v:,}"
+
+        m = self.memory_gb
+        budget = "" if self.gpu_memory_gb is None else f" / {self.gpu_memory_gb:g}"
+        return (
+            self.stage, f"{self.samples_per_step:,.0f}", f"{self.rows_per_step:,.1f}", f"{self.tokens_per_step:,.0f}",
+            n(self.steps_per_epoch), n(self.total_steps), n(self.warmup_steps), f"{self.peak_lr:.3g}",
+            f"{m['params']:.1f} / {m['grads']:.1f} / {m['optimizer']:.1f} / {m['activations']:.1f}",
+            f"{m['total']:.1f}{budget}",
+        )
+
+
+TRAIN_COLUMNS = ("stage", "samples/step", "rows/step", "tokens/step", "steps/epoch", "total steps", "warmup",
+                 "peak LR", "GB/GPU params/grads/optim/act", "GB/GPU total")
+
+
+def memory_per_gpu(shape: LLMShape, params: int, trainable: int, train: Any, seq_len: int) -> dict[str, float]:
+    """Estimated bytes per GPU (in GB) of one training worker.
+
+    FSDP2 (``fully_shard`` per decoder block, then the root) over ``num_workers``: fp32 master
+    parameters, fp32 gradients (reduce fp32) and AdamW's two fp32 moments sharded 1/N; plus the
+    bf16 copies gathered for compute (two blocks, the current and the prefetched one, and the root
+    module's own weights: embeddings, LM head, projector, vision head). DDP: all of it replicated.
+    Activations at ``micro_batch_size`` rows of ``seq_len`` positions, per layer per position
+    (SDPA/flash attention: no L x L score matrix is kept): the saved inputs of the norms, q/k/v,
+    attention output, o_proj, and the SwiGLU's gate/up/act/product, ~(8d + 2 kv_dim + 4 I) values;
+    with activation checkpointing only each block's input (d) is kept plus one block recomputed.
+    The logits add V values per position three times (bf16 logits, fp32 for the loss, fp32 grad).
+    """
+    shard = train.num_workers if train.strategy == "fsdp2" else 1
+    act = 2 if (train.precision == "bf16" and train.use_gpu) else 4
+    p_bytes = 4 * params / shard
+    if train.strategy == "fsdp2" and act == 2:
+        root = params - shape.layers * shape.block_params
+        p_bytes += 2 * (2 * shape.block_params + root)
+    g_bytes = 4 * trainable / shard
+    o_bytes = 8 * trainable / shard
+    tokens = train.micro_batch_size * seq_len
+    per_layer = (8 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * act
+    if train.grad_checkpointing:
+        a_bytes = tokens * (shape.layers * shape.hidden * act + per_layer)
+    else:
+        a_bytes = tokens * shape.layers * per_layer
+    a_bytes += tokens * shape.vocab * (act + 4 + 4)
+    overhead = RUNTIME_OVERHEAD_GB * GB if train.use_gpu else 0.0
+    mem = {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes, "activations": a_bytes, "overhead": overhead}
+    mem = {k: v / GB for k, v in mem.items()}
+    mem["total"] = sum(mem.values())
+    return mem
+
+
+def _model_cfg(engine, stage: str):
+    cfg = engine.stage_cfgs[stage]
+    if getattr(cfg, "model", None) is not None:
+        return cfg.model
+    # train_vpit builds from train_connector's export: its model is train_connector's
+    for other in engine.stage_cfgs.values():
+        if getattr(getattr(other, "model", None), "llm", None) is not None:
+            return other.model
+    return None
+
+
+def training_estimates(engine, plan) -> tuple[list[TrainEstimate], list[str]]:
+    """The table rows for every planned LLM training stage, and the problems (memory over budget)."""
+    estimates, problems = [], []
+    tok = engine.stage_cfgs.get("tokenize")
+    for it in plan:
+        if it.name not in TRAIN_STAGES or it.action != "run":
+            continue
+        cfg = engine.stage_cfgs[it.name]
+        train, model_cfg = cfg.train, _model_cfg(engine, it.name)
+        if model_cfg is None:
+            continue
+        shape = llm_shape(model_cfg)
+        seq_len = int(getattr(tok, "max_length", 0) or model_cfg.llm.max_position)
+        spr = train.expected_samples_per_row
+        if train.counts_samples:
+            samples = float(train.global_batch_samples)
+            rows = samples / spr if spr else float("nan")
+        else:
+            rows = float(train.global_batch)
+            samples = rows * spr if spr else float("nan")
+        steps_epoch = total = warmup = None
+        if train.expected_samples and spr:
+            steps_epoch = int(train.expected_samples // samples)
+            total = train.max_steps or int(train.expected_samples * train.epochs // samples)
+            warmup = math.ceil(train.warmup_ratio * total)
+        params, trainable = param_counts(model_cfg, shape, TRAIN_STAGES[it.name])
+        mem = memory_per_gpu(shape, params, trainable, train, seq_len)
+        est = TrainEstimate(
+            stage=it.name, samples_per_step=samples, rows_per_step=rows, tokens_per_step=rows * seq_len,
+            steps_per_epoch=steps_epoch, total_steps=total, warmup_steps=warmup, peak_lr=train.peak_lr(),
+            memory_gb=mem, gpu_memory_gb=train.gpu_memory_gb if train.use_gpu else None,
+            params=params, trainable=trainable,
+        )
+        estimates.append(est)
+        if not est.fits:
+            problems.append(
+                f"stage {it.name!r}: estimated {mem['total']:.1f} GB per GPU > stages.{it.name}.train.gpu_memory_gb="
+                f"{train.gpu_memory_gb:g} (params {mem['params']:.1f}, grads {mem['grads']:.1f}, optimizer "
+                f"{mem['optimizer']:.1f}, activations {mem['activations']:.1f}): lower train.micro_batch_size, "
+                "turn on train.grad_checkpointing, or shard over more train.num_workers"
+            )
+        if train.counts_samples and spr and train.micro_batch_size * train.num_workers * spr > samples:
+            problems.append(
+                f"stage {it.name!r}: one round of micro-batches ({train.micro_batch_size} rows x {train.num_workers} "
+                f"workers x ~{spr:g} samples/row) holds more than train.global_batch_samples={samples:.0f}"
+            )
+    return estimates, problems
+
+
 # ------------------------------------------------------------------ the dry run
 @dataclasses.dataclass
 class DryRun:
@@ -251,6 +453,7 @@ class DryRun:
     warnings: list[str]
     rows: list[tuple[str, str, str]]  # (stage, action, resources) for the printed plan
     cluster: str
+    training: list[TrainEstimate] = dataclasses.field(default_factory=list)
 
 
 def _hosts(nodes: list[dict]) -> int:
@@ -262,6 +465,8 @@ def dry_run(engine, plan, loaded, connect) -> DryRun:
     problems = check_stage_configs(engine, plan)
     path_problems, warnings = check_paths(engine, plan, problems)
     problems += path_problems + check_cross_stage(engine)
+    training, train_problems = training_estimates(engine, plan)
+    problems += train_problems
     rows = []
     for it in plan:
         need = engine.dag.stages[it.name].resources(engine.stage_cfgs[it.name]) if it.action == "run" else {}
@@ -271,7 +476,7 @@ def dry_run(engine, plan, loaded, connect) -> DryRun:
         where = connect()
     except Exception as e:  # noqa: BLE001 - a cluster that cannot be reached is one more problem
         problems.append(f"cannot connect to Ray ({type(e).__name__}: {e}); check ray.address / --address")
-        return DryRun(problems, warnings, rows, "not connected")
+        return DryRun(problems, warnings, rows, "not connected", training)
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -286,4 +491,4 @@ def dry_run(engine, plan, loaded, connect) -> DryRun:
     warnings += w
     shown = ", ".join(f"{totals.get(k, 0):g} {k}" for k in ("CPU", "GPU") if k in totals or k == "CPU")
     cluster = f"{where}: {len(nodes)} node(s) on {n_hosts} host(s), {shown}"
-    return DryRun(problems, warnings, rows, cluster)
+    return DryRun(problems, warnings, rows, cluster, training)

@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
+
+import pytest
 
 from metamorph.train.config import TrainConfig
 from pipelines import resources as R
@@ -126,3 +129,67 @@ def test_tracking_server_must_answer():
 def test_worker_bundles_found_in_nested_configs():
     cfg = _Cfg(train=TrainConfig(num_workers=8, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=4.0))
     assert R.worker_bundles(cfg) == [(8, {"CPU": 4.0, "GPU": 1.0})]
+
+
+# ---- the training table: steps in samples and memory per GPU, against a hand computation
+
+
+def _train_engine(**train_kw):
+    from metamorph.model.config import LLMConfig, MetaMorphConfig
+
+    model = MetaMorphConfig(llm=LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                          intermediate_size=176, vocab_size=100), vision_dim=32, n_tokens=16)
+    base = dict(num_workers=4, strategy="fsdp2", use_gpu=True, precision="bf16", micro_batch_size=2,
+                global_batch_samples=64, expected_samples=1000, expected_samples_per_row=4.0, epochs=2.0,
+                warmup_ratio=0.03, lr=1e-3, lr_base_batch=16, grad_checkpointing=True, gpu_memory_gb=80.0)
+    train = TrainConfig(**{**base, **train_kw})
+    cfgs = {"tokenize": SimpleNamespace(max_length=128),
+            "train_connector": SimpleNamespace(model=model, train=train),
+            "train_vpit": SimpleNamespace(train=train)}
+    engine = SimpleNamespace(stage_cfgs=cfgs)
+    plan = [PlanItem(n, "k", "run", "", Path("/nonexistent")) for n in ("train_connector", "train_vpit")]
+    return engine, plan, model
+
+
+def test_training_table_matches_a_hand_computation():
+    engine, plan, model_cfg = _train_engine()
+    (conn, vpit), problems = R.training_estimates(engine, plan)
+    assert problems == []
+    # d=64, 2 layers, 4 heads (kv 2 -> kv_dim 32), SwiGLU 176, vocab 100 untied, vision dim 32
+    block = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176 + 2 * 64  # 46208
+    projector, head = 32 * 64 + 64 + 64 * 64 + 64, 64 * 64 + 64 + 64 * 32 + 32  # 6272, 6240
+    total = 100 * 64 + 2 * block + 64 + 100 * 64 + projector + head
+    assert vpit.params == conn.params == total == 117792
+    from metamorph.model.modeling import MetaMorphForCausalLM
+
+    built = MetaMorphForCausalLM.from_config(
+        dataclasses.replace(model_cfg, image_start_id=98, image_end_id=99, pad_id=0), seed=0)
+    assert sum(p.numel() for p in built.parameters()) == total  # the formula is the real model's count
+    assert vpit.trainable == total and conn.trainable == projector + 100 * 64  # stage 1: projector + embedding
+    for est in (conn, vpit):
+        assert est.samples_per_step == 64 and est.rows_per_step == 16 and est.tokens_per_step == 16 * 128
+        assert (est.steps_per_epoch, est.total_steps, est.warmup_steps) == (1000 // 64, 2000 // 64, 1)  # 15, 31, ceil(0.93)
+        assert est.peak_lr == pytest.approx(1e-3 * (64 / 16) ** 0.5)
+    # memory of the vpit stage, bytes per GPU: FSDP2 over 4 workers, bf16 compute, checkpointing
+    m = vpit.memory_gb
+    gathered = 2 * (2 * block + (total - 2 * block))  # two bf16 blocks + the root's own weights
+    assert m["params"] * 1e9 == pytest.approx(4 * total / 4 + gathered)
+    assert m["grads"] * 1e9 == pytest.approx(4 * total / 4)
+    assert m["optimizer"] * 1e9 == pytest.approx(8 * total / 4)
+    tokens = 2 * 128
+    per_layer = (8 * 64 + 2 * 32 + 4 * 176) * 2
+    assert m["activations"] * 1e9 == pytest.approx(tokens * (2 * 64 * 2 + per_layer) + tokens * 100 * (2 + 4 + 4))
+    assert m["total"] == pytest.approx(sum(v for k, v in m.items() if k != "total"))
+    assert conn.memory_gb["optimizer"] * 1e9 == pytest.approx(8 * (projector + 6400) / 4)
+    row = vpit.row()
+    assert row[:8] == ("train_vpit", "64", "16.0", "2,048", "15", "31", "1", "0.002")
+
+
+def test_training_table_flags_memory_over_the_gpu_budget():
+    engine, plan, _ = _train_engine(gpu_memory_gb=3.0, grad_checkpointing=False)  # 3 GB: the overhead alone
+    _, problems = R.training_estimates(engine, plan)
+    assert len(problems) == 2 and all("train.gpu_memory_gb=3" in p for p in problems)
+    # a round of micro-batches bigger than the sample batch is named too
+    engine, plan, _ = _train_engine(global_batch_samples=16, micro_batch_size=4)
+    _, problems = R.training_estimates(engine, plan)
+    assert any("holds more than train.global_batch_samples=16" in p for p in problems)
