@@ -29,8 +29,11 @@ class TrainConfig:
     gpus_per_worker: float = 1.0  # only read when use_gpu
     strategy: str = "ddp"  # "ddp" (replicate) | "fsdp2" (fully_shard per decoder block; >1B params)
     # "bf16": on GPU, FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32) / autocast for DDP.
-    # CPU always trains in fp32 (bf16 matmuls are slower than fp32 on most CPUs).
+    # CPU trains in fp32 (bf16 matmuls are slower than fp32 on most CPUs) unless bf16_on_cpu.
     precision: str = "bf16"
+    # Run the bf16 policy on CPU too (FSDP2 bf16 all-gathers over gloo, or CPU autocast for DDP):
+    # slower than fp32 there, but the cluster's numerics and code path (the rehearsal preset).
+    bf16_on_cpu: bool = False
     max_failures: int = 2  # Ray Train worker-group restarts before the stage fails
     # DDP only: tolerate trainable parameters without a gradient in a step (an extra autograd
     # traversal per step). MetaMorph touches every parameter in every forward, so off.

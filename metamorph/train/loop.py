@@ -162,7 +162,7 @@ def train_loop(
     if reader.world_size != world or reader.rank != rank:
         raise ValueError(f"reader is for rank {reader.rank}/{reader.world_size}, this process is {rank}/{world}")
     on_gpu = device.type == "cuda"
-    bf16 = on_gpu and cfg.precision == "bf16"
+    bf16 = cfg.precision == "bf16" and (on_gpu or cfg.bf16_on_cpu)
 
     # --- model: device, activation checkpointing, DDP or FSDP2
     if cfg.strategy != "fsdp2":
