@@ -2,6 +2,15 @@
 
     python bench/features.py                 # tiny preset shapes (32 px, 2-layer SigLIP, N=16), CPU
     python bench/features.py --image-size 64 --vision-layers 6 --vision-hidden 128   # heavier tower
+    python bench/features.py --paper         # the paper's proportions, scaled to a CPU
+
+``--paper``: what matters for this comparison is the encoder's cost against the LLM's training
+step. SigLIP so400m at 384 px (~400M params over 27 x 27 = 729 patches) costs ~2 x 400M x 729 =
+5.8e11 FLOPs per image, about 12 LLM-training positions of an 8B model (6 x 8e9 = 4.8e10 FLOPs
+each); a 4096-position row of the paper's mixture holds ~20 images. The scaled shape keeps both:
+a 1-layer SigLIP of width 96 on 64 px images (16 x 16 patches -> 8 x 8 = 64 tokens) costs ~12
+positions of a 4-layer, width-128 GQA LLM, and rows of 1024 positions hold 5 images. The run
+prints both ratios (FLOPs per image / FLOPs per position), the paper's and the bench's.
 
 Both variants run the same MetaMorph forward + backward + AdamW step on the same packed batch.
 "precomputed" starts from the fp16 feature bytes the tokenize stage stores with each row (what
@@ -43,7 +52,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # 1: the dev box is shared; torch's default pool spins against other processes
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--paper", action="store_true", help="the paper's proportions (see the module doc)")
     a = ap.parse_args()
+    if a.paper:
+        a.batch, a.seq_len, a.images_per_row = 1, 1024, 5
+        a.image_size, a.patch, a.vision_hidden, a.vision_layers, a.n_tokens = 64, 4, 96, 1, 64
+        a.hidden, a.layers, a.vocab = 128, 4, 1024
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = a.device
@@ -55,8 +69,9 @@ def main() -> None:
     )).to(dev)
     V, N, D = a.vocab, a.n_tokens, a.vision_hidden
     model = MetaMorphForCausalLM.from_config(MetaMorphConfig(
-        llm=LLMConfig(hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=2,
-                      intermediate_size=a.hidden * 11 // 4, vocab_size=V, max_position=max(2048, a.seq_len)),
+        llm=LLMConfig(hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=1 if a.paper else 2,
+                      intermediate_size=a.hidden * 7 // 2 if a.paper else a.hidden * 11 // 4, vocab_size=V,
+                      max_position=max(2048, a.seq_len)),
         vision_dim=D, n_tokens=N, image_start_id=V - 2, image_end_id=V - 1,
     ), seed=0).to(dev)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
@@ -130,6 +145,15 @@ def main() -> None:
     llm_params = sum(p.numel() for p in model.parameters())
     print(f"{dev}: batch {B}x{L}, {B * k} images ({a.image_size}px -> {N} tokens); "
           f"encoder {enc_params / 1e6:.2f}M, model {llm_params / 1e6:.2f}M params")
+    # the proportion that decides the gain: encoder FLOPs per image over LLM training FLOPs per
+    # position (embedding lookups excluded; the LM head counted)
+    patches = (a.image_size // a.patch) ** 2
+    llm_dense = sum(p.numel() for m in model.modules() if not isinstance(m, torch.nn.Embedding)
+                    for p in m.parameters(recurse=False))
+    ratio = 2 * enc_params * patches / (6 * llm_dense)
+    print(f"encoder FLOPs per image / LLM training FLOPs per position: {ratio:.1f} "
+          f"(paper: so400m @ 384 px vs 8B: {2 * 400e6 * 729 / (6 * 8e9):.1f}); "
+          f"images per 1k positions: {1024 * k / L:.1f} (paper ~5)")
     print(f"step with precomputed features: {pre * 1e3:8.1f} ms")
     print(f"step running the vision tower:  {ins * 1e3:8.1f} ms")
     print(f"  of which decode + encoder alone: {tower * 1e3:8.1f} ms")

@@ -5,6 +5,7 @@
     metamorph plan --preset smoke         # what would run, what is cached
     metamorph stages                      # every stage: inputs, outputs, config fields
     metamorph ui                          # MLflow UI on 127.0.0.1 over the run root's store
+    metamorph make-checkpoints DIR        # small random HF checkpoints for --preset rehearsal
 """
 
 from __future__ import annotations
@@ -283,6 +284,19 @@ def ui(
 from pipelines.infer import register as _register_infer  # noqa: E402  (generate, chat)
 
 _register_infer(app)
+
+
+@app.command("make-checkpoints")
+def make_checkpoints(
+    out: Path = typer.Argument(..., help="dir to write llm/, siglip/ and sd/ into"),
+    seed: int = typer.Option(0, "--seed", help="weight init seed"),
+) -> None:
+    """Small random-weight checkpoints in the real HF formats, for `--preset rehearsal`."""
+    from metamorph.checkpoints import make_checkpoints as make
+
+    for name, path in make(out, seed).items():
+        console.print(f"{name}: {path}")
+    console.print(f"next: metamorph run --preset rehearsal shared.models={out}")
 
 
 def main() -> None:  # pragma: no cover

@@ -36,9 +36,13 @@ class TrainConnectorConfig(StageConfig):
 def build_connector_model(model_cfg: MetaMorphConfig, seed: int):
     """Runs in each Ray Train worker: the same seed gives every rank (and every restart) the
     same frozen weights, which the checkpoints leave out."""
+    import torch
+
     from metamorph.model.modeling import MetaMorphForCausalLM
 
-    model = MetaMorphForCausalLM.from_config(model_cfg, seed=seed)
+    # fp32 master weights whatever the checkpoint's dtype (Meta ships bf16): FSDP2 needs one dtype
+    # across a module's parameters (the heads are fp32) and casts to bf16 for compute itself
+    model = MetaMorphForCausalLM.from_config(model_cfg, seed=seed, dtype=torch.float32)
     model.set_trainable("connector")
     return model
 

@@ -37,9 +37,11 @@ class TrainVPiTConfig(StageConfig):
 
 def build_vpit_model(connector_dir: str, vision_coef: float):
     """Runs in each Ray Train worker: load the connector export, train everything."""
+    import torch
+
     from metamorph.model.modeling import MetaMorphForCausalLM
 
-    model = MetaMorphForCausalLM.from_pretrained(connector_dir)
+    model = MetaMorphForCausalLM.from_pretrained(connector_dir, dtype=torch.float32)  # fp32 master weights
     model.config.vision_coef = vision_coef
     model.set_trainable("vpit")
     return model
