@@ -51,7 +51,8 @@ class TrainConfig:
 
     # --- optimisation (AdamW, cosine schedule)
     lr: float = 1e-3  # peak LR (at lr_base_batch global batch when that is > 0)
-    # > 0: apply the paper's rule lr * sqrt(global_batch / lr_base_batch) (schedule.sqrt_scaled_lr);
+    # > 0: apply the paper's rule lr * sqrt(global_batch / lr_base_batch) (schedule.sqrt_scaled_lr),
+    # the batch in samples with global_batch_samples, else in rows;
     # the paper's bases: 448 @ 3.74e-5 (stage 1), 1536 @ 6.93e-5 (stage 2). 0: use lr as given.
     lr_base_batch: int = 0
     # fraction of the run with linear warmup (paper: 3%): of the steps, or of the samples when

@@ -9,8 +9,9 @@ Per optimizer step: ``grad_accum`` micro-batches, or with ``global_batch_samples
 micro-batch rounds as hold that many samples (a plan every rank derives from the shards' sample
 counts, see metamorph.train.schedule); gradient sync only on the last; each micro-batch's loss
 weighted by its share of the step's samples; clip, AdamW, cosine LR. Every ``log_every`` steps
-the window's losses and token counts are all-reduced and handed to ``on_log`` on every rank (identical values; side effects such as
-MLflow belong on rank 0, while Ray's ``report`` is a barrier every rank must reach). Every
+the window's losses and token counts are all-reduced and handed to ``on_log`` on every rank
+(identical values; side effects such as MLflow belong on rank 0, while Ray's ``report`` is a
+barrier every rank must reach). Every
 ``checkpoint_every`` steps and at the end: a checkpoint (metamorph.train.checkpoint). On start
 the loop resumes from the newest complete checkpoint under ``checkpoint_root``, so a restarted
 worker group and a rerun of the stage both continue where the last checkpoint left off.

@@ -193,3 +193,20 @@ def test_training_table_flags_memory_over_the_gpu_budget():
     engine, plan, _ = _train_engine(global_batch_samples=16, micro_batch_size=4)
     _, problems = R.training_estimates(engine, plan)
     assert any("holds more than train.global_batch_samples=16" in p for p in problems)
+
+
+def test_llm_shape_comes_from_the_checkpoint_when_present(tmp_path):
+    import json
+
+    from metamorph.model.config import LLMConfig, MetaMorphConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False}))
+    shape = R.llm_shape(MetaMorphConfig(llm=LLMConfig(path=str(tmp_path))))
+    assert (shape.hidden, shape.layers, shape.kv_dim, shape.vocab) == (4096, 32, 1024, 128258)  # + 2 image tokens
+    # Llama-3.1-8B: 8.03B parameters (+ the two new rows, the projector and the vision head)
+    total, _ = R.param_counts(MetaMorphConfig(llm=LLMConfig(path=str(tmp_path)), vision_dim=1152), shape, "vpit")
+    assert 8.03e9 < total - 2 * 2 * 4096 - (1152 * 4096 + 2 * 4096 * 4096 + 4096 * 1152) < 8.04e9
+    # no checkpoint yet: the llm fields describe it (the cluster preset fills them)
+    assert R.llm_shape(MetaMorphConfig(llm=LLMConfig(path=str(tmp_path / "absent"), vocab_size=7))).vocab == 7
