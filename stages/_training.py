@@ -26,11 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import ray
-import ray.train
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-
 from metamorph.train.config import OPERATIONAL_FIELDS, TrainConfig
 from pipelines.stage import StageContext, TrackingHandle
 
@@ -58,6 +53,7 @@ def worker_fn(config: dict[str, Any]) -> None:
     import functools
 
     import torch
+    import ray.train
     import torch.distributed as dist
     from ray.train.torch import get_device
 
@@ -137,6 +133,9 @@ def fit(
     export_dir: Path,
 ) -> dict[str, float]:
     """Run the worker group to completion (resuming from any checkpoint); return the loop's stats."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     ckpt_dir = Path(ctx.checkpoint_dir).resolve()
     job = WorkerJob(
         build_model=build_model,

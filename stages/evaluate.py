@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from metamorph.eval.fid import FIDConfig
-from metamorph.eval.judge import JudgeConfig
+from metamorph.eval.config import FIDConfig, JudgeConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
 QA_TASKS = ("image_qa", "video_qa", "visual_thinking")

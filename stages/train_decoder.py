@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from metamorph.decoder.config import DecoderConfig, SamplingConfig
-from metamorph.decoder.train import DecoderTrainConfig
+from metamorph.decoder.config import DecoderConfig, DecoderTrainConfig, SamplingConfig
 from pipelines.stage import Stage, StageConfig, StageContext, TrackingHandle
 
 
