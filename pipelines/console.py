@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from pipelines.logs import read_progress
@@ -80,7 +81,8 @@ def headline(stats: dict[str, Any], n: int = 3) -> str:
     """The few numbers worth a glance: eval/* first, then losses, then counts."""
     nums = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     order = [k for k in nums if k.startswith("eval/")]
-    order += [k for k in nums if "loss" in k and k not in order]
+    order += [k for k in nums if k.startswith("final") and k not in order]
+    order += [k for k in nums if "loss" in k and not k.startswith("first") and k not in order]
     order += [k for k in nums if k.startswith("n_") and k not in order]
     return "  ".join(f"{k}={nums[k]:.4g}" for k in order[:n])
 
@@ -144,7 +146,7 @@ class LiveView:
             t.add_column(col, no_wrap=True)
         for r in self.rows.values():
             metric = r.progress.get("metric", "") if r.state == "running" else headline(r.stats, 1)
-            t.add_row(r.name, f"[{STYLE.get(r.state, '')}]{r.state}[/]", _dur(r.elapsed(now)),
+            t.add_row(r.name, f"[{STYLE.get(r.state, 'default')}]{r.state}[/]", _dur(r.elapsed(now)),
                       r.progress_text(), _dur(r.eta(now)), metric or "")
         return t
 
@@ -194,8 +196,8 @@ class LiveView:
                 self.console.out(f"{path.stem}| {line}", highlight=False)
 
     def _line(self, stage: str, kind: str, detail: str) -> None:
-        colour = STYLE.get({"start": "running"}.get(kind, kind), "")
-        self.console.print(f"[dim]{time.time() - self.t0:7.1f}s[/] [{colour}]{kind:>8}[/] {stage}  [dim]{detail}[/]")
+        colour = STYLE.get({"start": "running", "started": "dim"}.get(kind, kind), "default")
+        self.console.print(f"[dim]{time.time() - self.t0:7.1f}s[/] [{colour}]{kind:>8}[/] {stage}  [dim]{escape(detail)}[/]")
 
     # ------------------------------------------------------------------ events
     def __call__(self, ev) -> None:
@@ -225,7 +227,7 @@ class LiveView:
                 self.on_stage_state(ev.stage, ev.kind == "start")
             if ev.kind == "failed":
                 where = f"\n  log: {ev.log_path}" if ev.log_path else ""
-                self.print(f"[bold red]stage {ev.stage} failed[/]: {ev.detail}{where}")
+                self.print(f"[bold red]stage {ev.stage} failed[/]: {escape(ev.detail)}{where}")
             elif self._live is None and self.verbosity >= NORMAL:
                 detail = _dur(ev.seconds) if ev.kind == "done" else ev.detail
                 if ev.kind == "done" and ev.stats:
@@ -242,7 +244,7 @@ class LiveView:
             t.add_column(col)
         for r in self.rows.values():
             status = {"done": "ran"}.get(r.state, r.state)
-            t.add_row(r.name, f"[{STYLE.get(r.state, '')}]{status}[/]", _dur(r.elapsed(now)), headline(r.stats))
+            t.add_row(r.name, f"[{STYLE.get(r.state, 'default')}]{status}[/]", _dur(r.elapsed(now)), headline(r.stats))
         word = "[bold green]done[/]" if ok else "[bold red]failed[/]"
         with self._lock:
             self.console.print(t)

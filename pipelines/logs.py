@@ -77,7 +77,7 @@ class StageRouter(logging.Handler):
     """
 
     def __init__(self, log_dir: Path):
-        super().__init__(logging.DEBUG)
+        super().__init__(logging.INFO)  # Ray Data logs DEBUG chatter to its own file already
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.setFormatter(logging.Formatter(FORMAT))
