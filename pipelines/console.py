@@ -109,7 +109,9 @@ class LiveView:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "LiveView":
         if self.live_mode:
-            self._live = Live(self.table(), console=self.console, refresh_per_second=4, transient=False)
+            # redirect_*=False: what a library writes to sys.stdout/stderr must not reach the table
+            self._live = Live(self.table(), console=self.console, refresh_per_second=4, transient=False,
+                              redirect_stdout=False, redirect_stderr=False)
             self._live.start()
         self._thread = threading.Thread(target=self._poll, name="console-poll", daemon=True)
         self._thread.start()
