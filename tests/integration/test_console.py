@@ -131,5 +131,8 @@ def test_plan_and_cached_run_import_no_torch_and_start_no_ray(smoke_root, tmp_pa
     assert "cached" in out
     out, heavy = _cli(["run", "--preset", "smoke", "--run-root", str(root), "--name", "cached"], tmp_path, "cached")
     assert heavy == [], heavy  # neither torch nor ray was even imported
-    assert "ran" not in out[out.rindex("summary"):].split("done in")[0].replace("train_", "")
-    assert "started" not in out
+    table = out[out.rindex("summary"):].split("done in")[0]
+    for stage in STAGES:
+        row = next(ln for ln in table.splitlines() if f" {stage} " in ln)
+        assert "cached" in row, row
+    assert "started" not in out  # Ray never started
