@@ -27,12 +27,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import contextlib
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipelines.config import ConfigError, LoadedConfig, load_config, to_plain
@@ -172,6 +174,10 @@ def execute(
             run_id = e.parent_run_id
             view.summary(run_id, loaded.run_root, log_dir, ok=False)
             view.print("finished stages are kept; rerun the same command to continue from them")
+            raise typer.Exit(1)
+        except Exception as e:  # noqa: BLE001 - e.g. Ray failing to start: say where the details are
+            logging.getLogger("pipelines.cli").exception("run failed")
+            view.error(f"{type(e).__name__}: {escape(str(e))}\n  details: {log_dir / DRIVER_LOG}")
             raise typer.Exit(1)
         except KeyboardInterrupt:
             view.print("[red]interrupted[/]: running stages left no manifest; rerun to continue")
