@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# one whole smoke run (~3 min on 2 idle cores) + one training stage; generous for a loaded box
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
 # Runs the CLI and, at exit, writes which heavy modules were imported (and whether Ray was up).
@@ -61,20 +62,25 @@ def _cli_pty(args: list[str], tmp: Path, timeout: int = 900) -> str:
                             stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     chunks: list[bytes] = []
-    while True:
-        ready, _, _ = select.select([master], [], [], 1.0)
-        if ready:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
                 break
-            if not data:
-                break
-            chunks.append(data)
-        elif proc.poll() is not None:
-            break
-    proc.wait(timeout=timeout)
-    os.close(master)
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # the test is being torn down: take the run (and its Ray) with it
+            proc.terminate()
+            proc.wait(timeout=60)
+        os.close(master)
     out = b"".join(chunks).decode("utf-8", "replace")
     assert proc.returncode == 0, out[-4000:]
     return out
