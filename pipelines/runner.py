@@ -367,6 +367,9 @@ class Engine:
         stage = self.dag.stages[n]
         cfg = self.stage_cfgs[n]
         t0 = time.time()
+        log = logging.getLogger(__name__)
+        # first line of the stage's log file (pipelines.logs routes this thread's records there)
+        log.info("stage %s started: key %s (%s)", n, it.key, it.reason)
         try:
             final, tmp, ckpt = cache.prepare_attempt(self.run_root, n, it.key)
             if not stage.resumable and ckpt.exists():
@@ -422,10 +425,11 @@ class Engine:
                 client = child._client()
                 client.log_dict(child.run_id, manifest, "manifest.json")
                 client.log_text(child.run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
+            log.info("stage %s done in %.1fs: %s", n, time.time() - t0, stats)
             _log_file_artifact(child, log_path)
             events.put((n, True, stats, time.time() - t0))
         except BaseException as e:  # noqa: BLE001 - reported to the main thread, which decides
-            logging.getLogger(__name__).error("stage %s failed", n, exc_info=e)
+            log.error("stage %s failed", n, exc_info=e)
             _log_file_artifact(child, log_path)
             events.put((n, False, e, time.time() - t0))
 
