@@ -6,6 +6,12 @@
     metamorph stages                      # every stage: inputs, outputs, config fields
     metamorph ui                          # MLflow UI on 127.0.0.1 over the run root's store
     metamorph make-checkpoints DIR        # small random HF checkpoints for --preset rehearsal
+
+On a terminal `run` shows one table of stages that updates in place (``pipelines.console``);
+off one, a line per event. Ray, worker and library output goes to
+``{run_root}/logs/<run name>/<stage>.log`` (``-v`` shows it live, ``-q`` only errors and the
+summary). Only what a command needs is imported: `--help`, `plan`, `stages` and a fully cached
+`run` load no torch and start no Ray.
 """
 
 from __future__ import annotations
@@ -19,15 +25,17 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
 import dataclasses
 import json
+import logging
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipelines.config import ConfigError, LoadedConfig, load_config, to_plain
@@ -45,6 +53,20 @@ OVERRIDES = typer.Argument(None, help="config overrides, dotted key=value (e.g. 
 PRESET = typer.Option("tiny", "--preset", "-p", help="conf/presets/NAME.yaml (smoke, tiny, cluster) or a YAML path")
 EXPERIMENT = typer.Option(None, "--config", "-c", help="an experiment YAML merged over the preset")
 PIPELINE = typer.Option("vpit", "--pipeline", help="which pipeline definition (pipelines/definitions.py)")
+RUN_ROOT_OPT = typer.Option(None, "--run-root", help="where outputs, logs and the MLflow store live (same as run_root=PATH)")
+ONLY = typer.Option([], "--only", help="select only these stages (their upstream must be cached); repeatable")
+FROM = typer.Option(None, "--from", help="select this stage and everything downstream of it")
+UNTIL = typer.Option(None, "--until", help="select this stage and everything upstream of it")
+FORCE = typer.Option([], "--force", help="rerun these stages (and their downstream) even if cached; 'all' for every selected stage")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="also show every log line (Ray, workers, stages) as it is written")
+QUIET = typer.Option(False, "--quiet", "-q", help="show only errors and the final summary")
+
+
+def _with_run_root(overrides, run_root: Optional[Path]) -> list[str]:
+    out = list(overrides or [])
+    if run_root is not None:
+        out.append(f"run_root={run_root}")
+    return out
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -102,10 +124,19 @@ def execute(
     address=None,
     name=None,
     dry_run: bool = False,
+    verbosity: int | None = None,
+    capture: bool = False,
 ):
-    """Plan, validate, start Ray and MLflow, run. The CLI and the tests both go through here."""
-    from pipelines.runner import StageFailed, init_ray
+    """Plan, validate, then run with the live view. The CLI and the tests both go through here.
 
+    ``capture``: point this process's stdout/stderr at the run's driver.log while it runs (the
+    CLI does; an in-process caller such as a test keeps its own streams).
+    """
+    from pipelines.console import NORMAL, LiveView
+    from pipelines.logs import DRIVER_LOG, RunLogs, redirect_fds
+    from pipelines.runner import StageFailed, default_run_name, init_ray
+
+    verbosity = NORMAL if verbosity is None else verbosity
     engine = make_engine(pipeline, loaded)
     try:
         plan = engine.plan(only=only, from_=from_, until=until, force=force)
@@ -113,62 +144,91 @@ def execute(
             engine.validate_stages(plan)
     except (GraphError, ConfigError, ValueError) as e:
         _fail(str(e))
-    print_plan(plan)
     if dry_run:
-        from pipelines.resources import dry_run as check
+        return _dry_run(engine, plan, loaded, address)
+    if verbosity > NORMAL:
+        print_plan(plan)
+    name = name or default_run_name(loaded.typed.preset)
+    log_dir = _fresh_dir(loaded.run_root / "logs" / name.replace("/", "_").replace(" ", "_"))
+    log_dir.mkdir(parents=True)
+    todo = [it.name for it in plan if it.action != "skip"]
+    with contextlib.ExitStack() as stack:
+        term = sys.stderr
+        if capture:
+            fd = stack.enter_context(redirect_fds(log_dir / DRIVER_LOG))
+            term = stack.enter_context(os.fdopen(os.dup(fd), "w", buffering=1))
+        logs = stack.enter_context(RunLogs(log_dir))
+        view = LiveView(todo, file=term, verbosity=verbosity)
+        view.log_dir = log_dir
+        view.on_stage_state = lambda s, running: (logs.router.stage_started if running else logs.router.stage_ended)(s)
+        tracker = make_tracker(loaded)
 
-        report = check(engine, plan, loaded, lambda: init_ray(loaded.typed.ray, address=address))
-        table = Table(title="resources per stage (peak, at once)")
-        for col in ("stage", "action", "needs"):
-            table.add_column(col)
-        for row in report.rows:
-            table.add_row(*row)
-        console.print(table)
-        if report.training:
-            from pipelines.resources import TRAIN_COLUMNS
+        def start_ray() -> str:
+            return init_ray(loaded.typed.ray, address=address)
 
-            ttable = Table(title="training stages (per optimizer step; memory per GPU, estimated)")
-            for col in TRAIN_COLUMNS:
-                ttable.add_column(col)
-            for est in report.training:
-                ttable.add_row(*est.row())
-            console.print(ttable)
-        console.print(f"ray: {report.cluster}; run root: {loaded.run_root}")
-        for w in report.warnings:
-            console.print(f"[yellow]warning:[/] {w}")
-        for p in report.problems:
-            console.print(f"[red]problem:[/] {p}")
-        if report.problems:
-            console.print(f"[bold red]dry run: {len(report.problems)} problem(s); nothing was run[/]")
+        ok, summary, run_id = False, None, None
+        try:
+            with view:
+                summary = engine.run(plan, tracker=tracker, run_name=name, on_event=view, log_dir=log_dir, start_ray=start_ray)
+            ok, run_id = True, summary.parent_run_id
+        except StageFailed as e:
+            run_id = e.parent_run_id
+            view.summary(run_id, loaded.run_root, log_dir, ok=False)
+            view.print("finished stages are kept; rerun the same command to continue from them")
             raise typer.Exit(1)
-        console.print("[green]dry run: config, paths and resources check out; nothing was run[/]")
-        return None
-    where = init_ray(loaded.typed.ray, address=address)
-    console.print(f"ray: {where}; run root: {loaded.run_root}")
-    tracker = make_tracker(loaded)
-    t0 = time.time()
-
-    def on_event(stage: str, event: str, detail: str) -> None:
-        colour = {"start": "yellow", "done": "green", "cached": "green", "failed": "red", "blocked": "red"}[event]
-        console.print(f"[dim]{time.time() - t0:7.1f}s[/] [{colour}]{event:>7}[/] {stage}  [dim]{detail}[/]")
-
-    try:
-        summary = engine.run(plan, tracker=tracker, run_name=name, on_event=on_event)
-    except StageFailed as e:
-        console.print(f"[bold red]pipeline failed[/]\n{e}")
-        console.print("finished stages are kept; rerun the same command to continue from them")
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: running stages left no manifest; rerun to continue")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)  # stage threads may sit inside Ray calls; do not wait for them
-    console.print(
-        f"[bold green]done[/] in {time.time() - t0:.1f}s: "
-        + ", ".join(f"{n}={s}" for n, s in summary.statuses.items())
-    )
-    console.print(f"mlflow run: {summary.parent_run_id}  (metamorph ui --run-root {loaded.run_root})")
+        except Exception as e:  # noqa: BLE001 - e.g. Ray failing to start: say where the details are
+            logging.getLogger("pipelines.cli").exception("run failed")
+            view.error(f"{type(e).__name__}: {escape(str(e))}\n  details: {log_dir / DRIVER_LOG}")
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            view.print("[red]interrupted[/]: running stages left no manifest; rerun to continue")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)  # stage threads may sit inside Ray calls; do not wait for them
+        view.summary(run_id, loaded.run_root, log_dir, ok=ok)
     return summary
+
+
+def _fresh_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``... if a run of the same name already logged there."""
+    out, i = path, 1
+    while out.exists():
+        i += 1
+        out = path.with_name(f"{path.name}-{i}")
+    return out
+
+
+def _dry_run(engine, plan, loaded: LoadedConfig, address):
+    from pipelines.resources import dry_run as check
+    from pipelines.runner import init_ray
+
+    print_plan(plan)
+    report = check(engine, plan, loaded, lambda: init_ray(loaded.typed.ray, address=address))
+    table = Table(title="resources per stage (peak, at once)")
+    for col in ("stage", "action", "needs"):
+        table.add_column(col)
+    for row in report.rows:
+        table.add_row(*row)
+    console.print(table)
+    if report.training:
+        from pipelines.resources import TRAIN_COLUMNS
+
+        ttable = Table(title="training stages (per optimizer step; memory per GPU, estimated)")
+        for col in TRAIN_COLUMNS:
+            ttable.add_column(col)
+        for est in report.training:
+            ttable.add_row(*est.row())
+        console.print(ttable)
+    console.print(f"ray: {report.cluster}; run root: {loaded.run_root}")
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    for p in report.problems:
+        console.print(f"[red]problem:[/] {p}")
+    if report.problems:
+        console.print(f"[bold red]dry run: {len(report.problems)} problem(s); nothing was run[/]")
+        raise typer.Exit(1)
+    console.print("[green]dry run: config, paths and resources check out; nothing was run[/]")
+    return None
 
 
 @app.command()
@@ -176,18 +236,25 @@ def run(
     overrides: Optional[List[str]] = OVERRIDES,
     preset: str = PRESET,
     config: Optional[Path] = EXPERIMENT,
-    only: List[str] = typer.Option([], "--only", help="run only these stages (upstream must be cached)"),
-    from_: Optional[str] = typer.Option(None, "--from", help="run this stage and everything downstream"),
-    until: Optional[str] = typer.Option(None, "--until", help="run this stage and everything upstream"),
-    force: List[str] = typer.Option([], "--force", help="rerun these stages (and their downstream) even if cached; 'all' for every selected stage"),
+    only: List[str] = ONLY,
+    from_: Optional[str] = FROM,
+    until: Optional[str] = UNTIL,
+    force: List[str] = FORCE,
+    run_root: Optional[Path] = RUN_ROOT_OPT,
+    verbose: bool = VERBOSE,
+    quiet: bool = QUIET,
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
     name: Optional[str] = typer.Option(None, "--name", help="MLflow parent run name"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate config, paths and cluster resources; print the plan; run nothing"),
     pipeline: str = PIPELINE,
 ) -> None:
-    """Run the pipeline (cached stages are skipped)."""
-    p, loaded = load(pipeline, preset, overrides, config)
-    execute(p, loaded, only=only, from_=from_, until=until, force=force, address=address, name=name, dry_run=dry_run)
+    """Run the pipeline (cached stages are skipped; Ray starts only if a stage must run)."""
+    if verbose and quiet:
+        _fail("--verbose and --quiet contradict each other; pick one")
+    p, loaded = load(pipeline, preset, _with_run_root(overrides, run_root), config)
+    verbosity = 2 if verbose else 0 if quiet else 1
+    execute(p, loaded, only=only, from_=from_, until=until, force=force, address=address, name=name,
+            dry_run=dry_run, verbosity=verbosity, capture=True)
 
 
 @app.command()
@@ -195,15 +262,16 @@ def plan(
     overrides: Optional[List[str]] = OVERRIDES,
     preset: str = PRESET,
     config: Optional[Path] = EXPERIMENT,
-    only: List[str] = typer.Option([], "--only"),
-    from_: Optional[str] = typer.Option(None, "--from"),
-    until: Optional[str] = typer.Option(None, "--until"),
-    force: List[str] = typer.Option([], "--force"),
+    only: List[str] = ONLY,
+    from_: Optional[str] = FROM,
+    until: Optional[str] = UNTIL,
+    force: List[str] = FORCE,
+    run_root: Optional[Path] = RUN_ROOT_OPT,
     as_json: bool = typer.Option(False, "--json", help="machine-readable plan on stdout"),
     pipeline: str = PIPELINE,
 ) -> None:
     """Show the DAG in order with each stage's cache key and whether it would run."""
-    p, loaded = load(pipeline, preset, overrides, config)
+    p, loaded = load(pipeline, preset, _with_run_root(overrides, run_root), config)
     engine = make_engine(p, loaded)
     try:
         items = engine.plan(only=only, from_=from_, until=until, force=force)
@@ -242,7 +310,8 @@ def sweep(
     file: Path = typer.Argument(..., help="a sweep YAML (conf/experiments/...) with a `sweep:` block"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value applied to every cell"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="overrides the sweep file's preset"),
-    address: Optional[str] = typer.Option(None, "--address"),
+    run_root: Optional[Path] = RUN_ROOT_OPT,
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
     pipeline: str = PIPELINE,
 ) -> None:
     """Run a grid of pipeline variants (one MLflow parent run per cell, shared cache)."""
@@ -252,7 +321,7 @@ def sweep(
     if pipeline not in PIPELINES:
         _fail(f"unknown pipeline {pipeline!r}")
     try:
-        out = run_sweep(PIPELINES[pipeline], file, preset=preset, overrides=list(overrides or []), address=address)
+        out = run_sweep(PIPELINES[pipeline], file, preset=preset, overrides=_with_run_root(overrides, run_root), address=address)
     except (ConfigError, GraphError) as e:
         _fail(str(e))
     for c in out["cells"]:
@@ -266,7 +335,7 @@ def sweep(
 @app.command()
 def ui(
     run_root: Path = typer.Option(Path("./runs"), "--run-root", help="the run root whose MLflow store to show"),
-    port: int = typer.Option(5000, "--port"),
+    port: int = typer.Option(5000, "--port", help="port of the UI (http://HOST:PORT)"),
     host: str = typer.Option("127.0.0.1", "--host", help="bind address; 127.0.0.1 unless you mean to expose it"),
     uri: Optional[str] = typer.Option(None, "--uri", help="another tracking URI instead of the run root's store"),
 ) -> None:

@@ -6,11 +6,17 @@ Each stage runs in its own driver thread (its Ray Data / Ray Train work is distr
 independent stages overlap up to ``engine.max_parallel_stages``. A stage that raises is recorded
 as a ``failed`` child run; nothing downstream of it starts; stages on other branches finish; what
 finished stays promoted, so the next invocation resumes from there.
+
+Listeners (the console, tests) get a ``StageEvent`` for every state change through ``on_event``;
+the engine itself prints nothing. With ``log_dir`` each stage is handed the paths of its log file
+and progress file (``pipelines.logs``), which its Ray workers write to. Ray starts only when the
+first stage that must run is about to start (``start_ray``): a fully cached run never starts it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import queue
 import socket
@@ -34,9 +40,10 @@ RUN, CACHED, SKIP = "run", "cached", "skip"
 class StageFailed(RuntimeError):
     """One or more stages raised; the message lists them. Upstream outputs are kept."""
 
-    def __init__(self, failures: dict[str, BaseException], blocked: list[str]):
+    def __init__(self, failures: dict[str, BaseException], blocked: list[str], parent_run_id: str | None = None):
         self.failures = failures
         self.blocked = blocked
+        self.parent_run_id = parent_run_id
         lines = [f"stage {n!r} failed: {type(e).__name__}: {e}" for n, e in failures.items()]
         if blocked:
             lines.append(f"not run because an upstream stage failed: {blocked}")
@@ -53,12 +60,34 @@ class PlanItem:
 
 
 @dataclass
+class StageEvent:
+    """One state change, handed to ``Engine.run``'s ``on_event`` in the main thread.
+
+    kind: ``waiting`` (planned, upstream not done), ``start``, ``cached``, ``done``, ``failed``,
+    ``blocked`` (an upstream stage failed), or ``ray`` (Ray was started; ``detail`` says where).
+    """
+
+    stage: str
+    kind: str
+    detail: str = ""
+    seconds: float | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+    log_path: Path | None = None  # the stage's log file (None without a log_dir)
+    progress_path: Path | None = None
+
+
+EventFn = Callable[[StageEvent], None]
+
+
+@dataclass
 class RunSummary:
     parent_run_id: str | None
     statuses: dict[str, str] = field(default_factory=dict)  # stage -> ran | cached | failed | blocked
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     out_dirs: dict[str, Path] = field(default_factory=dict)
+    log_dir: Path | None = None
 
 
 class Engine:
@@ -153,10 +182,26 @@ class Engine:
         plan: list[PlanItem],
         tracker=None,
         run_name: str | None = None,
-        on_event: Callable[[str, str, str], None] | None = None,
+        on_event: EventFn | None = None,
+        log_dir: Path | None = None,
+        start_ray: Callable[[], str] | None = None,
     ) -> RunSummary:
-        """Execute ``plan``. ``tracker`` is a pipelines.tracking.Tracker (or None: no MLflow)."""
-        emit = on_event or (lambda stage, event, detail: None)
+        """Execute ``plan``. ``tracker`` is a pipelines.tracking.Tracker (or None: no MLflow).
+
+        ``log_dir``: where stage logs and progress files go (``pipelines.logs``); None: nowhere.
+        ``start_ray``: called once, just before the first stage that must run starts.
+        """
+        from pipelines import logs
+
+        listener = on_event or (lambda ev: None)
+        paths = (lambda n: (logs.log_path(log_dir, n), logs.progress_path(log_dir, n))) if log_dir else (lambda n: (None, None))
+
+        def emit(n: str, kind: str, detail: str = "", **kw: Any) -> None:
+            lp, pp = paths(n) if n else (None, None)
+            listener(StageEvent(n, kind, detail, log_path=lp, progress_path=pp, **kw))
+
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
         todo = [it for it in plan if it.action != SKIP]
         by_name = {it.name: it for it in plan}
         parent = TrackingHandle()
@@ -175,7 +220,12 @@ class Engine:
                 params=flatten(self.loaded.plain),
             )
             tracker.log_dict(parent.run_id, self.loaded.plain, "resolved_config.json")
-        summary = RunSummary(parent_run_id=parent.run_id)
+            if log_dir is not None:
+                tracker.set_tags(parent.run_id, {"log_dir": str(log_dir)})
+        summary = RunSummary(parent_run_id=parent.run_id, log_dir=Path(log_dir) if log_dir else None)
+        for it in todo:
+            emit(it.name, "waiting", it.reason)
+        ray_started = False
         events: queue.Queue = queue.Queue()
         running: dict[str, tuple[threading.Thread, TrackingHandle]] = {}
         done: set[str] = set()
@@ -200,11 +250,14 @@ class Engine:
                         pending.remove(n)
                         self._record_cached(it, tracker, parent, summary)
                         done.add(n)
-                        emit(n, "cached", it.key)
+                        emit(n, "cached", it.key, stats=summary.stats.get(n, {}))
                         continue
                     if len(running) >= max_par:
                         continue
                     pending.remove(n)
+                    if not ray_started and start_ray is not None:
+                        emit("", "ray", start_ray())
+                    ray_started = True
                     child = TrackingHandle()
                     if tracker is not None:
                         child = tracker.start_run(
@@ -214,7 +267,7 @@ class Engine:
                             parent_id=parent.run_id,
                         )
                     th = threading.Thread(
-                        target=self._execute, args=(it, child, parent, events), name=f"stage-{n}", daemon=True
+                        target=self._execute, args=(it, child, parent, events, *paths(n)), name=f"stage-{n}", daemon=True
                     )
                     running[n] = (th, child)
                     emit(n, "start", f"{it.key} ({it.reason})")
@@ -238,7 +291,7 @@ class Engine:
                     if tracker is not None:
                         tracker.set_tags(child.run_id, {"status": "ran"})
                         tracker.end(child.run_id, "FINISHED")
-                    emit(n, "done", f"{secs:.1f}s")
+                    emit(n, "done", f"{secs:.1f}s", seconds=secs, stats=payload)
                 else:
                     failures[n] = payload
                     summary.statuses[n] = "failed"
@@ -250,7 +303,7 @@ class Engine:
                         )
                         tracker.log_text(child.run_id, tb, "error.txt")
                         tracker.end(child.run_id, "FAILED")
-                    emit(n, "failed", f"{type(payload).__name__}: {payload}")
+                    emit(n, "failed", f"{type(payload).__name__}: {payload}", seconds=secs, error=payload)
         except KeyboardInterrupt:
             if tracker is not None:
                 for n, (_, child) in running.items():
@@ -270,7 +323,7 @@ class Engine:
             tracker.set_tags(parent.run_id, {"status": "failed" if failures else "finished"})
             tracker.end(parent.run_id, "FAILED" if failures else "FINISHED")
         if failures:
-            raise StageFailed(failures, blocked)
+            raise StageFailed(failures, blocked, parent.run_id)
         return summary
 
     def _record_cached(self, it: PlanItem, tracker, parent: TrackingHandle, summary: RunSummary) -> None:
@@ -301,11 +354,22 @@ class Engine:
         tracker.log_dict(child.run_id, manifest, "manifest.json")
         tracker.end(child.run_id, "FINISHED")
 
-    def _execute(self, it: PlanItem, child: TrackingHandle, parent: TrackingHandle, events: queue.Queue) -> None:
+    def _execute(
+        self,
+        it: PlanItem,
+        child: TrackingHandle,
+        parent: TrackingHandle,
+        events: queue.Queue,
+        log_path: Path | None = None,
+        progress_path: Path | None = None,
+    ) -> None:
         n = it.name
         stage = self.dag.stages[n]
         cfg = self.stage_cfgs[n]
         t0 = time.time()
+        log = logging.getLogger(__name__)
+        # first line of the stage's log file (pipelines.logs routes this thread's records there)
+        log.info("stage %s started: key %s (%s)", n, it.key, it.reason)
         try:
             final, tmp, ckpt = cache.prepare_attempt(self.run_root, n, it.key)
             if not stage.resumable and ckpt.exists():
@@ -323,6 +387,8 @@ class Engine:
                 run_root=self.run_root,
                 tracking=child,
                 parent_tracking=parent,
+                log_path=log_path,
+                progress_path=progress_path,
             )
             stats = stage.run(ctx) or {}
             missing = [a for a in stage.outputs if not (tmp / a).exists()]
@@ -359,9 +425,23 @@ class Engine:
                 client = child._client()
                 client.log_dict(child.run_id, manifest, "manifest.json")
                 client.log_text(child.run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
+            log.info("stage %s done in %.1fs: %s", n, time.time() - t0, stats)
+            _log_file_artifact(child, log_path)
             events.put((n, True, stats, time.time() - t0))
         except BaseException as e:  # noqa: BLE001 - reported to the main thread, which decides
+            log.error("stage %s failed", n, exc_info=e)
+            _log_file_artifact(child, log_path)
             events.put((n, False, e, time.time() - t0))
+
+
+def _log_file_artifact(child: TrackingHandle, path: Path | None) -> None:
+    """The stage's log file as an artifact of its MLflow run (best effort: logging must not fail it)."""
+    if not child.run_id or path is None or not Path(path).exists():
+        return
+    try:
+        child.log_artifact(path, "logs")
+    except Exception:  # noqa: BLE001
+        logging.getLogger(__name__).warning("could not attach %s to run %s", path, child.run_id, exc_info=True)
 
 
 def _numeric(stats: dict[str, Any]) -> dict[str, float]:
@@ -377,20 +457,37 @@ def default_run_name(preset: str | None) -> str:
 
 
 def init_ray(ray_cfg, address: str | None = None) -> str:
-    """Connect to a cluster (``address`` / ray.address / RAY_ADDRESS) or start a local Ray."""
+    """Connect to a cluster (``address`` / ray.address / RAY_ADDRESS) or start a local Ray.
+
+    Workers' output stays out of the driver's console (``log_to_driver=False``): training workers
+    write it to their stage's log (``pipelines.logs.capture_output``), the rest stays in Ray's
+    session logs. Ray's own loggers are routed to our log files, Ray Data's progress bars are off
+    (the live view shows progress).
+    """
     import ray
 
     if ray.is_initialized():
-        return "existing"
-    address = address or ray_cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return f"cluster {address}"
-    ray.init(
-        address="local",  # never join some other Ray that happens to run on this machine
-        num_cpus=ray_cfg.num_cpus,
-        object_store_memory=ray_cfg.object_store_memory_mb * 2**20,
-        include_dashboard=False,
-        log_to_driver=True,
-    )
-    return "local"
+        where = "existing"
+    else:
+        address = address or ray_cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+            where = f"cluster {address}"
+        else:
+            ray.init(
+                address="local",  # never join some other Ray that happens to run on this machine
+                num_cpus=ray_cfg.num_cpus,
+                object_store_memory=ray_cfg.object_store_memory_mb * 2**20,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+            where = "local"
+    import ray.data  # configures its loggers on import: route them (and Ray's) to our files
+
+    from pipelines.logs import quiet_library_loggers
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    quiet_library_loggers()
+    return where

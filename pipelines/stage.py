@@ -97,6 +97,11 @@ class StageContext:
     parent_tracking: TrackingHandle = field(default_factory=TrackingHandle)
     # relative path (under work_dir) -> row count, recorded into the manifest's file list
     row_counts: dict[str, int] = field(default_factory=dict)
+    # The stage's log file and progress file (pipelines.logs); None when run outside the engine.
+    # Ray workers take these paths along: ``pipelines.logs.capture_output(log_path)`` sends their
+    # output to the log, ``pipelines.logs.write_progress(progress_path, ...)`` feeds the console.
+    log_path: Path | None = None
+    progress_path: Path | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def input(self, artifact: str) -> Path:
@@ -119,6 +124,12 @@ class StageContext:
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.tracking.log_artifact(local_path, artifact_path)
+
+    def report_progress(self, done: float, total: float | None = None, unit: str = "", metric: str = "") -> None:
+        """Progress for the live view: ``done`` of ``total`` ``unit`` and a short key metric."""
+        from pipelines.logs import write_progress
+
+        write_progress(self.progress_path, done=done, total=total, unit=unit, metric=metric)
 
     def record_rows(self, relpath: str | Path, n: int) -> None:
         """Record a row count for a file under work_dir (Parquet files are counted automatically)."""

@@ -318,7 +318,8 @@ def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig],
     # one task per unit (at most ``records_per_task`` records, see the readers' ``plan``): read,
     # decode, convert and spool in the same task, so raw bytes never travel between tasks
     return ds.map_batches(
-        _read_process, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task, concurrency=max(1, min(4 * slots, len(units))),
+        _read_process, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task,
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(4 * slots, len(units)))),
         fn_kwargs={"sources": [dataclasses.asdict(s) for s in sources], "cfg": library_config(cfg, CurateConfig),
                    "video": library_config(cfg, VideoConfig), "frames": library_config(cfg, FramePredictionConfig),
                    "spool_dir": str(spool_dir)},

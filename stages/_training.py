@@ -18,6 +18,7 @@ so an operator (or a test) can find the training processes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -26,13 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import ray
-import ray.train
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-
 from metamorph.train.config import OPERATIONAL_FIELDS, TrainConfig
+from pipelines.logs import capture_output, write_progress
 from pipelines.stage import StageContext, TrackingHandle
+
+log = logging.getLogger(__name__)
 
 # Stage-config paths (``train.<field>``) that do not change the trained weights: outside the key.
 TRAIN_OPERATIONAL = frozenset(f"train.{f}" for f in OPERATIONAL_FIELDS)
@@ -51,13 +50,22 @@ class WorkerJob:
     export_dir: str
     tracking: TrackingHandle
     flops_seq_len: int  # sequence length for the MFU attention term
+    log_path: str = ""  # the stage's log file: every worker's stdout/stderr/logging goes there
+    progress_path: str = ""  # rank 0 writes steps done / total here for the console
 
 
 def worker_fn(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker (the process group is already up)."""
+    job: WorkerJob = config["job"]
+    with capture_output(job.log_path):
+        _worker_body(job)
+
+
+def _worker_body(job: "WorkerJob") -> None:
     import functools
 
     import torch
+    import ray.train
     import torch.distributed as dist
     from ray.train.torch import get_device
 
@@ -65,7 +73,6 @@ def worker_fn(config: dict[str, Any]) -> None:
     from metamorph.train.loop import flops_per_token, train_loop
     from metamorph.train.reader import ShardReader
 
-    job: WorkerJob = config["job"]
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = TrainConfig(**job.train)
     # one intra-op thread per reserved CPU: more would oversubscribe the cores other workers hold
@@ -91,11 +98,14 @@ def worker_fn(config: dict[str, Any]) -> None:
         seq_len=job.flops_seq_len,
     )
 
+    total = cfg.max_steps or reader.batches_in(cfg.epochs) // cfg.grad_accum  # as train_loop counts
+
     def on_log(step: int, metrics: dict[str, float]) -> None:
         if rank == 0:
             job.tracking.log_metrics(metrics, step=step)
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "text_loss", "vision_loss", "lr", "tokens_per_s"))
-            print(f"[train] step {step} {shown}", flush=True)
+            log.info("step %d/%d %s", step, total, shown)
+            write_progress(job.progress_path, done=step, total=total, unit="steps", metric=_headline(metrics))
         ray.train.report({"step": step, **metrics})  # a barrier: every rank reports
 
     stats = train_loop(
@@ -119,6 +129,14 @@ def worker_fn(config: dict[str, Any]) -> None:
         ray.train.report({"done": 1.0, **stats}, checkpoint=checkpoint)
 
 
+def _headline(metrics: dict[str, float]) -> str:
+    """The console's key metric: loss and throughput."""
+    parts = [f"loss={metrics['loss']:.3g}"] if "loss" in metrics else []
+    if "tokens_per_s" in metrics:
+        parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
+    return " ".join(parts)
+
+
 def _record_worker(workers_dir: Path, rank: int) -> None:
     workers_dir.mkdir(parents=True, exist_ok=True)
     info = {"pid": os.getpid(), "hostname": socket.gethostname(), "rank": rank, "started": time.time()}
@@ -137,6 +155,9 @@ def fit(
     export_dir: Path,
 ) -> dict[str, float]:
     """Run the worker group to completion (resuming from any checkpoint); return the loop's stats."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     ckpt_dir = Path(ctx.checkpoint_dir).resolve()
     job = WorkerJob(
         build_model=build_model,
@@ -148,6 +169,8 @@ def fit(
         export_dir=str(Path(export_dir).resolve()),
         tracking=ctx.tracking,
         flops_seq_len=seq_len,
+        log_path=str(ctx.log_path or ""),
+        progress_path=str(ctx.progress_path or ""),
     )
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:

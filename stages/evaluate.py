@@ -23,6 +23,7 @@ With ``use_gpu`` the whole evaluation runs as one Ray task holding a GPU (the dr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -30,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from metamorph.eval.fid import FIDConfig
-from metamorph.eval.judge import JudgeConfig
+from metamorph.eval.config import FIDConfig, JudgeConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
 QA_TASKS = ("image_qa", "video_qa", "visual_thinking")
@@ -149,7 +149,7 @@ def publish(ctx: StageContext, out: Path, metrics: dict[str, float], headline: d
 
 
 def _log(msg: str) -> None:
-    print(f"[evaluate] {msg}", flush=True)
+    logging.getLogger("stages.evaluate").info(msg)
 
 
 def evaluate_all(paths: dict[str, str], cfg: EvaluateConfig, out_dir: str, pipeline_seed: int = 0,

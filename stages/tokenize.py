@@ -32,8 +32,7 @@ import pyarrow as pa
 
 from pipelines.stage import Stage, StageConfig, StageContext
 
-from metamorph.data.packing import Packer, PackingStats, PackSample, PartWriter, truncate
-from metamorph.data.tokenizer import TokenizerConfig, build_tokenizer, special_ids
+from metamorph.data.tokenizer import TokenizerConfig
 
 SAMPLE_OK = ("ok", "truncated")
 
@@ -120,6 +119,8 @@ RENDERED_SCHEMA = pa.schema(
 def _render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_length: int,
                    system_prompt: Optional[str], batch_size: int) -> pa.Table:
     """Mixture shard paths -> one row per sample (dropped samples kept as rows so they are counted)."""
+    from metamorph.data.packing import truncate
+
     tpl = _template(tokenizer_dir, n_visual, system_prompt)
     out: list[dict[str, Any]] = []
     pending: list[tuple[Any, list[bytes]]] = []
@@ -237,6 +238,9 @@ class TokenizeStage(Stage):
         return {"CPU": cfg.render_cpus + cfg.num_encoders * cfg.encoder_cpus}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
+        from metamorph.data.packing import Packer, PackingStats, PackSample, PartWriter
+        from metamorph.data.tokenizer import build_tokenizer, special_ids
+
         import ray
         import ray.data
 

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from metamorph.decoder.config import DecoderConfig, SamplingConfig
-from metamorph.decoder.train import DecoderTrainConfig
+from metamorph.decoder.config import DecoderConfig, DecoderTrainConfig, SamplingConfig
 from pipelines.stage import Stage, StageConfig, StageContext, TrackingHandle
 
 
@@ -95,11 +94,23 @@ class DecoderJob:
     samples_dir: str
     tracking: TrackingHandle
     torch_threads: int
+    log_path: str = ""  # the stage's log file: every worker's stdout/stderr/logging goes there
+    progress_path: str = ""  # rank 0 writes steps done / total here for the console
 
 
 def _worker(config: dict[str, Any]) -> None:
-    """Body of every Ray Train worker (the process group is up when world size > 1)."""
+    """Body of every Ray Train worker: its output goes to the stage's log file."""
+    from pipelines.logs import capture_output
+
+    job: DecoderJob = config["job"]
+    with capture_output(job.log_path):
+        _worker_body(job)
+
+
+def _worker_body(job: DecoderJob) -> None:
+    """Train on every worker (the process group is up when world size > 1)."""
     import json
+    import logging
 
     import ray
     import torch
@@ -109,8 +120,9 @@ def _worker(config: dict[str, Any]) -> None:
     from metamorph.decoder.metrics import image_grid, pair_rows
     from metamorph.decoder.pipeline import MetaMorphDecoderPipeline
     from metamorph.decoder.train import DecoderData, set_trainable, train_loop, write_export
+    from pipelines.logs import write_progress
 
-    job: DecoderJob = config["job"]
+    log = logging.getLogger("stages.train_decoder")
     torch.set_num_threads(job.torch_threads)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -118,7 +130,7 @@ def _worker(config: dict[str, Any]) -> None:
     train_cfg = DecoderTrainConfig(**job.train)
     sampling = SamplingConfig(**job.sampling)
     blob = ray.get(job.data_ref)
-    data = DecoderData(images=blob["images"], tokens_BND=torch.from_numpy(blob["tokens"]))
+    data = DecoderData(images=blob["images"], tokens_BND=torch.from_numpy(blob["tokens"].copy()))  # object-store arrays are read-only
 
     pipe = MetaMorphDecoderPipeline.from_decoder_config(
         dec_cfg, feature_dim=job.feature_dim, n_tokens=job.n_tokens, sampling=sampling, seed=job.init_seed
@@ -135,9 +147,11 @@ def _worker(config: dict[str, Any]) -> None:
 
     def on_log(metrics: dict[str, float], step: int) -> None:
         job.tracking.log_metrics(metrics, step=step)
-        print(f"[train_decoder] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        log.info("step %d/%d %s", step, train_cfg.max_steps, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        metric = f"loss={metrics['loss']:.3g}" if "loss" in metrics else ""
+        write_progress(job.progress_path, done=step, total=train_cfg.max_steps, unit="steps", metric=metric)
 
-    grid_tokens = torch.from_numpy(blob["grid_tokens"]) if len(blob["grid_images"]) else None
+    grid_tokens = torch.from_numpy(blob["grid_tokens"].copy()) if len(blob["grid_images"]) else None
 
     def on_sample(p: MetaMorphDecoderPipeline, step: int) -> None:
         if grid_tokens is None:
@@ -175,7 +189,7 @@ def _worker(config: dict[str, Any]) -> None:
             "s_per_step": res.seconds / max(1, res.steps - res.resumed_from),
         }
         write_export(pipe.to("cpu"), Path(job.export_dir), stats)
-        print(f"[train_decoder] export written: {json.dumps(stats)}", flush=True)
+        log.info("export written: %s", json.dumps(stats))
 
 
 def _t2i_images(curated: Path, split: str, limit: Optional[int]) -> tuple[list[bytes], list[dict]]:
@@ -236,7 +250,7 @@ def _encode_ray(encoder_dir: Path, images: list[bytes], cfg: "TrainDecoderConfig
         fn_constructor_kwargs={"encoder_dir": str(encoder_dir), "threads": int(max(1, cfg.encoder_cpus))},
         batch_size=cfg.encode_batch_size,
         batch_format="numpy",
-        concurrency=cfg.num_encoders,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_encoders),
         num_cpus=cfg.encoder_cpus,
         num_gpus=cfg.encoder_gpus,
     )
@@ -374,6 +388,8 @@ class TrainDecoder(Stage):
                 samples_dir=str(ckpt_dir / "samples"),
                 tracking=ctx.tracking,
                 torch_threads=cfg.torch_threads,
+                log_path=str(ctx.log_path or ""),
+                progress_path=str(ctx.progress_path or ""),
             )
             resources = {"CPU": cfg.cpus_per_worker}
             if cfg.use_gpu:

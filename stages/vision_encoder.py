@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from metamorph.model.vision import VisionConfig, VisionEncoder
+from metamorph.model.config import VisionConfig
 from pipelines.stage import Stage, StageContext
 
 
@@ -43,6 +43,8 @@ class VisionEncoderStage(Stage):
         }
 
     def run(self, ctx: StageContext) -> dict[str, float]:
+        from metamorph.model.vision import VisionEncoder
+
         enc = VisionEncoder.from_config(ctx.cfg)
         enc.save_pretrained(ctx.output("vision_encoder"))
         return {

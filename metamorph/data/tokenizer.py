@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # tokenizers/transformers load inside the functions: configs import fast
+    from transformers import PreTrainedTokenizerFast
 
 BOS = "<|begin_of_text|>"
 START_HEADER = "<|start_header_id|>"
@@ -88,6 +88,9 @@ class SpecialIds:
 
 def train_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` (+ the chat-header strings). Deterministic for the same input."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -122,6 +125,8 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> PreTrainedTokenizer
 
 def load_base_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """A checkpoint's tokenizer with whatever of the chat/image/pad tokens it lacks appended."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path))
     vocab = tok.get_vocab()
     missing = [t for t in (BOS, START_HEADER, END_HEADER, EOT, IMAGE_START, IMAGE_END) if t not in vocab]
@@ -151,6 +156,8 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str] | None = None) ->
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a dir written by ``save_pretrained`` (offline) and check it has every special token."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path))
     special_ids(tok)  # raises if a token is missing
     return tok

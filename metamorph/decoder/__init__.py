@@ -7,10 +7,23 @@ context), pipeline.py (MetaMorphDecoderPipeline, the exported diffusers pipeline
 (DecoderTrainConfig, train_loop, checkpoints), metrics.py (attribute agreement, image grids).
 """
 
-from metamorph.decoder.conditioning import VisionConditioner
-from metamorph.decoder.config import DecoderConfig, SamplingConfig
-from metamorph.decoder.pipeline import MetaMorphDecoderPipeline
-from metamorph.decoder.train import DecoderData, DecoderTrainConfig, train_loop
+from metamorph.decoder.config import DecoderConfig, DecoderTrainConfig, SamplingConfig
+
+# The torch/diffusers modules load on first use, so configs import in milliseconds.
+_LAZY = {
+    "VisionConditioner": "metamorph.decoder.conditioning",
+    "MetaMorphDecoderPipeline": "metamorph.decoder.pipeline",
+    "DecoderData": "metamorph.decoder.train",
+    "train_loop": "metamorph.decoder.train",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'metamorph.decoder' has no attribute {name!r}")
 
 __all__ = [
     "DecoderConfig",

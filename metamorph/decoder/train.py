@@ -38,75 +38,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from metamorph.decoder.config import LR_SCHEDULES, DecoderTrainConfig  # noqa: F401  (light to import)
 from metamorph.decoder.pipeline import MetaMorphDecoderPipeline
 
 COMPLETE = "COMPLETE"  # marker file: a checkpoint / export dir is whole once this exists
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass(kw_only=True)
-class DecoderTrainConfig:
-    max_steps: int = 1500  # optimizer steps (the tiny preset: ~4-5 min on 1 CPU thread at batch 32)
-    batch_size: int = 32  # global batch, split evenly across workers (paper-scale SD fine-tunes use 256+)
-    lr: float = 2e-3  # peak AdamW LR; a from-scratch pixel UNet this small tolerates 2e-3 (with
-    # Min-SNR weighting: clean samples in 1500 steps where 1e-3 unweighted left grain); SD 1.5 wants ~1e-5
-    weight_decay: float = 0.01  # AdamW decoupled decay, the official decoder script's (and diffusers')
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 50  # linear LR warmup from ~0; guards the first steps of a fresh UNet
-    lr_schedule: str = "constant"  # after warmup: "constant" (SD fine-tuning) or "cosine" to 0
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    # Probability of zeroing a sample's whole condition. The paper's script uses 0.8 with SD 1.5
-    # fine-tuned on millions of images; on a few hundred steps that wastes 80% of the signal that
-    # teaches the UNet to follow the tokens, so the default keeps the classic 0.1: enough
-    # unconditional samples for guidance, most steps conditional.
-    cfg_prob: float = 0.1
-    # Per-sample, per-channel constant added to the noise (x noise_offset); 0.05-0.1 lets SD render
-    # very dark/bright images. 0 = plain DDPM.
-    noise_offset: float = 0.0
-    # Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma): each sample's
-    # epsilon-MSE is scaled by min(SNR(t), gamma) / SNR(t), which damps the low-noise steps whose
-    # large, unhelpful loss otherwise dominates the gradient. None = plain, unweighted MSE (the
-    # paper's; the cluster preset). Default 5 (the paper's gamma): on the tiny preset the samples
-    # lost their residual grain at the same step count.
-    snr_gamma: Optional[float] = 5.0
-    # EMA of the trained weights, exported instead of the raw ones; 0 disables. The decay warms
-    # up as 1 - (1 + step)**-ema_power (capped at ema_decay): with 0.75 it is ~0.99 after 500
-    # steps, so a short run's EMA averages its last ~100 steps rather than its random start.
-    ema_decay: float = 0.999
-    ema_power: float = 0.75
-    bf16: bool = False  # bf16 autocast for the UNet on CUDA (ignored on CPU)
-    checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
-    keep_last: int = 2  # complete checkpoints kept (older ones are deleted)
-    log_every: int = 20  # steps between loss logs
-    sample_every: int = 0  # steps between sample grids (0: only at the end); costs one sampling run
-    seed: int = 0  # data order, noise, condition drops (the UNet init uses the stage seed)
-
-    def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError(f"train.max_steps={self.max_steps} must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError(f"train.batch_size={self.batch_size} must be >= 1")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("train.lr must be > 0 and train.weight_decay >= 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"train.betas={self.betas} must be two numbers in [0, 1)")
-        if self.warmup_steps < 0:
-            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be >= 0")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"train.lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
-        if not 0 <= self.cfg_prob < 1:
-            raise ValueError(f"train.cfg_prob={self.cfg_prob} must be in [0, 1) (1 would never see a condition)")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise ValueError(f"train.snr_gamma={self.snr_gamma} must be > 0 or null (null: unweighted)")
-        if self.noise_offset < 0 or self.grad_clip < 0:
-            raise ValueError("train.noise_offset and train.grad_clip must be >= 0")
-        if not 0 <= self.ema_decay < 1 or self.ema_power <= 0:
-            raise ValueError("train.ema_decay must be in [0, 1) (0 = off) and train.ema_power > 0")
-        for key in ("checkpoint_every", "sample_every"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"train.{key} must be >= 0 (0 = only at the end)")
-        if self.keep_last < 1 or self.log_every < 1:
-            raise ValueError("train.keep_last and train.log_every must be >= 1")
 
 
 @dataclass

@@ -30,33 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from metamorph.eval.config import FIDConfig  # noqa: F401  (defined there: light to import)
 from metamorph.eval.frechet import frechet_distance_features
 
 INCEPTION_SIZE = 299
-
-
-@dataclass(kw_only=True)
-class FIDConfig:
-    # TorchScript Inception feature extractor (clean-fid / StyleGAN's inception-2015-12-05.pt).
-    # None: FID is skipped (recorded as such).
-    inception_path: Optional[str] = None
-    # Hugging Face CLIP dir (e.g. openai/clip-vit-large-patch14 downloaded beforehand). None: skipped.
-    clip_path: Optional[str] = None
-    # Generations to score: 0 = every evaluated t2i item (COCO-30K protocol: 30000). FID is
-    # biased upwards at small counts; compare runs at the same count only.
-    n_samples: int = 0
-    # Side both real and generated images are resized to before feature extraction; 0 keeps the
-    # decoder's output size (the protocol's "resolution" param; the paper reports 256 for COCO).
-    resolution: int = 0
-    batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        for key in ("inception_path", "clip_path"):
-            p = getattr(self, key)
-            if p is not None and not str(p).strip():
-                raise ValueError(f"evaluate.fid.{key}: empty string; use null to skip")
-        if self.n_samples < 0 or self.resolution < 0 or self.batch_size < 1:
-            raise ValueError("evaluate.fid.n_samples and .resolution must be >= 0, .batch_size >= 1")
 
 
 def _resized(images: Sequence[Image.Image], size: int) -> list[Image.Image]:

@@ -3,10 +3,26 @@
     python -m metamorph.model.modeling
 """
 
-from metamorph.model.config import LLMConfig, MetaMorphConfig
-from metamorph.model.generation import GenerationConfig, GenerationOutput, Prompt, generate
-from metamorph.model.modeling import MetaMorphForCausalLM, MetaMorphOutput
-from metamorph.model.vision import VisionConfig, VisionEncoder
+from metamorph.model.config import LLMConfig, MetaMorphConfig, VisionConfig
+
+# The torch/transformers modules load on first use, so configs import in milliseconds.
+_LAZY = {
+    "GenerationConfig": "metamorph.model.generation",
+    "GenerationOutput": "metamorph.model.generation",
+    "Prompt": "metamorph.model.generation",
+    "generate": "metamorph.model.generation",
+    "MetaMorphForCausalLM": "metamorph.model.modeling",
+    "MetaMorphOutput": "metamorph.model.modeling",
+    "VisionEncoder": "metamorph.model.vision",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'metamorph.model' has no attribute {name!r}")
 
 __all__ = [
     "GenerationConfig",

@@ -9,6 +9,8 @@ cores). `vocab_size` and the special-token ids come from the tokenizer at build 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -89,3 +91,57 @@ class MetaMorphConfig:
                 raise ValueError(f"model.{k}={v} is outside the vocabulary (llm.vocab_size={self.llm.vocab_size})")
         if self.image_start_id == self.image_end_id:
             raise ValueError("model.image_start_id and model.image_end_id must differ")
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    # SigLIP checkpoint dir (cluster: google/siglip-so400m-patch14-384 downloaded beforehand, or a
+    # dir written by VisionEncoder.save_pretrained). None: build a random-init encoder from the
+    # fields below. With a path, image_size/patch_size/hidden_size/... come from the checkpoint.
+    path: Optional[str] = None
+    image_size: int = 32  # encoder input side in px (384 at paper scale)
+    patch_size: int = 4  # px per patch side (14 at paper scale); the grid is image_size/patch_size
+    hidden_size: int = 64  # feature dim D (1152 at paper scale); also the vision head's output
+    num_layers: int = 2  # encoder depth (27 at paper scale)
+    num_heads: int = 2
+    intermediate_size: int = 128
+    # N tokens per image, a perfect square (64 at paper scale). Each image costs N sequence
+    # positions in the LLM, so N trades generation detail for context length and step time.
+    n_tokens: int = 16
+    seed: int = 0  # init seed for the random-init encoder (same seed -> identical weights)
+    # SigLIP's pixel normalisation ((x/255 - mean) / std per channel); so400m uses 0.5/0.5.
+    image_mean: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def __post_init__(self) -> None:
+        root = math.isqrt(self.n_tokens) if self.n_tokens > 0 else 0
+        if self.n_tokens <= 0 or root * root != self.n_tokens:
+            raise ValueError(f"vision.n_tokens={self.n_tokens} must be a positive perfect square (16, 64, ...)")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError("vision.image_mean / vision.image_std must be 3 numbers, std > 0")
+        if self.path is not None:
+            return  # architecture comes from the checkpoint
+        for key in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"vision.{key}={getattr(self, key)} must be > 0")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"vision.image_size={self.image_size} must be a multiple of vision.patch_size={self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"vision.hidden_size={self.hidden_size} must be divisible by vision.num_heads={self.num_heads}"
+            )
+
+    def siglip_config(self):
+        from transformers import SiglipVisionConfig
+
+        return SiglipVisionConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            vision_use_head=False,  # the pooled head is never used: features come before it
+        )

@@ -9,6 +9,16 @@ formats" section of docs/CONTRACTS.md; every record carries its ground truth in 
 """
 
 from metamorph.world.config import WorldConfig
-from metamorph.world.families import FAMILIES, write_world
+
+# families (numpy, PIL, PyAV, pyarrow) loads on first use: `metamorph plan` needs the config only
+_LAZY = {"FAMILIES": "metamorph.world.families", "write_world": "metamorph.world.families"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'metamorph.world' has no attribute {name!r}")
 
 __all__ = ["FAMILIES", "WorldConfig", "write_world"]

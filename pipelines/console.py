@@ -1,0 +1,254 @@
+"""The console of `metamorph run`: one live table of stages, or plain lines off a terminal.
+
+    metamorph run --preset smoke          # a table updating in place (on a terminal)
+    metamorph run --preset smoke | cat    # one line per event, progress at most every 10 s
+    metamorph run --preset smoke -v       # also every log line, as it is written
+    metamorph run --preset smoke -q       # errors and the summary only
+
+``LiveView`` is an ``Engine.run`` listener (``pipelines.runner.StageEvent``). Progress comes
+from the stages' progress files (``pipelines.logs.write_progress``), polled twice a second; the
+log files are tailed for ``-v``. Everything else (Ray, workers, libraries) is in the log files.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from pipelines.logs import read_progress
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+STYLE = {"waiting": "dim", "running": "bold yellow", "cached": "green", "done": "bold green",
+         "failed": "bold red", "blocked": "red"}
+PLAIN_PROGRESS_EVERY_S = 10.0  # off a terminal: at most one progress line per stage this often
+
+
+@dataclass
+class StageRow:
+    name: str
+    state: str = "waiting"
+    started: float | None = None
+    ended: float | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+    log_path: Path | None = None
+    progress_path: Path | None = None
+    last_plain: float = 0.0
+
+    def elapsed(self, now: float) -> float | None:
+        if self.started is None:
+            return None
+        return (self.ended or now) - self.started
+
+    def progress_text(self) -> str:
+        p = self.progress
+        if not p or p.get("done") is None:
+            return ""
+        done, total, unit = p["done"], p.get("total"), p.get("unit", "")
+        if total:
+            return f"{_num(done)}/{_num(total)} {unit}".strip() + f" ({100 * done / total:.0f}%)"
+        return f"{_num(done)} {unit}".strip()
+
+    def eta(self, now: float) -> float | None:
+        p = self.progress
+        el = self.elapsed(now)
+        if self.state != "running" or not p or not p.get("total") or not p.get("done") or not el:
+            return None
+        # time since the stage started includes setup (Ray workers, data): an upper bound
+        return el * (p["total"] - p["done"]) / p["done"]
+
+
+def _num(x: Any) -> str:
+    return f"{x:.0f}" if isinstance(x, (int, float)) and float(x).is_integer() else f"{x}"
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return ""
+    return f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def headline(stats: dict[str, Any], n: int = 3) -> str:
+    """The few numbers worth a glance: eval/* first, then losses, then counts."""
+    nums = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    order = [k for k in nums if k.startswith("eval/")]
+    order += [k for k in nums if k.startswith("final") and k not in order]
+    order += [k for k in nums if "loss" in k and not k.startswith("first") and k not in order]
+    order += [k for k in nums if k.startswith("n_") and k not in order]
+    return "  ".join(f"{k}={nums[k]:.4g}" for k in order[:n])
+
+
+class LiveView:
+    """Listener for ``Engine.run``: draws the stage table (TTY) or prints event lines."""
+
+    def __init__(self, stages: list[str], file: TextIO | None = None, verbosity: int = NORMAL,
+                 live: bool | None = None, poll_s: float = 0.5):
+        self.console = Console(file=file, highlight=False, soft_wrap=True)
+        self.verbosity = verbosity
+        self.live_mode = (self.console.is_terminal if live is None else live) and verbosity >= NORMAL
+        self.rows = {n: StageRow(n) for n in stages}
+        self.t0 = time.time()
+        self.poll_s = poll_s
+        self._live: Live | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.RLock()
+        self._tails: dict[Path, int] = {}
+        self.log_dir: Path | None = None
+        self.on_stage_state = None  # optional hook(stage, running: bool) (the log router)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "LiveView":
+        if self.live_mode:
+            # redirect_*=False: what a library writes to sys.stdout/stderr must not reach the table
+            self._live = Live(self.table(), console=self.console, refresh_per_second=4, transient=False,
+                              redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+        self._thread = threading.Thread(target=self._poll, name="console-poll", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._refresh()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def __enter__(self) -> "LiveView":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ output
+    def print(self, *args: Any, **kw: Any) -> None:
+        """A line above the table (or a plain line)."""
+        with self._lock:
+            self.console.print(*args, **kw)
+
+    def error(self, msg: str) -> None:
+        self.print(f"[bold red]error:[/] {msg}")
+
+    def table(self) -> Table:
+        now = time.time()
+        t = Table(title=f"metamorph run  {_dur(now - self.t0)}", title_justify="left", expand=False)
+        for col in ("stage", "state", "elapsed", "progress", "eta", "metric"):
+            t.add_column(col, no_wrap=True)
+        for r in self.rows.values():
+            metric = r.progress.get("metric", "") if r.state == "running" else headline(r.stats, 1)
+            t.add_row(r.name, f"[{STYLE.get(r.state, 'default')}]{r.state}[/]", _dur(r.elapsed(now)),
+                      r.progress_text(), _dur(r.eta(now)), metric or "")
+        return t
+
+    def _refresh(self) -> None:
+        with self._lock:
+            for r in self.rows.values():
+                if r.progress_path is not None and r.state == "running":
+                    p = read_progress(r.progress_path)
+                    if p:
+                        r.progress = p
+            if self._live is not None:
+                self._live.update(self.table())
+            elif self.verbosity >= NORMAL:
+                now = time.time()
+                for r in self.rows.values():
+                    if r.state == "running" and r.progress and now - r.last_plain >= PLAIN_PROGRESS_EVERY_S:
+                        r.last_plain = now
+                        eta = _dur(r.eta(now))
+                        self._line(r.name, "progress", f"{r.progress_text()} {r.progress.get('metric', '')}"
+                                   + (f" eta {eta}" if eta else ""))
+            if self.verbosity >= VERBOSE:
+                self._tail()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._refresh()
+            except Exception:  # noqa: BLE001 - the view must never take the run down
+                pass
+
+    def _tail(self) -> None:
+        if self.log_dir is None or not self.log_dir.exists():
+            return
+        for path in sorted(self.log_dir.glob("*.log")):
+            pos = self._tails.get(path, 0)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    data = f.read()
+            except OSError:
+                continue
+            cut = data.rfind(b"\n") + 1  # whole lines only
+            if not cut:
+                continue
+            self._tails[path] = pos + cut
+            for line in data[:cut].decode("utf-8", "replace").splitlines():
+                self.console.out(f"{path.stem}| {line}", highlight=False)
+
+    def _line(self, stage: str, kind: str, detail: str) -> None:
+        colour = STYLE.get({"start": "running", "started": "dim"}.get(kind, kind), "default")
+        self.console.print(f"[dim]{time.time() - self.t0:7.1f}s[/] [{colour}]{kind:>8}[/] {stage}  [dim]{escape(detail)}[/]")
+
+    # ------------------------------------------------------------------ events
+    def __call__(self, ev) -> None:
+        with self._lock:
+            if not ev.stage:  # run-level events
+                if ev.kind == "ray" and self.verbosity >= NORMAL and not self.live_mode:
+                    self._line("ray", "started", ev.detail)
+                return
+            r = self.rows.setdefault(ev.stage, StageRow(ev.stage))
+            r.log_path, r.progress_path = ev.log_path, ev.progress_path
+            now = time.time()
+            if ev.kind == "waiting":
+                r.state = "waiting"
+                return
+            if ev.kind == "start":
+                r.state, r.started = "running", now
+            elif ev.kind in ("done", "cached", "failed", "blocked"):
+                r.state = ev.kind
+                if r.started is None:
+                    r.started = now
+                r.ended = now
+                r.stats = ev.stats or {}
+                if ev.kind == "done" and r.progress.get("total"):
+                    r.progress = {**r.progress, "done": r.progress["total"]}
+            r.detail = ev.detail
+            if self.on_stage_state is not None and ev.kind != "cached":
+                self.on_stage_state(ev.stage, ev.kind == "start")
+            if ev.kind == "failed":
+                where = f"\n  log: {ev.log_path}" if ev.log_path else ""
+                self.print(f"[bold red]stage {ev.stage} failed[/]: {escape(ev.detail)}{where}")
+            elif self._live is None and self.verbosity >= NORMAL:
+                detail = _dur(ev.seconds) if ev.kind == "done" else ev.detail
+                if ev.kind == "done" and ev.stats:
+                    detail += "  " + headline(ev.stats)
+                self._line(ev.stage, ev.kind, detail)
+            if self._live is not None:
+                self._live.update(self.table())
+
+    # ------------------------------------------------------------------ the end
+    def summary(self, run_id: str | None, run_root: Path, log_dir: Path | None, ok: bool) -> None:
+        now = time.time()
+        t = Table(title="summary", title_justify="left")
+        for col in ("stage", "status", "time", "headline"):
+            t.add_column(col)
+        for r in self.rows.values():
+            status = {"done": "ran"}.get(r.state, r.state)
+            t.add_row(r.name, f"[{STYLE.get(r.state, 'default')}]{status}[/]", _dur(r.elapsed(now)), headline(r.stats))
+        word = "[bold green]done[/]" if ok else "[bold red]failed[/]"
+        with self._lock:
+            self.console.print(t)
+            self.console.print(f"{word} in {_dur(now - self.t0)}; mlflow run {run_id}; logs {log_dir}")
+            self.console.print(f"open it: metamorph ui --run-root {run_root}")
