@@ -183,6 +183,11 @@ def train_resources(train: TrainConfig) -> dict[str, float]:
 
 
 def publish(ctx: StageContext, export_dir: Path, tokenizer, artifact: str) -> None:
-    """Put the tokenizer beside the exported model (downstream loads one dir) and log it to MLflow."""
+    """Put the tokenizer, with the chat template training used, beside the exported model (users
+    and downstream stages load one dir) and log it to MLflow."""
+    from metamorph.data.chat import jinja_chat_template
+
+    n_visual = int(json.loads((Path(export_dir) / "config.json").read_text())["n_tokens"])
+    tokenizer.chat_template = jinja_chat_template(tokenizer, n_visual)
     tokenizer.save_pretrained(export_dir)
     ctx.log_artifact(export_dir, artifact)
