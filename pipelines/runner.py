@@ -324,6 +324,10 @@ class Engine:
                 tracking=child,
                 parent_tracking=parent,
             )
+            if child.run_id:  # the datasets this stage reads, as MLflow run inputs (digest = cache key)
+                from pipelines.tracking import log_datasets, stage_context
+
+                log_datasets(child, ctx.inputs, stage_context(n))
             stats = stage.run(ctx) or {}
             missing = [a for a in stage.outputs if not (tmp / a).exists()]
             if missing:
