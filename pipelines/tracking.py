@@ -336,6 +336,8 @@ def register_model(handle: TrackingHandle, model_id: str, name: str, metrics: Ma
                    description: str = "") -> str:
     """Register logged model ``model_id`` as a new version of ``name`` in the model registry, with
     ``metrics`` as the version's tags and in its description. Returns the version number."""
+    import json
+
     from mlflow.exceptions import MlflowException
 
     client = handle._client()
@@ -345,9 +347,18 @@ def register_model(handle: TrackingHandle, model_id: str, name: str, metrics: Ma
         pass  # already registered: add a version
     lines = [description] if description else []
     lines += [f"- {k}: {v:.4g}" for k, v in sorted(metrics.items()) if _is_number(v)]
-    mv = client.create_model_version(
-        name, source=f"models:/{model_id}", run_id=handle.run_id, model_id=model_id,
-        tags={k: f"{float(v):.6g}" for k, v in metrics.items() if _is_number(v)},
-        description="\n".join(lines),
-    )
+    # MLflow resolves a "models:/" source against the process-wide tracking URI: point it at
+    # this store for the call (only then does the version record its logged model)
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(handle.uri):
+        mv = client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=handle.run_id, model_id=model_id,
+            tags={k: f"{float(v):.6g}" for k, v in metrics.items() if _is_number(v)},
+            description="\n".join(lines),
+        )
+    # the logged model's page lists its registered versions from this tag (as mlflow.register_model does)
+    versions = json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions", "[]"))
+    versions.append({"name": name, "version": str(mv.version)})
+    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(versions)})
     return str(mv.version)
