@@ -328,6 +328,7 @@ class Engine:
                 from pipelines.tracking import log_datasets, stage_context
 
                 log_datasets(child, ctx.inputs, stage_context(n))
+                log_datasets(parent, ctx.inputs, stage_context(n))  # the pipeline run's Dataset column
             stats = stage.run(ctx) or {}
             missing = [a for a in stage.outputs if not (tmp / a).exists()]
             if missing:
