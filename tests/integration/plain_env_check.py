@@ -17,7 +17,7 @@ vpit_dir, decoder_dir, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 assert importlib.util.find_spec("metamorph") is None, "this check must run without metamorph installed"
 
 model = AutoModelForCausalLM.from_pretrained(vpit_dir, trust_remote_code=True)
-tok = AutoTokenizer.from_pretrained(vpit_dir)
+tok = AutoTokenizer.from_pretrained(vpit_dir, trust_remote_code=True)  # it reads config.json (auto_map) too
 start = tok.convert_tokens_to_ids("<image_start>")
 
 # text -> image: the prompt ends in <image_start>, so the model draws N visual tokens, then writes
