@@ -6,7 +6,7 @@
 Starts a real ``mlflow server`` on 127.0.0.1 over the run root's store (as ``metamorph ui``
 does), then headless Chromium (``apt-get install chromium``; or --chromium PATH) loads each page
 and saves a PNG. The pages: the experiment's runs table (the pipeline runs with their headline
-metrics and the Dataset column), the newest evaluate run's ``tables/generation.json`` artifact
+metrics and the Dataset column), the newest evaluate run's ``eval_generation_table.json`` artifact
 (caption, generated image, judged attributes per sample), and the VPiT logged model.
 """
 
@@ -96,7 +96,7 @@ def main() -> None:
         _shoot(args.chromium, f"{base}/#/experiments/{e}/runs", args.out / "mlflow_runs.png", args.size, args.wait_ms)
         if evals:
             r = evals[0].info.run_id
-            _shoot(args.chromium, f"{base}/#/experiments/{e}/runs/{r}/artifacts/tables/generation.json",
+            _shoot(args.chromium, f"{base}/#/experiments/{e}/runs/{r}/artifacts/eval_generation_table.json",
                    args.out / "mlflow_evaluate_table.png", args.size, args.wait_ms)
         if models:
             _shoot(args.chromium, f"{base}/#/experiments/{e}/models/{models[0].model_id}",

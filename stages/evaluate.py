@@ -179,7 +179,8 @@ def _link_models(ctx: StageContext, metrics: dict[str, float], headline: dict[st
 
 
 def _log_tables(ctx: StageContext, out: Path) -> None:
-    """Per-sample results as MLflow tables (the run's Evaluation/Artifacts view): held-out QA
+    """Per-sample results as MLflow tables at the run's artifact root (``mlflow.load_table`` and the
+    UI's table view read them there): held-out QA
     (question, answer, prediction, correct) and generation (caption, generated image, judged)."""
     client = ctx.tracking._client()
     qa: dict[str, list] = {k: [] for k in ("task", "attribute", "question", "answer", "prediction", "correct")}
@@ -193,7 +194,7 @@ def _log_tables(ctx: StageContext, out: Path) -> None:
                              ("answer", r.get("truth")), ("prediction", r.get("prediction")), ("correct", bool(r.get("correct")))):
                     qa[k].append(v)
     if qa["task"]:
-        client.log_table(ctx.tracking.run_id, data=qa, artifact_file="tables/qa.json")
+        client.log_table(ctx.tracking.run_id, data=qa, artifact_file="eval_qa_table.json")
     gen_file = out / GALLERY_FILE
     if gen_file.exists():
         from PIL import Image
@@ -212,7 +213,7 @@ def _log_tables(ctx: StageContext, out: Path) -> None:
                 cols["judged"].append(", ".join(f"{k}={v:g}" for k, v in scores.items() if k != "all"))
                 cols["all_right"].append(bool(scores.get("all") == 1.0) if scores else None)
         if cols["task"]:
-            client.log_table(ctx.tracking.run_id, data=cols, artifact_file="tables/generation.json")
+            client.log_table(ctx.tracking.run_id, data=cols, artifact_file="eval_generation_table.json")
 
 
 GALLERY_FILE = "gallery.jsonl"

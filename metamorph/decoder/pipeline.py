@@ -168,6 +168,7 @@ class MetaMorphDecoderPipeline(DiffusionPipeline):
         index = json.loads((root / "model_index.json").read_text())
         index["_class_name"] = [REMOTE_PIPELINE, type(self).__name__]
         index["conditioner"] = [REMOTE_CONDITIONER, type(self.conditioner).__name__]
+        index.pop("_name_or_path", None)  # where this pipeline was loaded from: often a temporary dir
         (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for cfg_file in root.glob("*/*.json"):
             cfg = json.loads(cfg_file.read_text())

@@ -127,8 +127,8 @@ def test_mlflow_is_the_record_of_the_run(smoke_run):
     import mlflow
 
     mlflow.set_tracking_uri(default_uri(smoke_run["root"]))
-    qa = mlflow.load_table("tables/qa.json", run_ids=[ev.info.run_id])
+    qa = mlflow.load_table("eval_qa_table.json", run_ids=[ev.info.run_id])
     assert {"question", "answer", "prediction", "correct"} <= set(qa.columns) and len(qa) > 0
-    gen = mlflow.load_table("tables/generation.json", run_ids=[ev.info.run_id])
+    gen = mlflow.load_table("eval_generation_table.json", run_ids=[ev.info.run_id])
     assert {"caption", "generated", "judged"} <= set(gen.columns) and len(gen) > 0
     assert gen["generated"].iloc[0]["type"] == "image"
