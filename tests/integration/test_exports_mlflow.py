@@ -126,9 +126,13 @@ def test_mlflow_is_the_record_of_the_run(smoke_run):
     # evaluation tables: per-sample QA and generations with their images
     import mlflow
 
-    mlflow.set_tracking_uri(default_uri(smoke_run["root"]))
-    qa = mlflow.load_table("eval_qa_table.json", run_ids=[ev.info.run_id])
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(default_uri(smoke_run["root"]))  # load_table searches runs through the fluent API
+    try:
+        qa = client.load_table(exp.experiment_id, "eval_qa_table.json", run_ids=[ev.info.run_id])
+        gen = client.load_table(exp.experiment_id, "eval_generation_table.json", run_ids=[ev.info.run_id])
+    finally:
+        mlflow.set_tracking_uri(before)
     assert {"question", "answer", "prediction", "correct"} <= set(qa.columns) and len(qa) > 0
-    gen = mlflow.load_table("eval_generation_table.json", run_ids=[ev.info.run_id])
     assert {"caption", "generated", "judged"} <= set(gen.columns) and len(gen) > 0
     assert gen["generated"].iloc[0]["type"] == "image"
