@@ -144,10 +144,12 @@ def standard_tags() -> dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (some containers)
         user = "unknown"
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("metamorph")
     tags = {
         "mlflow.user": user,
         "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "metamorph",
+        # the entry point: "metamorph" for the CLI; `python -m pkg` gives pkg/__main__.py -> "pkg"
+        "mlflow.source.name": argv0.parent.name if argv0.name == "__main__.py" else argv0.name,
     }
     sha = git_sha()
     if sha and sha != "unknown":
