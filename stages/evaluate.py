@@ -147,7 +147,7 @@ def publish(ctx: StageContext, out: Path, metrics: dict[str, float], headline: d
         if (out / name).exists():
             ctx.log_artifact(out / name)
     if ctx.tracking.run_id:
-        _log_tables(ctx, out)
+        _log_tables(ctx, out, judge_ok=bool(metrics.get("judge_ok")))
         _link_models(ctx, metrics, headline)
     # The manifest keeps the headline (same ``eval/`` names as on the parent run, so a cached
     # rerun can copy them there) and the judge gate; the full set is in metrics.json.
@@ -178,7 +178,7 @@ def _link_models(ctx: StageContext, metrics: dict[str, float], headline: dict[st
         ctx.tracking.set_tags({"registered_model": f"{cfg.register_as}/{version}"})
 
 
-def _log_tables(ctx: StageContext, out: Path) -> None:
+def _log_tables(ctx: StageContext, out: Path, judge_ok: bool) -> None:
     """Per-sample results as MLflow tables at the run's artifact root (``mlflow.load_table`` and the
     UI's table view read them there): held-out QA
     (question, answer, prediction, correct) and generation (caption, generated image, judged)."""
@@ -209,8 +209,10 @@ def _log_tables(ctx: StageContext, out: Path) -> None:
                 cols["task"].append(r["task"])
                 cols["caption"].append(r["caption"])
                 cols["cfg_scale"].append(r["cfg_scale"])
-                scores = r.get("scores") or {}
-                cols["judged"].append(", ".join(f"{k}={v:g}" for k, v in scores.items() if k != "all"))
+                # as in the report: a judge that failed its own accuracy test gives no verdicts
+                scores = (r.get("scores") or {}) if judge_ok else {}
+                cols["judged"].append(", ".join(f"{k}={v:g}" for k, v in scores.items() if k != "all")
+                                      if judge_ok else "withheld: the judge failed its own test")
                 cols["all_right"].append(bool(scores.get("all") == 1.0) if scores else None)
         if cols["task"]:
             client.log_table(ctx.tracking.run_id, data=cols, artifact_file="eval_generation_table.json")
