@@ -159,12 +159,13 @@ def _link_models(ctx: StageContext, metrics: dict[str, float], headline: dict[st
     the decoder-only reconstruction scores to the decoder; register the VPiT model if asked."""
     from pipelines.tracking import dataset_entity, find_logged_model, log_model_metrics, register_model
 
-    heldout = dataset_entity("mixture", ctx.input("mixture"))
-    vpit_key = ctx.input("vpit_model").resolve().parent.name
-    vpit_id = find_logged_model(ctx.tracking, "vpit_model", vpit_key)
+    mixture, vpit_dir, dec_dir = (ctx.inputs.get(a) for a in ("mixture", "vpit_model", "decoder"))
+    heldout = dataset_entity("mixture", mixture) if mixture is not None else None
+    vpit_key = vpit_dir.resolve().parent.name if vpit_dir is not None else None
+    vpit_id = find_logged_model(ctx.tracking, "vpit_model", vpit_key) if vpit_key else None
     if vpit_id:
         log_model_metrics(ctx.tracking, vpit_id, headline, dataset=heldout)
-    dec_id = find_logged_model(ctx.tracking, "decoder", ctx.input("decoder").resolve().parent.name)
+    dec_id = find_logged_model(ctx.tracking, "decoder", dec_dir.resolve().parent.name) if dec_dir is not None else None
     if dec_id:
         recon = {k: v for k, v in metrics.items() if "/recon/" in k}
         log_model_metrics(ctx.tracking, dec_id, recon, dataset=heldout)
