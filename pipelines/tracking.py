@@ -334,6 +334,36 @@ def log_model_metrics(handle: TrackingHandle, model_id: str, metrics: Mapping[st
         client.log_batch(handle.run_id, metrics=items[i : i + 500])
 
 
+class process_tracking_uri:
+    """Context manager: MLflow's process-wide tracking URI (and ``$MLFLOW_TRACKING_URI``, which
+    ``mlflow.set_tracking_uri`` also sets) pointed at ``uri``, both restored on exit. For the few
+    MLflow calls that ignore their client's URI (registering ``models:/``, ``load_table``)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def __enter__(self):
+        import os
+
+        from mlflow.tracking._tracking_service import utils
+
+        self.env = os.environ.get(TRACKING_URI_ENV)
+        self.before = utils._tracking_uri
+        utils.set_tracking_uri(self.uri)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        from mlflow.tracking._tracking_service import utils
+
+        utils.set_tracking_uri(self.before)
+        if self.env is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = self.env
+
+
 def register_model(handle: TrackingHandle, model_id: str, name: str, metrics: Mapping[str, float],
                    description: str = "") -> str:
     """Register logged model ``model_id`` as a new version of ``name`` in the model registry, with
@@ -351,9 +381,7 @@ def register_model(handle: TrackingHandle, model_id: str, name: str, metrics: Ma
     lines += [f"- {k}: {v:.4g}" for k, v in sorted(metrics.items()) if _is_number(v)]
     # MLflow resolves a "models:/" source against the process-wide tracking URI: point it at
     # this store for the call (only then does the version record its logged model)
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with _use_tracking_uri(handle.uri):
+    with process_tracking_uri(handle.uri):
         mv = client.create_model_version(
             name, source=f"models:/{model_id}", run_id=handle.run_id, model_id=model_id,
             tags={k: f"{float(v):.6g}" for k, v in metrics.items() if _is_number(v)},

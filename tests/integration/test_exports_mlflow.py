@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.cache import read_manifest
-from pipelines.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, default_uri
+from pipelines.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, default_uri, process_tracking_uri
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -124,15 +124,11 @@ def test_mlflow_is_the_record_of_the_run(smoke_run):
         assert any("cpu_utilization" in k for k in sysm) and any("memory" in k for k in sysm), (stage, sysm)
 
     # evaluation tables: per-sample QA and generations with their images
-    import mlflow
-
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(default_uri(smoke_run["root"]))  # load_table searches runs through the fluent API
-    try:
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    with process_tracking_uri(default_uri(smoke_run["root"])):  # load_table searches runs through the fluent API
         qa = client.load_table(exp.experiment_id, "eval_qa_table.json", run_ids=[ev.info.run_id])
         gen = client.load_table(exp.experiment_id, "eval_generation_table.json", run_ids=[ev.info.run_id])
-    finally:
-        mlflow.set_tracking_uri(before)
+    assert "MLFLOW_TRACKING_URI" not in os.environ or os.environ["MLFLOW_TRACKING_URI"] == env_before
     assert {"question", "answer", "prediction", "correct"} <= set(qa.columns) and len(qa) > 0
     assert {"caption", "generated", "judged"} <= set(gen.columns) and len(gen) > 0
     assert gen["generated"].iloc[0]["type"] == "image"

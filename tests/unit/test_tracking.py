@@ -10,6 +10,7 @@ The same things on a whole smoke run: tests/integration/test_exports_mlflow.py.
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -107,7 +108,8 @@ def test_datasets_are_run_inputs_with_the_cache_key_as_digest(tracker, tmp_path)
     assert {t.key: t.value for t in got["tokenized"].tags}["mlflow.data.context"] == "training"
 
 
-def test_logged_model_linked_to_metrics_and_registered(tracker, tmp_path):
+def test_logged_model_linked_to_metrics_and_registered(tracker, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     export = tmp_path / "vpit_model"
     export.mkdir()
     (export / "config.json").write_text('{"model_type": "metamorph"}')
@@ -132,6 +134,7 @@ def test_logged_model_linked_to_metrics_and_registered(tracker, tmp_path):
     assert mv.tags["eval/qa_acc"] == "0.75" and "eval/qa_acc: 0.75" in mv.description
     assert json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"]) == [{"name": "vpit", "version": version}]
     assert register_model(ev, model_id, "vpit", {}) == str(int(version) + 1)  # a second version, same name
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the process-wide URI was restored (unset)
 
 
 def test_system_metrics_on_a_short_run(tracker):
