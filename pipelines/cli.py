@@ -95,11 +95,11 @@ def make_engine(pipeline: Pipeline, loaded: LoadedConfig):
 
 
 def make_tracker(loaded: LoadedConfig):
-    from pipelines.tracking import Tracker, default_artifact_root, default_uri
+    from pipelines.tracking import Tracker, resolve_uri
 
     t = loaded.typed.tracking
-    uri = t.uri or default_uri(loaded.run_root)
-    art = t.artifact_root or (default_artifact_root(loaded.run_root) if t.uri is None else None)
+    uri, default_art = resolve_uri(t.uri, loaded.run_root)  # config key > $MLFLOW_TRACKING_URI > embedded
+    art = t.artifact_root or default_art
     loaded.run_root.mkdir(parents=True, exist_ok=True)
     return Tracker(uri, loaded.typed.experiment, art)
 

@@ -66,6 +66,8 @@ def _from_mlflow(ref: str, run_root: Path, tracking_uri: Optional[str]) -> tuple
     from pipelines.tracking import default_uri
 
     if tracking_uri is None:
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or None  # the same precedence as `metamorph run`
+    if tracking_uri is None:
         if not (run_root / "mlflow.db").exists():
             raise ResolveError(f"--model {ref!r} is not a directory, and there is no MLflow store at "
                                f"{run_root / 'mlflow.db'} to look it up as a run (pass --run-root or --tracking-uri)")

@@ -390,6 +390,11 @@ class Engine:
                 log_path=log_path,
                 progress_path=progress_path,
             )
+            if child.run_id:  # the datasets this stage reads, as MLflow run inputs (digest = cache key)
+                from pipelines.tracking import log_datasets, stage_context
+
+                log_datasets(child, ctx.inputs, stage_context(n))
+                log_datasets(parent, ctx.inputs, stage_context(n))  # the pipeline run's Dataset column
             stats = stage.run(ctx) or {}
             missing = [a for a in stage.outputs if not (tmp / a).exists()]
             if missing:

@@ -188,8 +188,11 @@ def fit(
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
     )
+    from pipelines.tracking import system_metrics
+
     t0 = time.perf_counter()
-    result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
+    with system_metrics(ctx.tracking):  # this host's CPU/memory (and GPU) while the workers train
+        result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
     stats = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and k != "done"}
     if not (result.metrics or {}).get("done"):
         raise RuntimeError(f"{ctx.stage}: Ray Train finished without the workers' final report: {result.metrics}")
@@ -206,6 +209,14 @@ def train_resources(train: TrainConfig) -> dict[str, float]:
 
 
 def publish(ctx: StageContext, export_dir: Path, tokenizer, artifact: str) -> None:
-    """Put the tokenizer beside the exported model (downstream loads one dir) and log it to MLflow."""
+    """Put the tokenizer, with the chat template training used, beside the exported model (users
+    and downstream stages load one dir) and log it to MLflow."""
+    from metamorph.data.chat import jinja_chat_template
+
+    n_visual = int(json.loads((Path(export_dir) / "config.json").read_text())["n_tokens"])
+    tokenizer.chat_template = jinja_chat_template(tokenizer, n_visual)
     tokenizer.save_pretrained(export_dir)
-    ctx.log_artifact(export_dir, artifact)
+    from pipelines.tracking import log_model
+
+    log_model(ctx.tracking, export_dir, name=artifact, model_type="transformers",
+              tags={"stage": ctx.stage, "cache_key": ctx.key, "format": "transformers AutoModelForCausalLM"})

@@ -68,6 +68,9 @@ class EvaluateConfig(StageConfig):
     report_samples: int = 12  # rows per sample grid in the report
     seed: int = 0  # held-out sampling and decoder noise (combined with the pipeline seed)
     # --- operational
+    # Register the evaluated VPiT model (its MLflow logged model) under this name in the MLflow
+    # model registry, with the headline metrics as the version's tags and description. None: don't.
+    register_as: Optional[str] = None
     use_gpu: bool = False  # run the evaluation as a Ray task with one GPU
     cpus: float = 1.0  # CPUs that task reserves
 
@@ -98,7 +101,7 @@ class EvaluateStage(Stage):
     inputs = ("vpit_model", "decoder", "vision_encoder", "tokenizer", "mixture")
     outputs = ("eval_report",)
     config_cls = EvaluateConfig
-    operational = frozenset({"use_gpu", "cpus", "report_samples"})
+    operational = frozenset({"use_gpu", "cpus", "report_samples", "register_as"})
     description = "held-out QA + generation (judged), TSV benchmarks, FID/CLIP; report.html"
 
     def fingerprint(self, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -143,9 +146,102 @@ def publish(ctx: StageContext, out: Path, metrics: dict[str, float], headline: d
     for name in ("report.html", "metrics.json", "samples.jsonl"):
         if (out / name).exists():
             ctx.log_artifact(out / name)
+    if ctx.tracking.run_id:
+        _log_tables(ctx, out, judge_ok=bool(metrics.get("judge_ok")))
+        _link_models(ctx, metrics, headline)
     # The manifest keeps the headline (same ``eval/`` names as on the parent run, so a cached
     # rerun can copy them there) and the judge gate; the full set is in metrics.json.
     return dict(headline) | {"judge_ok": metrics.get("judge_ok", 0.0), "seconds": metrics.get("seconds", 0.0)}
+
+
+def _link_models(ctx: StageContext, metrics: dict[str, float], headline: dict[str, float]) -> None:
+    """Tie the metrics to the MLflow logged models they measure: the headline to the VPiT model,
+    the decoder-only reconstruction scores to the decoder; register the VPiT model if asked."""
+    from pipelines.tracking import dataset_entity, find_logged_model, log_model_metrics, register_model
+
+    mixture, vpit_dir, dec_dir = (ctx.inputs.get(a) for a in ("mixture", "vpit_model", "decoder"))
+    heldout = dataset_entity("mixture", mixture) if mixture is not None else None
+    vpit_key = vpit_dir.resolve().parent.name if vpit_dir is not None else None
+    vpit_id = find_logged_model(ctx.tracking, "vpit_model", vpit_key) if vpit_key else None
+    if vpit_id:
+        log_model_metrics(ctx.tracking, vpit_id, headline, dataset=heldout)
+    dec_id = find_logged_model(ctx.tracking, "decoder", dec_dir.resolve().parent.name) if dec_dir is not None else None
+    if dec_id:
+        recon = {k: v for k, v in metrics.items() if "/recon/" in k}
+        log_model_metrics(ctx.tracking, dec_id, recon, dataset=heldout)
+    cfg: EvaluateConfig = ctx.cfg
+    if cfg.register_as:
+        if not vpit_id:
+            raise RuntimeError(f"evaluate.register_as={cfg.register_as!r}: no MLflow logged model for train_vpit "
+                               f"key {vpit_key} in this tracking store (was train_vpit run with tracking off?)")
+        version = register_model(ctx.tracking, vpit_id, cfg.register_as, headline,
+                                 description=f"VPiT model of train_vpit {vpit_key}, evaluated by run {ctx.tracking.run_id}")
+        ctx.tracking.set_tags({"registered_model": f"{cfg.register_as}/{version}"})
+
+
+def _log_tables(ctx: StageContext, out: Path, judge_ok: bool) -> None:
+    """Per-sample results as MLflow tables at the run's artifact root (``mlflow.load_table`` and the
+    UI's table view read them there): held-out QA
+    (question, answer, prediction, correct) and generation (caption, generated image, judged)."""
+    client = ctx.tracking._client()
+    qa: dict[str, list] = {k: [] for k in ("task", "attribute", "question", "answer", "prediction", "correct")}
+    if (out / "samples.jsonl").exists():
+        with open(out / "samples.jsonl", encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("kind") != "qa":
+                    continue
+                for k, v in (("task", r.get("task")), ("attribute", r.get("attribute")), ("question", r.get("question")),
+                             ("answer", r.get("truth")), ("prediction", r.get("prediction")), ("correct", bool(r.get("correct")))):
+                    qa[k].append(v)
+    if qa["task"]:
+        client.log_table(ctx.tracking.run_id, data=qa, artifact_file="eval_qa_table.json")
+    gen_file = out / GALLERY_FILE
+    if gen_file.exists():
+        from PIL import Image
+
+        cols: dict[str, list] = {k: [] for k in ("task", "caption", "cfg_scale", "generated", "reference", "judged", "all_right")}
+        with open(gen_file, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                with Image.open(out / r["generated"]) as g, Image.open(out / r["reference"]) as ref:
+                    cols["generated"].append(g.convert("RGB"))
+                    cols["reference"].append(ref.convert("RGB"))
+                cols["task"].append(r["task"])
+                cols["caption"].append(r["caption"])
+                cols["cfg_scale"].append(r["cfg_scale"])
+                # as in the report: a judge that failed its own accuracy test gives no verdicts
+                scores = (r.get("scores") or {}) if judge_ok else {}
+                cols["judged"].append(", ".join(f"{k}={v:g}" for k, v in scores.items() if k != "all")
+                                      if judge_ok else "withheld: the judge failed its own test")
+                cols["all_right"].append(bool(scores.get("all") == 1.0) if scores else None)
+        if cols["task"]:
+            client.log_table(ctx.tracking.run_id, data=cols, artifact_file="eval_generation_table.json")
+
+
+GALLERY_FILE = "gallery.jsonl"
+
+
+def _write_gallery(out: Path, gallery: dict[str, list]) -> None:
+    """The report's generation samples as PNGs + ``gallery.jsonl`` (for the MLflow table)."""
+    rows = []
+    img_dir = out / "gallery"
+    for task, entries in gallery.items():
+        for i, e in enumerate(entries):
+            if not e.get("generated"):
+                continue
+            img_dir.mkdir(exist_ok=True)
+            ref = f"gallery/{task}-{i}-reference.png"
+            e["reference"].save(out / ref)
+            for scale, img in e["generated"].items():
+                gen = f"gallery/{task}-{i}-cfg{scale}.png"
+                img.save(out / gen)
+                rows.append({"task": task, "id": e["id"], "caption": e["text"], "cfg_scale": float(scale),
+                             "generated": gen, "reference": ref, "scores": e["scores"].get(scale)})
+    if rows:
+        with open(out / GALLERY_FILE, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, default=_jsonable) + "\n")
 
 
 def _log(msg: str) -> None:
@@ -269,6 +365,7 @@ def evaluate_all(paths: dict[str, str], cfg: EvaluateConfig, out_dir: str, pipel
     (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "headline": headline, "params": params},
                                                  indent=2, sort_keys=True, default=_jsonable))
     _write_report(out / "report.html", cfg, metrics, headline, params, qa, qa_records, gallery, tsv_tables)
+    _write_gallery(out, gallery)
     log(f"done in {metrics['seconds']:.1f}s: " + ", ".join(f"{k}={v:.3f}" for k, v in headline.items()))
     return metrics, headline, params
 

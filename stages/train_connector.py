@@ -87,6 +87,8 @@ class TrainConnector(Stage):
             image_start_id=ids.image_start,
             image_end_id=ids.image_end,
             pad_id=ids.pad,
+            bos_id=ids.bos,
+            eos_id=ids.eot,  # generation stops at the end of the assistant turn
         )
         train = dataclasses.replace(cfg.train, seed=cfg.train.seed + ctx.seed)
         out = ctx.output("connector_model")

@@ -407,7 +407,10 @@ class TrainDecoder(Stage):
                     failure_config=FailureConfig(max_failures=cfg.max_failures),
                 ),
             )
-            trainer.fit()  # raises once max_failures restarts are spent
+            from pipelines.tracking import system_metrics
+
+            with system_metrics(ctx.tracking):  # this host's CPU/memory (and GPU) while the workers train
+                trainer.fit()  # raises once max_failures restarts are spent
             stats = read_export_stats(export_dir)
             if stats is None:
                 raise RuntimeError(f"train_decoder: training finished without a complete export in {export_dir}")
@@ -417,6 +420,10 @@ class TrainDecoder(Stage):
         pipe.set_progress_bar_config(disable=True)
         out = ctx.output("decoder")
         pipe.save_pretrained(out, safe_serialization=True)
+        from pipelines.tracking import log_model
+
+        log_model(ctx.tracking, out, name="decoder", model_type="diffusers",
+                  tags={"stage": ctx.stage, "cache_key": ctx.key, "format": "diffusers DiffusionPipeline"})
 
         # held-out reconstructions from their own tokens
         t_eval = time.perf_counter()

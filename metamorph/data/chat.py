@@ -165,6 +165,43 @@ class ChatTemplate:
         return r
 
 
+def jinja_chat_template(tokenizer, n_visual: int, system_prompt: str | None = None) -> str:
+    """The Jinja ``chat_template`` that renders what ``ChatTemplate`` renders (tokenizer.chat_template).
+
+    ``tokenizer.apply_chat_template(conversation, add_generation_prompt=...)`` then gives the same
+    ids as ``ChatTemplate.render`` / ``render_prompt`` (tests hold them equal on multi-turn, image
+    and text-only conversations). A content is a string with ``<image>`` placeholders, or a list of
+    ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` parts; each image becomes
+    ``<image_start>`` + N pad tokens + ``<image_end>`` (the model fills the N positions with the
+    vision encoder's tokens). One difference remains by design: the renderer treats a literal
+    special-token string inside a content as text, ``apply_chat_template`` as the special token.
+    """
+    if n_visual <= 0:
+        raise ValueError(f"n_visual={n_visual} must be > 0 (the vision encoder's n_tokens)")
+    ids = special_ids(tokenizer)
+    tok = tokenizer.convert_ids_to_tokens
+    image = tok(ids.image_start) + tok(ids.pad) * n_visual + tok(ids.image_end)
+    header = lambda role: tok(ids.start_header) + role + tok(ids.end_header) + "\n\n"  # noqa: E731
+    system = ""
+    if system_prompt:
+        system = header("system") + system_prompt.replace(IMAGE_PLACEHOLDER, image) + tok(ids.eot)
+    esc = lambda text: text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")  # noqa: E731
+    return (
+        "{{- '" + esc(tok(ids.bos) + system) + "' -}}"
+        "{%- for message in messages -%}"
+        "{{- '" + esc(tok(ids.start_header)) + "' + message['role'] + '" + esc(tok(ids.end_header) + "\n\n") + "' -}}"
+        "{%- if message['content'] is string -%}"
+        "{{- message['content'] | replace('" + IMAGE_PLACEHOLDER + "', '" + esc(image) + "') -}}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{- '" + esc(image) + "' -}}"
+        "{%- else -%}{{- part['text'] | replace('" + IMAGE_PLACEHOLDER + "', '" + esc(image) + "') -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{- '" + esc(tok(ids.eot)) + "' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '" + esc(header("assistant")) + "' -}}{%- endif -%}"
+    )
+
+
 def corpus_texts(conversation: Sequence[Any]) -> Iterator[str]:
     """The text a rendered conversation contains, piece by piece: the BPE training corpus.
 

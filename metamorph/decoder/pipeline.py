@@ -41,8 +41,15 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from metamorph.decoder.conditioning import VisionConditioner
-from metamorph.decoder.config import SAMPLERS, DecoderConfig, SamplingConfig
+# relative imports only: this file, conditioning.py and config.py are saved into every export as
+# the pipeline's remote code (DiffusionPipeline.from_pretrained(dir, trust_remote_code=True))
+from .conditioning import VisionConditioner
+from .config import SAMPLERS, DecoderConfig, SamplingConfig
+
+# model_index.json entries of an export: module files saved beside it, as diffusers custom
+# pipelines and components are (the pipeline file at the root, the conditioner's in its folder)
+REMOTE_PIPELINE = "pipeline"
+REMOTE_CONDITIONER = "conditioning"
 
 
 def make_sampler(name: str, train_scheduler_config) -> Union[DDIMScheduler, DPMSolverMultistepScheduler]:
@@ -133,6 +140,54 @@ class MetaMorphDecoderPipeline(DiffusionPipeline):
             num_inference_steps=sampling.num_inference_steps,
             sampler=sampling.sampler,
         )
+
+    # --- export ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """diffusers' ``save_pretrained``, plus this pipeline's code so the export loads anywhere.
+
+        ``model_index.json`` names ``["pipeline", "MetaMorphDecoderPipeline"]`` and the conditioner
+        ``["conditioning", "VisionConditioner"]``; the files are copies of this package's modules
+        (``pipeline.py``, ``conditioning.py``, ``config.py`` at the root, ``conditioner/conditioning.py``),
+        so ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` works without
+        ``metamorph``. With it, ``MetaMorphDecoderPipeline.from_pretrained(dir)`` needs no remote
+        code (see ``load_config``). Saved configs carry no ``_name_or_path`` (a temporary dir).
+        """
+        import inspect
+        import json
+        import shutil
+        from pathlib import Path
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        root = Path(save_directory)
+        here = Path(__file__).resolve().parent
+        cond_file = Path(inspect.getfile(type(self.conditioner))).resolve()
+        for name in (f"{REMOTE_PIPELINE}.py", "config.py"):
+            shutil.copyfile(here / name, root / name)
+        shutil.copyfile(cond_file, root / f"{REMOTE_CONDITIONER}.py")
+        shutil.copyfile(cond_file, root / "conditioner" / f"{REMOTE_CONDITIONER}.py")
+        index = json.loads((root / "model_index.json").read_text())
+        index["_class_name"] = [REMOTE_PIPELINE, type(self).__name__]
+        index["conditioner"] = [REMOTE_CONDITIONER, type(self.conditioner).__name__]
+        index.pop("_name_or_path", None)  # where this pipeline was loaded from: often a temporary dir
+        (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for cfg_file in root.glob("*/*.json"):
+            cfg = json.loads(cfg_file.read_text())
+            if isinstance(cfg, dict) and cfg.pop("_name_or_path", None) is not None:
+                cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """The export's config, pointed at this (imported) code instead of the saved copies, so
+        ``MetaMorphDecoderPipeline.from_pretrained(dir)`` loads without remote code."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if cls is not DiffusionPipeline and isinstance(config.get("_class_name"), list):
+            config["_class_name"] = cls.__name__
+            entry = config.get("conditioner")
+            if isinstance(entry, list) and entry[0] == REMOTE_CONDITIONER:
+                config["conditioner"] = [VisionConditioner.__module__, VisionConditioner.__name__]
+        return out
 
     # --- model space <-> pixels ---------------------------------------------------------------
 

@@ -91,8 +91,10 @@ class VPiTRunner:
         decoder_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
     ) -> "VPiTRunner":
+        from transformers import AutoModelForCausalLM
+
+        import metamorph.model  # noqa: F401  (registers model_type "metamorph" with the Auto classes)
         from metamorph.data.tokenizer import load_tokenizer
-        from metamorph.model.modeling import MetaMorphForCausalLM
         from metamorph.model.vision import VisionEncoder
 
         decoder = None
@@ -100,8 +102,10 @@ class VPiTRunner:
             from metamorph.decoder.pipeline import MetaMorphDecoderPipeline
 
             decoder = MetaMorphDecoderPipeline.from_pretrained(str(decoder_dir))
+        # the path a user takes: the Auto class, no remote code (the classes are registered)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir))
         return cls(
-            MetaMorphForCausalLM.from_pretrained(model_dir),
+            hf_model.vpit,
             load_tokenizer(tokenizer_dir),
             VisionEncoder.from_pretrained(encoder_dir),
             decoder,

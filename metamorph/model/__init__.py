@@ -1,4 +1,4 @@
-"""The VPiT model library: vision encoder, MetaMorph LLM wrapper, losses, generation.
+"""The VPiT model library: vision encoder, MetaMorph LLM wrapper, losses, generation, HF export.
 
     python -m metamorph.model.modeling
 """
@@ -23,6 +23,20 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'metamorph.model' has no attribute {name!r}")
+
+
+
+def _register() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from metamorph.model.configuration_metamorph import MODEL_TYPE, MetaMorphVPiTConfig
+    from metamorph.model.modeling_metamorph import MetaMorphVPiTForCausalLM
+
+    AutoConfig.register(MODEL_TYPE, MetaMorphVPiTConfig, exist_ok=True)
+    AutoModelForCausalLM.register(MetaMorphVPiTConfig, MetaMorphVPiTForCausalLM, exist_ok=True)
+
+
+_register()  # `import metamorph` leads here once transformers is imported (see metamorph/__init__)
 
 __all__ = [
     "GenerationConfig",

@@ -69,6 +69,10 @@ class MetaMorphConfig:
     image_start_id: int = -1
     image_end_id: int = -1
     pad_id: int = 0
+    # Written into the export's config.json / generation_config.json (generation stops at eos =
+    # end of turn). -1: not known (a model built without a tokenizer); the export then omits them.
+    bos_id: int = -1
+    eos_id: int = -1
 
     def __post_init__(self) -> None:
         if self.vision_dim <= 0:

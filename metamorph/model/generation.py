@@ -215,8 +215,8 @@ def generate(
 if __name__ == "__main__":
     import time
 
-    from metamorph.model.config import LLMConfig, MetaMorphConfig
-    from metamorph.model.modeling import MetaMorphForCausalLM
+    from .config import LLMConfig, MetaMorphConfig  # relative: this file is also saved as remote code
+    from .modeling import MetaMorphForCausalLM
 
     m = MetaMorphForCausalLM.from_config(MetaMorphConfig(llm=LLMConfig(vocab_size=100), image_start_id=98, image_end_id=99))
     for use_cache in (True, False):

@@ -29,17 +29,21 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from metamorph.model.config import LLMConfig, MetaMorphConfig
+from .config import LLMConfig, MetaMorphConfig  # relative: saved as remote code too
 
 IGNORE_INDEX = -100
 TRAIN_STAGES = ("connector", "vpit")
 CONFIG_FILE = "config.json"
-HEADS_FILE = "heads.safetensors"
-LLM_DIR = "llm"
+WEIGHTS_FILE = "model.safetensors"
+HF_PREFIX = "vpit."  # the weights' prefix under MetaMorphVPiTForCausalLM
+HF_ARCHITECTURE = "MetaMorphVPiTForCausalLM"
+# Saved beside the weights as the model's remote code: copies of this package's own files (they
+# import only torch / transformers / safetensors and each other), never a second copy of the model.
+REMOTE_CODE_FILES = ("configuration_metamorph.py", "modeling_metamorph.py", "modeling.py", "config.py", "generation.py")
 
 
 @dataclass
@@ -107,41 +111,73 @@ class MetaMorphForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Optional[torch.dtype] = None) -> "MetaMorphForCausalLM":
-        """Reload a ``save_pretrained`` dir in one call (LLM, projector, head, config)."""
+        """Reload an export (``save_pretrained``) through ``MetaMorphVPiTForCausalLM``, the class
+        ``AutoModelForCausalLM`` uses for it, so the library reads exactly what users load."""
         path = Path(path)
         if not (path / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a MetaMorph save_pretrained dir")
         raw = json.loads((path / CONFIG_FILE).read_text())
-        config = MetaMorphConfig(**{**raw, "llm": LLMConfig(**raw["llm"])})
-        llm = AutoModelForCausalLM.from_pretrained(
-            str(path / LLM_DIR), dtype=dtype, attn_implementation=config.llm.attn_implementation
-        )
-        model = cls(config, llm)
-        heads = load_file(str(path / HEADS_FILE))
-        missing, unexpected = model.load_state_dict(heads, strict=False)
-        bad_missing = [k for k in missing if not k.startswith("llm.")]
-        if bad_missing or unexpected:
-            raise ValueError(f"{path / HEADS_FILE}: missing {bad_missing}, unexpected {unexpected}")
-        model.projector.to(llm.dtype)
-        model.vision_head.to(llm.dtype)
-        return model
+        if raw.get("model_type") != "metamorph":
+            raise ValueError(f"{path / CONFIG_FILE} has model_type {raw.get('model_type')!r}, not 'metamorph': "
+                             "re-export it with this version (MetaMorphForCausalLM.save_pretrained)")
+        from .modeling_metamorph import MetaMorphVPiTForCausalLM
+
+        kw = {"dtype": dtype} if dtype is not None else {}
+        return MetaMorphVPiTForCausalLM.from_pretrained(str(path), **kw).vpit
 
     def save_pretrained(self, path: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
-        """Write ``config.json``, ``llm/`` (an ordinary HF checkpoint, safetensors) and the heads.
+        """Write a transformers model dir: ``config.json`` (model_type ``metamorph``, ``auto_map``),
+        ``generation_config.json``, ``model.safetensors`` and the modeling code (see
+        ``modeling_metamorph``), loadable by ``AutoModelForCausalLM`` with or without ``metamorph``.
 
         ``state_dict``: a full (gathered) state dict of this module, e.g. from FSDP2's
         ``get_model_state_dict(..., full_state_dict=True)``; default ``self.state_dict()``.
         """
+        import shutil
+
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        from .configuration_metamorph import MetaMorphVPiTConfig
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = self.state_dict() if state_dict is None else state_dict
-        llm_sd = {k[len("llm.") :]: v for k, v in sd.items() if k.startswith("llm.")}
-        heads = {k: v.detach().contiguous().cpu() for k, v in sd.items() if not k.startswith("llm.")}
-        self.llm.save_pretrained(str(path / LLM_DIR), state_dict=llm_sd)
-        save_file(heads, str(path / HEADS_FILE))
-        cfg = dataclasses.asdict(self.config)
-        cfg["llm"]["path"] = None  # the weights now live in llm/
-        (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+        tensors, seen = {}, {}
+        for k, v in sd.items():
+            v = v.detach().contiguous().cpu()
+            if v.data_ptr() in seen:  # tied weights: safetensors stores no shared storage
+                v = v.clone()
+            seen[v.data_ptr()] = k
+            tensors[f"{HF_PREFIX}{k}"] = v
+        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+
+        c = self.config
+        ids = {"bos_token_id": c.bos_id, "eos_token_id": c.eos_id, "pad_token_id": c.pad_id}
+        ids = {k: v for k, v in ids.items() if v is not None and v >= 0}
+        text = self.llm.config.to_dict()
+        text.update(ids)
+        text.pop("_name_or_path", None)
+        text["architectures"] = [type(self.llm).__name__]
+        hf = MetaMorphVPiTConfig(
+            text_config=text,
+            vision_dim=c.vision_dim,
+            n_tokens=c.n_tokens,
+            vision_coef=c.vision_coef,
+            image_start_token_id=c.image_start_id,
+            image_end_token_id=c.image_end_id,
+            tie_word_embeddings=bool(getattr(self.llm.config, "tie_word_embeddings", False)),
+            **ids,
+        )
+        hf.architectures = [HF_ARCHITECTURE]
+        hf.auto_map = {"AutoConfig": f"configuration_metamorph.{type(hf).__name__}",
+                       "AutoModelForCausalLM": f"modeling_metamorph.{HF_ARCHITECTURE}"}
+        hf.dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None
+        hf.save_pretrained(str(path))
+        # greedy, stop at end of turn: what evaluation and `metamorph chat` use
+        HFGenerationConfig(max_new_tokens=64, do_sample=False, **ids).save_pretrained(str(path))
+        here = Path(__file__).resolve().parent
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(here / name, path / name)
 
     # --- trainable sets -----------------------------------------------------------------------
 
@@ -343,7 +379,7 @@ class MetaMorphForCausalLM(nn.Module):
 
     def generate(self, *args, **kwargs):
         """See ``metamorph.model.generation.generate``."""
-        from metamorph.model.generation import generate
+        from .generation import generate
 
         return generate(self, *args, **kwargs)
 

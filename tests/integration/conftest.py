@@ -35,3 +35,54 @@ def ray_session():
                  log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_session, tmp_path_factory):
+    """One run of the whole default DAG on the smoke preset, shared by every test that only reads
+    its outputs (a run takes minutes on 2 cores). Returns {"root", "loaded", "summary"}; the run
+    registers its VPiT model as ``metamorph-smoke`` (evaluate.register_as)."""
+    from pipelines.cli import execute
+    from pipelines.config import load_config
+    from pipelines.definitions import get_pipeline
+
+    root = tmp_path_factory.mktemp("smoke-run")
+    pipeline = get_pipeline("vpit")
+    loaded = load_config(pipeline.stages, preset="smoke",
+                         overrides=[f"run_root={root}", "stages.evaluate.register_as=metamorph-smoke"])
+    summary = execute(pipeline, loaded, name="smoke-e2e")
+    return {"root": root, "loaded": loaded, "summary": summary}
+
+
+PLAIN_VENV_PACKAGES = ("torch", "transformers", "diffusers", "safetensors")
+
+
+@pytest.fixture(scope="session")
+def plain_venv():
+    """A venv with only torch + transformers + diffusers (+ safetensors) at this venv's versions,
+    built by pip from the local wheel cache / index and kept under the temp dir between sessions
+    (keyed by the versions): the place to prove an export loads without ``metamorph``. Returns
+    its python. Override the location with $METAMORPH_PLAIN_VENV."""
+    import hashlib
+    import importlib.metadata
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    pins = [f"{p}=={importlib.metadata.version(p)}" for p in PLAIN_VENV_PACKAGES]
+    tag = hashlib.sha1(" ".join(pins + [sys.version]).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("METAMORPH_PLAIN_VENV") or Path(tempfile.gettempdir()) / f"metamorph-plain-venv-{tag}")
+    python = root / "bin" / "python"
+    if not (root / ".complete").exists():
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
+        subprocess.run([str(tmp / "bin" / "pip"), "install", "-q", *pins], check=True, timeout=1500)
+        (tmp / ".complete").write_text("\n".join(pins) + "\n")
+        if root.exists():
+            shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)  # venv scripts hold absolute paths: use the python binary, not bin/pip
+        python = root / "bin" / "python"
+    return python

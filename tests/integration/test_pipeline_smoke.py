@@ -22,10 +22,10 @@ from pipelines.tracking import default_uri
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
-def test_smoke_pipeline_end_to_end(ray_session, tmp_path):
+def test_smoke_pipeline_end_to_end(smoke_run):
+    # the session's one smoke run (conftest.py), shared with test_exports_mlflow.py
     pipeline = get_pipeline("vpit")
-    loaded = load_config(pipeline.stages, preset="smoke", overrides=[f"run_root={tmp_path}"])
-    summary = execute(pipeline, loaded, name="smoke-e2e")
+    tmp_path, loaded, summary = smoke_run["root"], smoke_run["loaded"], smoke_run["summary"]
     expected = {
         "world", "curate_understanding", "curate_generation", "curate_video", "curate_visual_thinking",
         "curate_image_edit", "mix", "vision_encoder", "tokenize", "train_connector", "train_vpit",
@@ -63,6 +63,7 @@ def test_smoke_pipeline_end_to_end(ray_session, tmp_path):
     assert all(r.data.tags["status"] == "ran" for r in kids)
 
     # the second identical run executes nothing
-    again = execute(get_pipeline("vpit"), load_config(pipeline.stages, preset="smoke", overrides=[f"run_root={tmp_path}"]))
+    again = execute(get_pipeline("vpit"), load_config(pipeline.stages, preset="smoke",
+                                                      overrides=[f"run_root={tmp_path}", "stages.evaluate.register_as=metamorph-smoke"]))
     assert set(again.statuses.values()) == {"cached"}
     json.dumps(summary.stats, default=str)  # stats are JSON-able

@@ -89,7 +89,7 @@ def _connector_cfg(**train) -> TrainConnectorConfig:
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return {**load_file(model_dir / "heads.safetensors"), **load_file(next((model_dir / "llm").glob("*.safetensors")))}
+    return load_file(model_dir / "model.safetensors")  # the HF export: one file, every weight
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:

@@ -155,7 +155,7 @@ def _free_port() -> int:
 
 
 def _export_weights(d: Path) -> dict[str, torch.Tensor]:
-    return {**load_file(d / "heads.safetensors"), **load_file(next((d / "llm").glob("*.safetensors")))}
+    return load_file(d / "model.safetensors")  # the HF export: one file, every weight
 
 
 @pytest.mark.timeout(180)
@@ -168,8 +168,8 @@ def test_ddp_and_fsdp2_agree_on_two_processes(shards, tmp_path):
     assert ddp.keys() == fsdp.keys()
     for k in ddp:
         torch.testing.assert_close(ddp[k], fsdp[k], rtol=1e-4, atol=1e-5)
-    init = _metamorph().state_dict()  # the export's llm/ holds the LLM's own keys (no "llm.")
-    assert not torch.equal(init["llm.model.layers.0.mlp.up_proj.weight"], ddp["model.layers.0.mlp.up_proj.weight"])
+    init = _metamorph().state_dict()  # the export's keys carry the HF wrapper's "vpit." prefix
+    assert not torch.equal(init["llm.model.layers.0.mlp.up_proj.weight"], ddp["vpit.llm.model.layers.0.mlp.up_proj.weight"])
 
 
 def test_grad_checkpointing_gives_the_same_steps(shards, tmp_path):
