@@ -35,7 +35,7 @@ class CurateUnderstandingConfig(CurationStageConfig, VideoConfig):
 
 class CurateUnderstanding(CurationStage):
     name = "curate_understanding"
-    version = "2"  # 2: pHash from stepwise box reductions
+    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "understanding"
     outputs = ("curated_understanding",)
     config_cls = CurateUnderstandingConfig

@@ -30,7 +30,7 @@ class CurateVisualThinkingConfig(CurationStageConfig):
 
 class CurateVisualThinking(CurationStage):
     name = "curate_visual_thinking"
-    version = "2"  # 2: pHash from stepwise box reductions
+    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "visual_thinking"
     outputs = ("curated_visual_thinking",)
     config_cls = CurateVisualThinkingConfig

@@ -122,7 +122,8 @@ def _video_record(tmp_path, kind="videoqa", name="v.mp4", codec="mpeg4", n_frame
     if codec:
         write_video(path, n_frames=n_frames, fps=fps, codec=codec)
     if kind == "videoqa":
-        return raw("videoqa", {"video": {"path": str(path)}, "question": "Which way?", "answer": "right", "meta": {}})
+        conv = [{"from": "human", "value": "<video>\nWhich way?"}, {"from": "gpt", "value": "right"}]
+        return raw("videoqa", {"video": {"path": str(path)}, "conversations": conv, "meta": {}})
     return raw("clip", {"video": {"candidates": [str(path)]}, "label": "Moving box from left to right", "meta": {}, **extra})
 
 
@@ -169,7 +170,7 @@ def _viscot(tmp_path, bbox, fmt="xyxy", size=64):
     img.paste((255, 0, 0), (10, 20, 30, 40))  # the red region the box points at
     (tmp_path / "x.png").write_bytes(encode(img))
     return raw("viscot", {"image": {"path": str(tmp_path / "x.png")}, "question": "What colour is the small box?",
-                          "answer": "red", "bbox": bbox, "bbox_format": fmt, "meta": {}})
+                          "answer": "red", "bboxes": [bbox], "bbox_format": fmt, "meta": {}})
 
 
 @pytest.mark.parametrize("bbox,fmt", [([10, 20, 30, 40], "xyxy"), ([10, 20, 20, 20], "xywh")])
@@ -236,7 +237,8 @@ def test_reason_caption_length_and_empty_text():
 
 
 def test_reason_non_utf8_text():
-    rec = raw("videoqa", {"video": {"path": "/nonexistent.mp4"}, "question": "a\udc80b", "answer": "x", "meta": {}})
+    conv = [{"from": "human", "value": "a\udc80b"}, {"from": "gpt", "value": "x"}]
+    rec = raw("videoqa", {"video": {"path": "/nonexistent.mp4"}, "conversations": conv, "meta": {}})
     assert reason(process_record(rec, CFG)) == "non_utf8_text"
 
 

@@ -53,7 +53,7 @@ def test_llava_jsonl_single_multi_and_text_only(tmp_path):
     f = write_jsonl(tmp_path / "ann" / "llava.jsonl", LLAVA_GOOD)
     recs = by_rid(read_source(src("llava", f, image_root=str(tmp_path / "imgs"))))
     assert set(recs) == {"one", "two", "text"}
-    assert recs["one"].payload["images"] == [{"path": str(tmp_path / "imgs" / "a.png")}]
+    assert recs["one"].payload["images"] == [{"path": str(tmp_path / "imgs" / "a.png"), "root": str(tmp_path / "imgs")}]
     assert recs["one"].payload["meta"] == {"truth": "red"}
     assert [i["path"] for i in recs["two"].payload["images"]] == [str(tmp_path / "imgs" / n) for n in ("a.png", "b.png")]
     assert recs["text"].payload["images"] == []
@@ -101,9 +101,13 @@ def test_llava_bad_lines_each_quarantined(tmp_path):
     assert {r.locator for r in recs if r.reason == "non_utf8_text"} >= {"l.jsonl:3"}
 
 
-def test_llava_malformed_array_file_is_one_record(tmp_path):
+def test_llava_malformed_array_keeps_what_precedes_and_counts_the_rest(tmp_path):
     f = tmp_path / "bad.json"
     f.write_text('[{"id": 1}, ')
+    first, rest = read_source(src("llava", f))
+    assert first.rid == "1" and first.reason == "missing_field"  # no conversations
+    assert rest.reason == "malformed_json" and rest.locator == "bad.json@12"
+    f.write_text('{"id": 1}')
     (rec,) = read_source(src("llava", f))
     assert rec.reason == "malformed_json"
 
@@ -128,7 +132,7 @@ def test_videoqa(tmp_path):
         {"id": "v2", "video": "v2.webm", "answer": "left"},
     ])
     recs = by_rid(read_source(src("videoqa", f, video_root=str(tmp_path / "vids"))))
-    assert recs["v1"].payload["video"] == {"path": str(tmp_path / "vids" / "v1.mp4")}
+    assert recs["v1"].payload["video"] == {"path": str(tmp_path / "vids" / "v1.mp4"), "root": str(tmp_path / "vids")}
     assert recs["v1"].kind == "videoqa" and recs["v1"].payload["meta"] == {"d": "left"}
     assert recs["v2"].reason == "missing_field"
 
@@ -141,7 +145,7 @@ def test_viscot_bbox_format_is_passed_not_guessed(tmp_path, fmt):
         {"question_id": 9, "image": "x.png", "question": "q", "answer": "a", "bbox": "1,2,3,4"},
     ])
     recs = by_rid(read_source(src("viscot", f, bbox_format=fmt)))
-    assert recs["7"].payload["bbox"] == [1.0, 2.0, 10.0, 12.0] and recs["7"].payload["bbox_format"] == fmt
+    assert recs["7"].payload["bboxes"] == [[1.0, 2.0, 10.0, 12.0]] and recs["7"].payload["bbox_format"] == fmt
     assert recs["8"].reason == recs["9"].reason == "bad_bbox"
 
 
@@ -243,7 +247,7 @@ def test_parquet_image_by_path_and_missing(tmp_path):
     rows = [{"image": hf_image(None, "pics/a.png"), "caption": "x"}, {"image": hf_image(None, None), "caption": "y"}]
     f = write_caption_parquet(tmp_path / "p.parquet", rows)
     a, b = read_source(src("parquet", f))
-    assert a.payload["image"] == {"path": str(tmp_path / "pics" / "a.png")}
+    assert a.payload["image"] == {"path": str(tmp_path / "pics" / "a.png"), "root": str(tmp_path)}
     assert b.reason == "image_missing"
 
 

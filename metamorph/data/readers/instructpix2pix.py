@@ -2,9 +2,11 @@
 
     python -c "from metamorph.data.readers import READERS; print(READERS['instructpix2pix'])"
 
-Columns: ``original_prompt``, ``original_image`` (struct ``{bytes, path}``), ``edit_prompt``,
-``edited_prompt``, ``edited_image``; toy-world files add ``meta`` (a JSON string) and may add
-``id``. Units as the parquet reader plans them (row groups, or row ranges of big ones).
+Columns as on the HF hub (``timbrooks/instructpix2pix-clip-filtered``, ``data/train-*.parquet``):
+``original_prompt``, ``original_image`` (struct ``{bytes, path}``), ``edit_prompt``,
+``edited_prompt``, ``edited_image``; an image struct with null bytes is read from ``path`` under
+``image_root``. Toy-world files add ``meta`` (a JSON string); an ``id`` column is used when there
+is one (else ``{file stem}-{row}``). Units as the parquet reader plans them.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, default_root, order_key, rejected
-from metamorph.data.readers.parquet import image_ref, meta_cell, rows, text_cell
+from metamorph.data.readers.parquet import _rid_or, id_cell, image_ref, meta_cell, rows, text_cell
 from metamorph.data.readers.parquet import plan as plan  # same units as the parquet reader
 
 KIND = "edit"
+FAMILY = "image_edit"
+SUFFIXES = (".parquet",)
+FIELDS: dict[str, str] = {}
+REQUIRED = ("original_image", "edit_prompt", "edited_image")
 
 
 def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
@@ -29,18 +35,21 @@ def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[Raw
         if row is None:
             yield rejected(src, KIND, where, order, "non_utf8_text", err, rid=fallback_id)
             continue
-        rid = str(row.get("id") or fallback_id)
         try:
+            rid = id_cell(row, ("id",), fallback_id)
+            missing = [c for c in REQUIRED if c not in row]
+            if missing:
+                raise Reject("missing_field", f"{where}: no column {missing}")
             blobs: list[bytes] = []
             payload = {
-                "original": image_ref(row.get("original_image"), root, "original_image", blobs),
-                "edited": image_ref(row.get("edited_image"), root, "edited_image", blobs),
-                "edit_prompt": text_cell(row.get("edit_prompt"), "edit_prompt"),
-                "original_prompt": text_cell(row.get("original_prompt"), "original_prompt"),
-                "edited_prompt": text_cell(row.get("edited_prompt"), "edited_prompt"),
+                "original": image_ref(row["original_image"], root, "original_image", blobs),
+                "edited": image_ref(row["edited_image"], root, "edited_image", blobs),
+                "edit_prompt": text_cell(row["edit_prompt"], "edit_prompt"),
+                "original_prompt": text_cell(row["original_prompt"], "original_prompt") if row.get("original_prompt") is not None else "",
+                "edited_prompt": text_cell(row["edited_prompt"], "edited_prompt") if row.get("edited_prompt") is not None else "",
                 "meta": meta_cell(row.get("meta")),
             }
         except Reject as r:
-            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=rid)
+            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=_rid_or(row, fallback_id))
             continue
         yield RawRecord(source=src.name, rid=rid, locator=where, order=order, kind=KIND, payload=payload, blobs=blobs)
