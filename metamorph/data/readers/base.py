@@ -293,9 +293,14 @@ def scan_json_array(path: Path) -> Iterator[tuple[int, int]]:
     udec = codecs.getincrementaldecoder("utf-8")("strict")
     with open(path, "rb") as f:
         buf, i, byte_i, eof = "", 0, 0, False  # byte_i: the file offset of buf[i]
+        read_total = 0
+        bad: list[_Broken] = []  # invalid UTF-8 ahead: raised once the walk gets there
 
         def more(n: int = JSON_CHUNK) -> bool:
-            nonlocal buf, i, eof
+            nonlocal buf, i, eof, read_total
+            if bad:
+                bad[0].offset = byte_i
+                raise bad[0]
             if eof:
                 return False
             if i > len(buf) // 2:  # drop what was consumed (amortised: at most one copy per chunk)
@@ -303,8 +308,10 @@ def scan_json_array(path: Path) -> Iterator[tuple[int, int]]:
             data = f.read(n)
             try:
                 buf += udec.decode(data, final=not data)
-            except UnicodeDecodeError as e:
-                raise _Broken(byte_i, "non_utf8_text", f"invalid UTF-8 near byte {byte_i + e.start}") from None
+            except UnicodeDecodeError as e:  # keep the valid text before it: the elements there are fine
+                buf += codecs.decode(data[: e.start], "utf-8", "ignore") if e.start else ""
+                bad.append(_Broken(byte_i, "non_utf8_text", f"invalid UTF-8 at byte {read_total + e.start}"))
+            read_total += len(data)
             eof = not data
             return True
 
