@@ -15,7 +15,12 @@ from stages._curation import CurationStage, CurationStageConfig
 
 
 def _sources() -> list[SourceConfig]:
-    return [SourceConfig(name="world_edit", format="instructpix2pix", path="world:image_edit")]
+    return [
+        SourceConfig(name="world_edit", format="instructpix2pix", path="world:image_edit/data"),
+        # the converted form: JSONL beside input/ and output/ folders, its keys named here
+        SourceConfig(name="world_edit_jsonl", format="edit_jsonl", path="world:image_edit/edits/edits.jsonl",
+                     fields={"source": "input", "instruction": "edit", "target": "output"}),
+    ]
 
 
 @dataclass(kw_only=True)

@@ -427,9 +427,12 @@ def union_box(boxes: list[list[float]], fmt: str) -> list[float]:
 def unsquare_box(norm: list[float], width: int, height: int) -> list[float]:
     """Invert Visual-CoT's normalisation of a pixel box: the official conversion shifts the box as
     if the image were padded to a square (the short axis by ``(long - short) // 2`` px, integer
-    division) and divides by the long side."""
+    division), divides by the long side and prints ``%0.3f``."""
     side = max(width, height)
-    x1, y1, x2, y2 = (v * side for v in norm)
+    # the official boxes are whole pixels printed with 3 decimals: a value within that rounding
+    # (0.0005 x side) of a whole pixel is that pixel, so the text inverts to the exact box
+    tol = 0.0005 * side + 1e-9
+    x1, y1, x2, y2 = (float(round(v * side)) if abs(v * side - round(v * side)) <= tol else v * side for v in norm)
     if width > height:
         shift = (width - height) // 2
         return [x1, y1 - shift, x2, y2 - shift]

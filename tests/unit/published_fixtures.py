@@ -120,12 +120,12 @@ def visual_thinking(root: Path) -> tuple[list[SourceConfig], set[str], dict[str,
         # normalised as the official conversion does: wide 200x100, union box [20, 10, 90, 70]:
         # y + (200 - 100) // 2, all / 200
         {"dataset": "gqa", "split": "train", "question_id": 0, "image": ["cot/gqa/wide.jpg", "cot/gqa/wide.jpg###[20, 10, 90, 70]"],
-         "conversations": conv("What colour is the box?", "[0.100, 0.300, 0.450, 0.600]", "Red.")},
+         "conversations": conv("Which colour does the large box have?", "[0.100, 0.300, 0.450, 0.600]", "Red.")},
         {"dataset": "gqa", "split": "train", "question_id": 1, "image": ["cot/gqa/wide.jpg"],
-         "conversations": conv("What colour is the box?", "[0.100, 0.300, 0.450, 0.600]", "Red.")},
+         "conversations": conv("Is the box red or blue?", "[0.100, 0.300, 0.450, 0.600]", "Red.")},
         # tall 100x150, box [10, 20, 50, 100]: x + (150 - 100) // 2, all / 150
         {"dataset": "textcap", "split": "train", "question_id": 2, "image": ["cot/textvqa/tall.png"],
-         "conversations": conv("What is written?", "[0.233, 0.133, 0.500, 0.667]", "Nothing.")},
+         "conversations": conv("Is there text on the box?", "[0.233, 0.133, 0.500, 0.667]", "No.")},
         {"dataset": "gqa", "split": "train", "question_id": 3, "image": ["cot/gqa/wide.jpg"],
          "conversations": conv("q?", "the box is on the left", "a")},
     ]

@@ -438,3 +438,35 @@ def test_thumb_max_diffs_equals_pairwise():
     pairs.append((pairs[0][0], pairs[0][0]))
     want = [int(np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8).astype(np.int16)).max()) for a, b in pairs]
     assert thumb_max_diffs(pairs) == want == [thumb_max_diff(a, b) for a, b in pairs] and thumb_max_diffs([]) == []
+
+
+def test_video_opened_with_file_protocol_only_and_within_budget(tmp_path):
+    from metamorph.data.readers.base import Reject
+
+    # a playlist posing as a video: FFmpeg may not follow it to another protocol or file
+    (tmp_path / "list.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://127.0.0.1:9/seg.ts\n#EXT-X-ENDLIST\n")
+    (tmp_path / "concat.mp4").write_text(f"ffconcat version 1.0\nfile '{write_video(tmp_path / 'real.mp4')}'\n")
+    for name in ("list.m3u8", "concat.mp4"):
+        with pytest.raises(Reject) as e:
+            sample_frames(str(tmp_path / name), fps=2, max_frames=4)
+        assert e.value.reason == "video_decode_error", name
+    path = write_video(tmp_path / "long.mp4", n_frames=40, fps=8)
+    assert len(sample_frames(str(path), fps=1, max_frames=4)) == 4
+    with pytest.raises(Reject) as e:  # the last sampled frame is the 25th decoded: past a budget of 20
+        sample_frames(str(path), fps=1, max_frames=4, max_decode_frames=20)
+    assert e.value.reason == "video_budget"
+    rec = _video_record(tmp_path, name="v.mp4")
+    assert reason(process_record(rec, CFG, VideoConfig(fps=2.0, max_video_bytes=1024))) == "file_too_large"
+
+
+def test_text_caps_apply_to_questions_answers_labels(tmp_path):
+    long = "w" * 300
+    cfg = CurateConfig(image_size=32, min_side=16, max_text_chars=200)
+    rec = _video_record(tmp_path, kind="clip")
+    rec.payload["label"] = long
+    assert reason(process_record(rec, cfg, VideoConfig(fps=2.0))) == "text_too_long"
+    vt = _viscot(tmp_path, [10, 20, 30, 40])
+    vt.payload["answer"] = long
+    assert reason(process_record(vt, cfg)) == "text_too_long"
+    edit = raw("edit", {"original": {"blob": 0}, "edited": {"blob": 1}, "edit_prompt": long, "meta": {}}, [png(0), png(2)])
+    assert reason(process_record(edit, dataclasses.replace(cfg, max_caption_chars=100))) == "caption_length"
