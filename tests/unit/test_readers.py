@@ -582,3 +582,22 @@ def test_fields_renamed_per_source_and_unknown_fields_refused(tmp_path):
     assert rec.rid == "e.jsonl-1"
     with pytest.raises(ValueError, match="fields.*'target_img'"):
         check_source(src("edit_jsonl", f, fields={"target_img": "dst"}), "sources[0]")
+
+
+def test_instructpix2pix_columns_renamed_for_other_hub_edit_sets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.unit.curation_fixtures import HF_IMAGE
+
+    t = pa.Table.from_pylist([{"img_id": "327726", "turn_index": 1, "source_img": {"bytes": png(0), "path": None},
+                               "mask_img": {"bytes": png(9), "path": None}, "instruction": "let the box be green",
+                               "target_img": {"bytes": png(1), "path": None}}],
+                             schema=pa.schema([("img_id", pa.string()), ("turn_index", pa.int32()), ("source_img", HF_IMAGE),
+                                               ("mask_img", HF_IMAGE), ("instruction", pa.string()), ("target_img", HF_IMAGE)]))
+    pq.write_table(t, tmp_path / "train-00000-of-00001.parquet")
+    s = src("instructpix2pix", tmp_path, fields={"source": "source_img", "instruction": "instruction", "target": "target_img"})
+    (rec,) = read_source(s)
+    assert rec.reason == "" and rec.payload["edit_prompt"] == "let the box be green" and rec.blobs == [png(0), png(1)]
+    (rec,) = read_source(src("instructpix2pix", tmp_path))  # without the renames: the columns are missing
+    assert rec.reason == "missing_field" and "original_image" in rec.detail

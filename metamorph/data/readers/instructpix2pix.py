@@ -6,7 +6,9 @@ Columns as on the HF hub (``timbrooks/instructpix2pix-clip-filtered``, ``data/tr
 ``original_prompt``, ``original_image`` (struct ``{bytes, path}``), ``edit_prompt``,
 ``edited_prompt``, ``edited_image``; an image struct with null bytes is read from ``path`` under
 ``image_root``. Toy-world files add ``meta`` (a JSON string); an ``id`` column is used when there
-is one (else ``{file stem}-{row}``). Units as the parquet reader plans them.
+is one (else ``{file stem}-{row}``). Other edit datasets on the hub name the three columns
+differently: set them with the source's ``fields`` (MagicBrush: ``{source: source_img, instruction:
+instruction, target: target_img}``). Units as the parquet reader plans them.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from metamorph.data.readers.parquet import plan as plan  # same units as the par
 KIND = "edit"
 FAMILY = "image_edit"
 SUFFIXES = (".parquet",)
-FIELDS: dict[str, str] = {}
-REQUIRED = ("original_image", "edit_prompt", "edited_image")
+# renamable per source: MagicBrush's hub Parquet is {"source": "source_img", "instruction":
+# "instruction", "target": "target_img"}
+FIELDS = {"source": "original_image", "instruction": "edit_prompt", "target": "edited_image", "id": "id"}
 
 
 def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
     f = Path(unit["file"])
     root = default_root(src, "image", f.parent)
+    keys = {k: src.key_of(k, v) for k, v in FIELDS.items()}
     for pos, (row_no, row, err) in enumerate(rows(unit)):
         where = f"{f.name}:{row_no}"
         order = order_key(unit_idx, pos)
@@ -36,15 +40,15 @@ def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[Raw
             yield rejected(src, KIND, where, order, "non_utf8_text", err, rid=fallback_id)
             continue
         try:
-            rid = id_cell(row, ("id",), fallback_id)
-            missing = [c for c in REQUIRED if c not in row]
+            rid = id_cell(row, (keys["id"],), fallback_id)
+            missing = [keys[k] for k in ("source", "instruction", "target") if keys[k] not in row]
             if missing:
                 raise Reject("missing_field", f"{where}: no column {missing}")
             blobs: list[bytes] = []
             payload = {
-                "original": image_ref(row["original_image"], root, "original_image", blobs),
-                "edited": image_ref(row["edited_image"], root, "edited_image", blobs),
-                "edit_prompt": text_cell(row["edit_prompt"], "edit_prompt"),
+                "original": image_ref(row[keys["source"]], root, keys["source"], blobs),
+                "edited": image_ref(row[keys["target"]], root, keys["target"], blobs),
+                "edit_prompt": text_cell(row[keys["instruction"]], keys["instruction"]),
                 "original_prompt": text_cell(row["original_prompt"], "original_prompt") if row.get("original_prompt") is not None else "",
                 "edited_prompt": text_cell(row["edited_prompt"], "edited_prompt") if row.get("edited_prompt") is not None else "",
                 "meta": meta_cell(row.get("meta")),
