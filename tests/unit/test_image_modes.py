@@ -7,6 +7,7 @@ conversion, EXIF orientation before boxes and crops, and edit pairs through one 
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
 
@@ -157,3 +158,69 @@ def test_edit_size_mismatch_resized_or_quarantined():
     assert _edit([small, big], edit_size_mismatch="quarantine")["reason"] == "edit_size_mismatch"
     with pytest.raises(ValueError, match="edit_size_mismatch"):
         CurateConfig(edit_size_mismatch="crop")
+
+
+# --- CMYK with an embedded ICC profile -------------------------------------------------------------------
+
+def _s15(v: float) -> bytes:
+    return struct.pack(">i", int(round(v * 65536)))
+
+# linear sRGB -> XYZ (D50, Bradford-adapted), as ICC profiles state sRGB
+SRGB_TO_XYZ_D50 = np.array([[0.4360747, 0.3850649, 0.1430804], [0.2225045, 0.7168786, 0.0606169], [0.0139322, 0.0971045, 0.7141733]])
+
+def cmyk_profile() -> bytes:
+    """A minimal ICC v2 CMYK printer profile (header, desc, wtpt, a 2-point lut16 A2B0 to XYZ)
+    whose ink corners are the sRGB primaries and their mixes: linear R = (1-c)(1-k), G =
+    (1-m)(1-k), B = (1-y)(1-k) at every corner of the CMYK cube."""
+    desc_text = b"Test naive CMYK\x00"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(desc_text)) + desc_text + struct.pack(">II", 0, 0) + struct.pack(">HB", 0, 0) + bytes(67)
+    wtpt = b"XYZ " + bytes(4) + _s15(0.9642) + _s15(1.0) + _s15(0.8249)
+    clut = []
+    for c, m, y, k in itertools.product((0, 1), repeat=4):  # first channel varies slowest
+        rgb = np.array([(1 - c) * (1 - k), (1 - m) * (1 - k), (1 - y) * (1 - k)], float)
+        xyz = SRGB_TO_XYZ_D50 @ rgb
+        clut += [min(65535, int(round(v * 32768))) for v in xyz]
+    lut = (b"mft2" + bytes(4) + struct.pack(">BBBB", 4, 3, 2, 0) + b"".join(_s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+           + struct.pack(">HH", 2, 2) + struct.pack(">8H", *([0, 65535] * 4)) + struct.pack(f">{len(clut)}H", *clut)
+           + struct.pack(">6H", *([0, 65535] * 3)))
+    tags = [(b"desc", desc), (b"wtpt", wtpt), (b"A2B0", lut)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        while (offset + len(data)) % 4:
+            data += b"\x00"
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    body = struct.pack(">I", len(tags)) + table + data
+    size = 128 + len(body)
+    header = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"prtr" + b"CMYK" + b"XYZ "
+              + bytes(12) + b"acsp" + b"APPL" + bytes(4) + bytes(4) + bytes(4) + bytes(8) + struct.pack(">I", 0)
+              + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + bytes(4) + bytes(16) + bytes(28))
+    assert len(header) == 128, len(header)
+    return header + body
+
+
+def _srgb_encode(lin: np.ndarray) -> np.ndarray:
+    return np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055) * 255
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "JPEG"])
+def test_cmyk_with_icc_profile_goes_through_the_profile(fmt):
+    # littlecms interpolates the first channel linearly and the other three tetrahedrally: on
+    # pixels with k = 0, or with m = y = 0, that is exact for this profile, so the output must be
+    # the sRGB encoding of the corners' linear mix (the naive conversion, with no gamma, is far off)
+    n = 16
+    c, m, y = (RNG.integers(0, 256, size=(n, n)) for _ in range(3))
+    k = RNG.integers(0, 256, size=(n, n))
+    cmyk = np.stack([np.concatenate([c, c]), np.concatenate([m, 0 * m]), np.concatenate([y, 0 * y]),
+                     np.concatenate([0 * k, k])], axis=-1).astype(np.uint8)
+    f = cmyk.astype(float) / 255
+    want = _srgb_encode((1 - f[..., :3]) * (1 - f[..., 3:]))
+    data = encode(Image.fromarray(cmyk, "CMYK"), fmt, icc_profile=cmyk_profile(), **({"quality": 100} if fmt == "JPEG" else {}))
+    got = decode(data)
+    err = np.abs(got - want)
+    # littlecms precomputes a device-space grid: a few near-black pixels, where sRGB's curve is
+    # steepest, land ~15 levels off; the bulk is within a level or two
+    assert err.mean() < (2 if fmt == "TIFF" else 3) and np.percentile(err, 90) <= (3 if fmt == "TIFF" else 6)
+    naive = (1 - f[..., :3]) * (1 - f[..., 3:]) * 255
+    assert np.abs(naive - want).mean() > 20  # the two conversions are far apart: the test tells them apart
