@@ -7,11 +7,14 @@ over Ray tasks: ``plan(src, records_per_unit)`` lists small JSON-able *units* of
 ``records_per_unit`` records (a byte range of a JSONL or CSV file, an element range of a JSON
 array, a member range of a tar, a row range of a Parquet row group) on the driver, and
 ``read(src, unit, unit_idx)`` yields the records of one unit inside a worker, which also decodes
-and converts them (one task per unit), so a big file is split here or it runs on one core. A file
-whose structure the plan cannot walk (a truncated tar, a malformed JSON array) stays one unit and
-its read reports the problem as before. Readers never decode images or videos (the curation step does, in
+and converts them (one task per unit), so a big file is split here or it runs on one core. A JSON
+array is walked in chunks, never loaded whole; where it stops being an array, the rest is one
+unit that reads as one quarantined record. A tar the plan cannot walk stays one unit and its read
+reports the problem. Readers never decode images or videos (the curation step does, in
 parallel); they only parse text, pick up inline bytes (tars, Parquet), and reject what is already
-unreadable with a quarantine reason. Paths in a record are absolute, so any worker can open them.
+unreadable with a quarantine reason, one ``RawRecord`` per upstream record, so every record is
+counted. Media paths in a record are absolute (``media_ref``: with their root, so the worker that
+opens them checks containment after symlinks).
 """
 
 from __future__ import annotations
@@ -503,14 +506,6 @@ def read_json(src: SourceConfig, kind: str, unit: dict[str, Any], unit_idx: int,
         return
     for pos, obj in enumerate(data):
         yield json_record(src, kind, obj, f"{name}[{first + pos}]", order_key(unit_idx, pos), convert, id_keys)
-
-
-def jsonl_plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
-    """Byte-range units of every ``.jsonl`` file of a source."""
-    units: list[dict[str, Any]] = []
-    for f in list_files(Path(src.path), (".jsonl",)):
-        units += jsonl_units(f, records_per_unit)
-    return units
 
 
 def read_jsonl(src: SourceConfig, kind: str, unit: dict[str, Any], unit_idx: int, convert: Convert, id_keys: tuple[str, ...]) -> Iterator[RawRecord]:

@@ -120,7 +120,7 @@ def _converted(obj: dict[str, Any], where: str, root: Path, meta: dict[str, Any]
     names = image if isinstance(image, list) else [image]
     if not names:
         raise Reject("missing_field", f"{where}: 'image' is empty")
-    first = check_text(names[0] if names[0] is not _MISSING else _MISSING, "image[0]", 4096)
+    first = check_text(names[0], "image[0]", 4096)
     path, _, pixel = first.partition("###")
     if not pixel and len(names) > 1 and isinstance(names[1], str):
         pixel = names[1].partition("###")[2]
