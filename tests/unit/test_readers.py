@@ -601,3 +601,17 @@ def test_instructpix2pix_columns_renamed_for_other_hub_edit_sets(tmp_path):
     assert rec.reason == "" and rec.payload["edit_prompt"] == "let the box be green" and rec.blobs == [png(0), png(1)]
     (rec,) = read_source(src("instructpix2pix", tmp_path))  # without the renames: the columns are missing
     assert rec.reason == "missing_field" and "original_image" in rec.detail
+
+
+def test_every_reason_a_reader_or_curation_can_give_is_documented():
+    import re
+    from pathlib import Path
+
+    from metamorph.data.curate import QUARANTINE_REASONS
+
+    root = Path(__file__).resolve().parents[2] / "metamorph" / "data"
+    files = [*(root / "readers").glob("*.py"), root / "curate.py", root / "imageproc.py", root / "video.py"]
+    used = {m for f in files for m in re.findall(r'Reject\(\s*"([a-z_]+)"', f.read_text())}
+    used |= {m for f in files for m in re.findall(r'rejected\([^)]*?"([a-z_]+)"', f.read_text())}
+    used |= {"missing", "image_missing", "video_missing"} - {"missing"}  # check_media's ``missing`` argument
+    assert len(used) > 25 and used <= set(QUARANTINE_REASONS), used - set(QUARANTINE_REASONS)
