@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide, process_record
 from metamorph.data.imageproc import keep_image_buffers
-from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig
+from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, check_source
 from metamorph.data.readers.base import RawRecord, list_files
 from metamorph.data.schema import sample_key
 from metamorph.data.shards import QUARANTINE_FILE, Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_index, write_shard_piece
@@ -267,6 +267,7 @@ class CurationStage(Stage):
         for i, s in enumerate(cfg.sources):
             if s.format not in allowed:
                 raise ValueError(f"stages.{self.name}.sources[{i}].format={s.format!r}: {self.family} reads {list(allowed)}")
+            check_source(s, f"stages.{self.name}.sources[{i}]")
             if not s.path.startswith(WORLD_PREFIX) and not Path(s.path).expanduser().exists():
                 raise ValueError(f"stages.{self.name}.sources[{i}].path={s.path!r} does not exist")
 
@@ -289,6 +290,23 @@ class CurationStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         return run_curation(ctx, self.artifact, ctx.cfg)
+
+
+def source_counts(meta: list[dict[str, Any]], written: list[dict[str, Any]], rejects: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
+    """``source/{name}/records_in``, ``/samples_out``, ``/quarantined`` and ``/quarantine/{reason}``
+    for every configured source (a source with no records reports zeros), after checking that
+    each one's records in equal its samples out plus its quarantined records."""
+    n_in = collections.Counter(m["source"] for m in meta)
+    n_out = collections.Counter(r["source"] for r in written)
+    n_q = collections.Counter(q["source"] for q in rejects)
+    out: dict[str, float] = {}
+    for name in names:
+        if n_out[name] + n_q[name] != n_in[name]:
+            raise RuntimeError(f"source {name}: {n_out[name]} written + {n_q[name]} quarantined != {n_in[name]} records in")
+        out.update({f"source/{name}/records_in": n_in[name], f"source/{name}/samples_out": n_out[name], f"source/{name}/quarantined": n_q[name]})
+    for (name, reason), n in sorted(collections.Counter((q["source"], q["reason"]) for q in rejects).items()):
+        out[f"source/{name}/quarantine/{reason}"] = n
+    return out
 
 
 def _slots(cfg: CurationStageConfig) -> int:
@@ -416,6 +434,7 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
     n_out = len(index_rows)
     if n_out + len(dec.rejects) != records_in:  # every record is either written or quarantined
         raise RuntimeError(f"{ctx.stage}: {n_out} written + {len(dec.rejects)} quarantined != {records_in} records in")
+    per_source = source_counts(meta, index_rows, dec.rejects, [s.name for s in sources])
     seconds = time.perf_counter() - t0
     decoded = sum(m["n_decoded"] for m in meta)
     stats: dict[str, float] = {
@@ -438,6 +457,7 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
         stats[f"task/{task}"] = n
     for reason, n in sorted(collections.Counter(q["reason"] for q in dec.rejects).items()):
         stats[f"quarantine/{reason}"] = n
+    stats.update(per_source)
     if dec.rejects and (out / QUARANTINE_FILE).stat().st_size < 32 * 2**20:
         ctx.log_artifact(out / QUARANTINE_FILE)
     return stats

@@ -30,7 +30,7 @@ class CurateGenerationConfig(CurationStageConfig):
 
 class CurateGeneration(CurationStage):
     name = "curate_generation"
-    version = "2"  # 2: pHash from stepwise box reductions
+    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "generation"
     outputs = ("curated_generation",)
     config_cls = CurateGenerationConfig

@@ -15,7 +15,12 @@ from stages._curation import CurationStage, CurationStageConfig
 
 
 def _sources() -> list[SourceConfig]:
-    return [SourceConfig(name="world_edit", format="instructpix2pix", path="world:image_edit")]
+    return [
+        SourceConfig(name="world_edit", format="instructpix2pix", path="world:image_edit/data"),
+        # the converted form: JSONL beside input/ and output/ folders, its keys named here
+        SourceConfig(name="world_edit_jsonl", format="edit_jsonl", path="world:image_edit/edits/edits.jsonl",
+                     fields={"source": "input", "instruction": "edit", "target": "output"}),
+    ]
 
 
 @dataclass(kw_only=True)
@@ -25,7 +30,7 @@ class CurateImageEditConfig(CurationStageConfig):
 
 class CurateImageEdit(CurationStage):
     name = "curate_image_edit"
-    version = "2"  # 2: pHash from stepwise box reductions
+    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "image_edit"
     outputs = ("curated_image_edit",)
     config_cls = CurateImageEditConfig

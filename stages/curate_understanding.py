@@ -2,8 +2,9 @@
 
     python -c "from pipelines.testing import run_stage; from stages.curate_understanding import CurateUnderstanding as S; print(run_stage(S(), S.config_cls(), inputs={'world': 'runs/world/KEY/world'}, root='/tmp/runs')[1])"
 
-Formats: ``llava`` (JSONL or JSON array) and ``videoqa`` (JSONL + videos, frames sampled at
-``fps``, at most ``max_frames``, each frame one prompt image). Glue: ``stages/_curation.py``.
+Format ``llava`` (JSONL or JSON array; ``videoqa`` is the same reader): image records, and video
+records (a ``video`` key; frames sampled at ``fps``, at most ``max_frames``, each frame one prompt
+image). Glue: ``stages/_curation.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from stages._curation import CurationStage, CurationStageConfig
 def _sources() -> list[SourceConfig]:
     return [
         SourceConfig(name="world_llava", format="llava", path="world:understanding/llava.jsonl", image_root="world:understanding/images"),
-        SourceConfig(name="world_videoqa", format="videoqa", path="world:understanding/videoqa.jsonl", video_root="world:understanding/videos"),
+        # LLaVA-Video-178K's layout: the LLaVA record with a ``video`` key
+        SourceConfig(name="world_videoqa", format="llava", path="world:understanding/videoqa.jsonl", video_root="world:understanding/videos"),
     ]
 
 
@@ -35,7 +37,7 @@ class CurateUnderstandingConfig(CurationStageConfig, VideoConfig):
 
 class CurateUnderstanding(CurationStage):
     name = "curate_understanding"
-    version = "2"  # 2: pHash from stepwise box reductions
+    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "understanding"
     outputs = ("curated_understanding",)
     config_cls = CurateUnderstandingConfig

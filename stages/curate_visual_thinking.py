@@ -17,8 +17,12 @@ from stages._curation import CurationStage, CurationStageConfig
 
 def _sources() -> list[SourceConfig]:
     return [
-        SourceConfig(name="world_viscot", format="viscot", path="world:visual_thinking/viscot.jsonl",
-                     image_root="world:visual_thinking/images", bbox_format="xyxy"),
+        # Visual-CoT's two published forms: metadata JSONL (images under cot/<dataset>/) and the
+        # converted viscot_363k.json (image paths relative to the folder holding cot/)
+        SourceConfig(name="world_viscot", format="viscot", path="world:visual_thinking/metadata",
+                     image_root="world:visual_thinking/cot", bbox_format="xyxy"),
+        SourceConfig(name="world_viscot363k", format="viscot", path="world:visual_thinking/viscot_363k.json",
+                     image_root="world:visual_thinking"),
     ]
 
 
@@ -30,7 +34,7 @@ class CurateVisualThinkingConfig(CurationStageConfig):
 
 class CurateVisualThinking(CurationStage):
     name = "curate_visual_thinking"
-    version = "2"  # 2: pHash from stepwise box reductions
+    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "visual_thinking"
     outputs = ("curated_visual_thinking",)
     config_cls = CurateVisualThinkingConfig

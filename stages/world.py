@@ -25,7 +25,7 @@ class WorldStageConfig(WorldConfig, StageConfig):
 
 class WorldStage(Stage):
     name = "world"
-    version = "1"
+    version = "2"  # 2: the published layouts (LLaVA-Video records, Visual-CoT metadata + viscot_363k.json, edit JSONL, img2dataset sidecars)
     inputs = ()
     outputs = ("world",)
     config_cls = WorldStageConfig
@@ -42,7 +42,9 @@ class WorldStage(Stage):
         ctx.record_rows(f"world/{F.LLAVA_JSONL}", int(stats["n_understanding"]))
         ctx.record_rows(f"world/{F.VIDEOQA_JSONL}", int(stats["n_videoqa"]))
         ctx.record_rows(f"world/{F.SSV2_LABELS}", int(stats["n_video"]))
-        ctx.record_rows(f"world/{F.VISCOT_JSONL}", int(stats["n_visual_thinking"]))
+        ctx.record_rows(f"world/{F.VISCOT_JSONL}", int(stats["n_viscot_metadata"]))
+        ctx.record_rows(f"world/{F.VISCOT_363K}", int(stats["n_viscot_363k"]))
+        ctx.record_rows(f"world/{F.EDIT_JSONL}", int(stats["n_edit_jsonl"]))
         n_gen, per_tar = int(stats["n_generation"]), ctx.cfg.shard_size
         for j, tar in enumerate(sorted((out / F.GENERATION_DIR).glob("*.tar"))):
             ctx.record_rows(f"world/{F.GENERATION_DIR}/{tar.name}", min(per_tar, n_gen - j * per_tar))

@@ -41,10 +41,11 @@ from metamorph.data.imageproc import (
     content_sha,
     open_image,
     resize,
+    resize_pair,
     signature,
     thumb_max_diffs,
 )
-from metamorph.data.readers.base import RawRecord, Reject
+from metamorph.data.readers.base import RawRecord, Reject, check_media, read_media
 from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps_splits
 from metamorph.data.video import VideoConfig, sample_frames
 
@@ -54,7 +55,7 @@ QUARANTINE_REASONS = (
     "malformed_csv",  # a CSV row with unusable numbers
     "missing_field",  # a required field (id, conversations, question, ...) is absent
     "non_utf8_text",  # bytes that are not UTF-8 (or JSON lone surrogates)
-    "unsafe_path",  # a record's relative path is absolute or climbs out of its root
+    "unsafe_path",  # a media path that is absolute, climbs out of its root, or resolves outside it (symlinks)
     "unsafe_tar_member",  # a tar member with an absolute/../ name, or a link/device
     "truncated_tar",  # a tar cut off mid-member or without its end blocks
     "oversized_member",  # a tar member larger than the reader's bound
@@ -73,10 +74,20 @@ QUARANTINE_REASONS = (
     "image_placeholder_mismatch",  # number of <image> placeholders != number of images
     "empty_text",  # empty caption / question / answer / instruction
     "caption_length",  # caption (or edit instruction) outside [min_caption_chars, max_caption_chars]
-    "text_too_long",  # conversation text > max_text_chars
+    "text_too_long",  # conversation, question, answer or label text > max_text_chars (any field > 1M chars at read)
     "duplicate_id",  # the same sample id twice in the stage (later occurrence dropped)
     "duplicate",  # same content hash as an earlier (by id) sample
     "contamination",  # a training sample shows a held-out image (exact or perceptual near copy)
+    "null_value",  # a required field/cell is JSON null or a Parquet null
+    "nan_value",  # a number/text cell is NaN or +-inf (never the caption "nan")
+    "wrong_type",  # a field/cell of another type than the format says (a number where text belongs, ...)
+    "bad_id",  # an id that is a dict, list, float, bool or empty
+    "csv_field_too_long",  # a CSV field over the csv module's limit
+    "tar_header_corrupt",  # a corrupt member header mid-tar (the members after it are still read)
+    "not_regular_file",  # a media path that is a FIFO, device or directory (never opened)
+    "file_too_large",  # a media file over max_image_bytes / max_video_bytes
+    "video_budget",  # decoding needed more than max_decode_frames / max_decode_seconds
+    "edit_size_mismatch",  # source and target of an edit pair differ in size (edit_size_mismatch=quarantine)
     "processing_error",  # an unexpected exception while processing (a bug or an exotic file)
 )
 
@@ -90,7 +101,9 @@ NEXT_FRAME_PROMPTS = ("What happens next?", "Show what happens next.", "Predict 
 THINK_PROMPT = "Think visually before you answer: {}"
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant", "system": None}
 _WS = re.compile(r"\s+")
+VIDEO_PLACEHOLDER = "<video>"
 
+EDIT_SIZE_MISMATCH = ("resize", "quarantine")
 FAMILY_OF_KIND = {"llava": "understanding", "videoqa": "understanding", "t2i": "generation", "clip": "video", "viscot": "visual_thinking", "edit": "image_edit"}
 
 
@@ -119,6 +132,10 @@ class CurateConfig:
     phash_max_distance: int = 4  # bits of 64; 0 = identical pHash only
     near_copy_max_diff: int = 64  # 0-255 levels; lower misses more re-encodes, higher drops lookalikes
     dedup: str = "sample"  # exact dedup key: sample (images + text) | images (same picture = duplicate, for t2i)
+    max_image_bytes: int = 64 * 2**20  # an image file larger than this is file_too_large (never read); 4K PNGs are ~25 MB
+    # an edit pair whose source and target differ in size: "resize" the target to the source's size
+    # (then both get the same crop and resize), or "quarantine" it (edit_size_mismatch)
+    edit_size_mismatch: str = "resize"
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 4096:
@@ -144,6 +161,10 @@ class CurateConfig:
             raise ValueError(f"near_copy_max_diff={self.near_copy_max_diff}: use 0..255 levels")
         if self.dedup not in ("sample", "images"):
             raise ValueError(f"dedup={self.dedup!r}: use 'sample' or 'images'")
+        if self.max_image_bytes < 1024:
+            raise ValueError(f"max_image_bytes={self.max_image_bytes}: use at least 1024 bytes")
+        if self.edit_size_mismatch not in EDIT_SIZE_MISMATCH:
+            raise ValueError(f"edit_size_mismatch={self.edit_size_mismatch!r}: use one of {EDIT_SIZE_MISMATCH}")
 
 
 @dataclass(kw_only=True)
@@ -197,15 +218,12 @@ class _Work:
     text_key: str
 
 
-def _load(ref: dict[str, Any], blobs: list[bytes], what: str) -> bytes:
+def _load(ref: dict[str, Any], blobs: list[bytes], what: str, cfg: CurateConfig) -> bytes:
     if "blob" in ref:
+        if len(blobs[ref["blob"]]) > cfg.max_image_bytes:
+            raise Reject("file_too_large", f"{what}: {len(blobs[ref['blob']])} bytes > max_image_bytes={cfg.max_image_bytes}")
         return blobs[ref["blob"]]
-    path = ref.get("path")
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, TypeError):
-        raise Reject("image_missing", f"{what}: {path} not found") from None
+    return read_media(ref, cfg.max_image_bytes, what, "image_missing")
 
 
 def _image(data: bytes, cfg: CurateConfig, draft: bool = True) -> Image.Image:
@@ -232,10 +250,13 @@ def clean_caption(text: str) -> str:
     return text
 
 
-def _nonempty(text: str, what: str) -> str:
+def _nonempty(text: str, what: str, max_chars: Optional[int] = None) -> str:
+    """A stripped, non-empty text field (``empty_text``), at most ``max_chars`` (``text_too_long``)."""
     text = _utf8(text, what).strip()
     if not text:
         raise Reject("empty_text", f"{what} is empty")
+    if max_chars is not None and len(text) > max_chars:
+        raise Reject("text_too_long", f"{what} has {len(text)} chars > max_text_chars={max_chars}")
     return text
 
 
@@ -251,28 +272,51 @@ def _frames(video: dict[str, Any], vcfg: VideoConfig, cfg: CurateConfig, start: 
     path = video.get("path")
     if path is None:  # ssv2/howto100m: the first existing candidate extension
         cands = video.get("candidates", [])
-        path = next((c for c in cands if os.path.exists(c)), cands[0] if cands else "")
-    frames = sample_frames(path, fps=vcfg.fps, max_frames=vcfg.max_frames, start=start, end=end, max_pixels=cfg.max_pixels)
+        path = next((c for c in cands if os.path.lexists(c)), cands[0] if cands else "")
+    # containment, regular file and size checked before PyAV sees the path
+    check_media(path, video.get("root"), vcfg.max_video_bytes, "video", "video_missing")
+    frames = sample_frames(
+        path, fps=vcfg.fps, max_frames=vcfg.max_frames, start=start, end=end, max_pixels=cfg.max_pixels,
+        max_decode_frames=vcfg.max_decode_frames, max_decode_seconds=vcfg.max_decode_seconds,
+    )
     w, h = frames[0].size
     check_size(w, h, min_side=cfg.min_side, max_aspect=cfg.max_aspect)
     return frames
 
 
-def _llava(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
-    p = raw.payload
+def _chat(conversations: list[dict[str, str]], cfg: CurateConfig) -> list[Turn]:
+    """LLaVA turns as user/assistant turns: system turns dropped (the tokenizer's template adds
+    its own), roles checked to start with the user, alternate, and end with the assistant."""
     turns: list[Turn] = []
-    for i, t in enumerate(p["conversations"]):
+    for i, t in enumerate(conversations):
         role = _ROLE.get(t["from"].strip().lower(), "?")
         if role == "?":
             raise Reject("bad_conversation", f"turn {i}: unknown role {t['from']!r}")
-        if role is not None:  # system prompts are dropped: the tokenizer's template adds its own
+        if role is not None:
             turns.append(Turn(role=role, content=_utf8(t["value"], f"turn {i}")))
     if not turns or turns[0].role != "user" or turns[-1].role != "assistant":
         raise Reject("bad_conversation", "a conversation must start with the user and end with the assistant")
     if any(a.role == b.role for a, b in zip(turns, turns[1:])):
         raise Reject("bad_conversation", "turns must alternate user/assistant")
-    if any(IMAGE_PLACEHOLDER in t.content for t in turns if t.role == "assistant"):
-        raise Reject("bad_conversation", "an <image> placeholder in an answer (understanding data has prompt images only)")
+    if any(IMAGE_PLACEHOLDER in t.content or VIDEO_PLACEHOLDER in t.content for t in turns if t.role == "assistant"):
+        raise Reject("bad_conversation", "an <image>/<video> placeholder in an answer (understanding data has prompt images only)")
+    if sum(len(t.content) for t in turns) > cfg.max_text_chars:
+        raise Reject("text_too_long", f"conversation longer than max_text_chars={cfg.max_text_chars}")
+    return turns
+
+
+def _check_turn_text(turns: list[Turn]) -> None:
+    for t in turns:
+        text = t.content.replace(IMAGE_PLACEHOLDER, "").strip()
+        if not text and (t.role == "assistant" or IMAGE_PLACEHOLDER not in t.content):
+            raise Reject("empty_text", f"an empty {t.role} turn")
+
+
+def _llava(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
+    p = raw.payload
+    turns = _chat(p["conversations"], cfg)
+    if any(VIDEO_PLACEHOLDER in t.content for t in turns):
+        raise Reject("image_placeholder_mismatch", "a <video> placeholder in a record without a video")
     n_img = len(p["images"])
     n_ph = sum(t.content.count(IMAGE_PLACEHOLDER) for t in turns)
     if n_ph == 0 and n_img:
@@ -280,13 +324,8 @@ def _llava(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
         turns[0] = Turn(role="user", content=IMAGE_PLACEHOLDER * n_img + "\n" + turns[0].content)
     elif n_ph != n_img:
         raise Reject("image_placeholder_mismatch", f"{n_ph} <image> placeholders for {n_img} images")
-    for t in turns:
-        text = t.content.replace(IMAGE_PLACEHOLDER, "").strip()
-        if not text and (t.role == "assistant" or IMAGE_PLACEHOLDER not in t.content):
-            raise Reject("empty_text", f"an empty {t.role} turn")
-    if sum(len(t.content) for t in turns) > cfg.max_text_chars:
-        raise Reject("text_too_long", f"conversation longer than max_text_chars={cfg.max_text_chars}")
-    images = [resize(_image(_load(ref, raw.blobs, f"image[{i}]"), cfg), cfg.image_size, cfg.resize) for i, ref in enumerate(p["images"])]
+    _check_turn_text(turns)
+    images = [resize(_image(_load(ref, raw.blobs, f"image[{i}]", cfg), cfg), cfg.image_size, cfg.resize) for i, ref in enumerate(p["images"])]
     sample = Sample(
         id=sid, source=raw.source, family="understanding", task="image_qa", split="train", conversation=turns,
         images=[ImageRef(ext=cfg.image_format, role="prompt") for _ in images], meta=dict(p.get("meta") or {}),
@@ -295,17 +334,28 @@ def _llava(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
 
 
 def _videoqa(raw: RawRecord, cfg: CurateConfig, vcfg: VideoConfig, sid: str) -> _Work:
+    """A LLaVA-layout conversation about a video: its one ``<video>`` (or ``<image>``) placeholder
+    becomes one ``<image>`` per sampled frame (none: the frames go before the first question)."""
     p = raw.payload
-    question = _nonempty(p["question"], "question")
-    answer = _nonempty(p["answer"], "answer")
+    turns = _chat(p["conversations"], cfg)
+    marks = [(i, ph) for i, t in enumerate(turns) for ph in (VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER) for _ in range(t.content.count(ph))]
+    if len(marks) > 1:
+        raise Reject("image_placeholder_mismatch", f"{len(marks)} <video>/<image> placeholders for one video")
+    _check_turn_text([Turn(role=t.role, content=t.content.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER)) for t in turns])
     frames = [resize(f, cfg.image_size, cfg.resize) for f in _frames(p["video"], vcfg, cfg)]
-    turns = [Turn(role="user", content=IMAGE_PLACEHOLDER * len(frames) + "\n" + question), Turn(role="assistant", content=answer)]
+    tokens = IMAGE_PLACEHOLDER * len(frames)
+    if marks:
+        i, ph = marks[0]
+        turns[i] = Turn(role="user", content=turns[i].content.replace(ph, tokens, 1))
+    else:
+        turns[0] = Turn(role="user", content=tokens + "\n" + turns[0].content)
     meta = {**(p.get("meta") or {}), "n_frames": len(frames)}
     sample = Sample(
         id=sid, source=raw.source, family="understanding", task="video_qa", split="train", conversation=turns,
         images=[ImageRef(ext=cfg.image_format, role="prompt") for _ in frames], meta=meta,
     )
-    return _Work(sample, frames, len(frames), json.dumps([question, answer], ensure_ascii=False))
+    text = [[t.role, t.content.replace(tokens, VIDEO_PLACEHOLDER)] for t in turns]
+    return _Work(sample, frames, len(frames), json.dumps(text, ensure_ascii=False))
 
 
 def _caption_ok(text: str, cfg: CurateConfig, what: str) -> str:
@@ -318,7 +368,7 @@ def _caption_ok(text: str, cfg: CurateConfig, what: str) -> str:
 def _t2i(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
     p = raw.payload
     caption = _caption_ok(clean_caption(_utf8(p["caption"], "caption")), cfg, "caption")
-    img = resize(_image(_load(p["image"], raw.blobs, "image"), cfg), cfg.image_size, cfg.resize)
+    img = resize(_image(_load(p["image"], raw.blobs, "image", cfg), cfg), cfg.image_size, cfg.resize)
     turns = [Turn(role="user", content=_pick(T2I_TEMPLATES, sid).format(caption)), Turn(role="assistant", content=IMAGE_PLACEHOLDER)]
     meta = {**(p.get("meta") or {}), "caption": p["caption"].strip()}
     sample = Sample(
@@ -330,7 +380,7 @@ def _t2i(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
 
 def _clip(raw: RawRecord, cfg: CurateConfig, vcfg: VideoConfig, fp: FramePredictionConfig, sid: str) -> _Work:
     p = raw.payload
-    label = _nonempty(p["label"], "label")
+    label = _nonempty(p["label"], "label", cfg.max_text_chars)
     frames = _frames(p["video"], vcfg, cfg, start=p.get("start", 0.0), end=p.get("end"))
     if len(frames) < fp.prompt_frames + 1:
         raise Reject("video_too_short", f"{len(frames)} frames at fps={vcfg.fps}; frame prediction needs prompt_frames+1={fp.prompt_frames + 1}")
@@ -351,11 +401,7 @@ def _clip(raw: RawRecord, cfg: CurateConfig, vcfg: VideoConfig, fp: FramePredict
 
 def bbox_xyxy(bbox: list[float], fmt: str, width: int, height: int) -> tuple[float, float, float, float]:
     """The box as (x1, y1, x2, y2) pixels, checked against the image; 0.5 px slack for rounding."""
-    if fmt == "xywh":
-        x, y, w, h = bbox
-        x1, y1, x2, y2 = x, y, x + w, y + h
-    else:
-        x1, y1, x2, y2 = bbox
+    x1, y1, x2, y2 = _xyxy(bbox, fmt)
     if not (x2 > x1 and y2 > y1):
         raise Reject("bad_bbox", f"bbox {bbox} ({fmt}) has no area")
     slack = 0.5
@@ -364,12 +410,50 @@ def bbox_xyxy(bbox: list[float], fmt: str, width: int, height: int) -> tuple[flo
     return max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
 
 
+def _xyxy(bbox: list[float], fmt: str) -> tuple[float, float, float, float]:
+    if fmt == "xywh":
+        x, y, w, h = bbox
+        return x, y, x + w, y + h
+    x1, y1, x2, y2 = bbox
+    return x1, y1, x2, y2
+
+
+def union_box(boxes: list[list[float]], fmt: str) -> list[float]:
+    """The union of several boxes as xyxy, as Visual-CoT's conversion merges them."""
+    xy = [_xyxy(b, fmt) for b in boxes]
+    return [min(b[0] for b in xy), min(b[1] for b in xy), max(b[2] for b in xy), max(b[3] for b in xy)]
+
+
+def unsquare_box(norm: list[float], width: int, height: int) -> list[float]:
+    """Invert Visual-CoT's normalisation of a pixel box: the official conversion shifts the box as
+    if the image were padded to a square (the short axis by ``(long - short) // 2`` px, integer
+    division), divides by the long side and prints ``%0.3f``."""
+    side = max(width, height)
+    # the official boxes are whole pixels printed with 3 decimals: a value within that rounding
+    # (0.0005 x side) of a whole pixel is that pixel, so the text inverts to the exact box
+    tol = 0.0005 * side + 1e-9
+    x1, y1, x2, y2 = (float(round(v * side)) if abs(v * side - round(v * side)) <= tol else v * side for v in norm)
+    if width > height:
+        shift = (width - height) // 2
+        return [x1, y1 - shift, x2, y2 - shift]
+    shift = (height - width) // 2
+    return [x1 - shift, y1, x2 - shift, y2]
+
+
 def _viscot(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
     p = raw.payload
-    question = _nonempty(p["question"], "question")
-    answer = _nonempty(p["answer"], "answer")
-    original = _image(_load(p["image"], raw.blobs, "image"), cfg, draft=False)  # bbox is in original pixels
-    x1, y1, x2, y2 = bbox_xyxy(p["bbox"], p["bbox_format"], *original.size)
+    question = _nonempty(p["question"], "question", cfg.max_text_chars)
+    answer = _nonempty(p["answer"], "answer", cfg.max_text_chars)
+    original = _image(_load(p["image"], raw.blobs, "image", cfg), cfg, draft=False)  # bbox is in original pixels
+    w, h = original.size
+    if p.get("bbox_norm_square") is not None:
+        box = unsquare_box(p["bbox_norm_square"], w, h)
+    else:
+        box = union_box(p["bboxes"], p["bbox_format"])
+        if p.get("bbox_size"):  # boxes are in width x height pixels: scale to the decoded image
+            sx, sy = w / p["bbox_size"][0], h / p["bbox_size"][1]
+            box = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+    x1, y1, x2, y2 = bbox_xyxy(box, "xyxy", w, h)
     crop = original.crop((int(x1), int(y1), max(int(x1) + 1, round(x2)), max(int(y1) + 1, round(y2))))
     # pad, not crop-to-fill: the box is the evidence, none of it may be cut away
     images = [resize(original, cfg.image_size, cfg.resize), resize(crop, cfg.image_size, "pad")]
@@ -377,7 +461,6 @@ def _viscot(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
         Turn(role="user", content=IMAGE_PLACEHOLDER + "\n" + THINK_PROMPT.format(question)),
         Turn(role="assistant", content=IMAGE_PLACEHOLDER + "\n" + answer),
     ]
-    w, h = original.size
     meta = {**(p.get("meta") or {}), "bbox_xyxy": [x1, y1, x2, y2], "bbox_norm": [x1 / w, y1 / h, x2 / w, y2 / h], "answer": answer}
     sample = Sample(
         id=sid, source=raw.source, family="visual_thinking", task="visual_thinking", split="train", conversation=turns,
@@ -387,10 +470,18 @@ def _viscot(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
 
 
 def _edit(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
+    """Source and target get one geometric transform: the crop box and resize are computed once,
+    from the source's size, and applied to both, so a pixel of one lands where it does in the other."""
     p = raw.payload
     instruction = _caption_ok(_WS.sub(" ", p["edit_prompt"]).strip(), cfg, "edit_prompt")
-    before = resize(_image(_load(p["original"], raw.blobs, "original_image"), cfg), cfg.image_size, cfg.resize)
-    after = resize(_image(_load(p["edited"], raw.blobs, "edited_image"), cfg), cfg.image_size, cfg.resize)
+    # no draft decode: a JPEG source and a PNG target must come out at the same size
+    before = _image(_load(p["original"], raw.blobs, "original_image", cfg), cfg, draft=False)
+    after = _image(_load(p["edited"], raw.blobs, "edited_image", cfg), cfg, draft=False)
+    if after.size != before.size:
+        if cfg.edit_size_mismatch == "quarantine":
+            raise Reject("edit_size_mismatch", f"source {before.size[0]}x{before.size[1]}, target {after.size[0]}x{after.size[1]}")
+        after = after.resize(before.size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    before, after = resize_pair(before, after, cfg.image_size, cfg.resize)
     turns = [Turn(role="user", content=IMAGE_PLACEHOLDER + "\n" + instruction), Turn(role="assistant", content=IMAGE_PLACEHOLDER)]
     meta = {**(p.get("meta") or {}), "original_prompt": p.get("original_prompt", ""), "edited_prompt": p.get("edited_prompt", "")}
     sample = Sample(

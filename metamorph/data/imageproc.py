@@ -10,6 +10,7 @@ checked from the header before any pixel is decoded (a 20000x20000 PNG is ~50 KB
 from __future__ import annotations
 
 import ctypes
+import logging
 import ctypes.util
 import hashlib
 import io
@@ -23,6 +24,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from metamorph.data.readers.base import Reject
 
+logger = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut-off file is an error, not a half-grey image
 RESIZE_MODES = ("center_crop", "pad")
 ENCODE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -58,7 +60,8 @@ def open_image(
             img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
         img.load()
         if "exif" in img.info:
-            img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+            # phone photos store rotation in EXIF: applied here, before any crop, box or resize
+            img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except Image.DecompressionBombError as e:
         raise Reject("decompression_bomb", str(e)) from None
@@ -95,15 +98,81 @@ def check_size(w: int, h: int, *, min_side: int, max_aspect: float) -> None:
         raise Reject("bad_aspect", f"{w}x{h}: aspect {max(w, h) / min(w, h):.2f} > max_aspect={max_aspect}")
 
 
+# transparent pixels are composited on white, as image viewers and browsers show them (the RGB
+# under alpha 0 is often black or garbage, which would otherwise show through)
+BACKGROUND = (255, 255, 255)
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit sRGB of any decoded mode, without losing the picture:
+
+    * 16-bit greyscale (``I;16``, ``I;16B``, and ``I``, read as 16-bit) keeps its high byte
+      (``v >> 8``, the rule Pillow applies to 16-bit RGB PNGs), never clipped to 255 (white);
+    * palette, LA, PA and RGBA (and premultiplied La/RGBa) are composited on ``BACKGROUND``;
+    * an embedded ICC profile that is not sRGB (CMYK press profiles, Display P3, Adobe RGB) is
+      converted to sRGB with littlecms; CMYK without one uses the naive
+      ``(255 - c) * (255 - k) / 255`` (Adobe-inverted JPEGs are un-inverted by the decoder).
+    """
+    icc = img.info.get("icc_profile")
+    if icc and img.mode in ("RGB", "RGBA", "CMYK", "L", "LA") and not _is_srgb(icc):
+        img = _icc_to_srgb(img, icc)
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # transparent pixels often carry black RGB; composite on white as viewers show them
+    if img.mode in HIGH_DEPTH_MODES:
+        arr = np.asarray(img)
+        grey = (np.clip(arr, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info) or (
+        img.mode in ("L", "RGB", "I;16") and "transparency" in img.info
+    ):
         rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        bg = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+@lru_cache(maxsize=64)
+def _is_srgb(icc: bytes) -> bool:
+    try:
+        from PIL import ImageCms
+
+        desc = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+    except (OSError, ValueError, TypeError, ImportError):
+        return True  # unreadable profile: treat the numbers as sRGB (what a viewer without CMS does)
+    return "srgb" in desc.lower().replace(" ", "").replace("-", "")
+
+
+def _icc_to_srgb(img: Image.Image, icc: bytes) -> Image.Image:
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        alpha = img.getchannel("A") if img.mode in ("RGBA", "LA") else None
+        base = img.convert("RGB" if img.mode == "RGBA" else "L") if alpha is not None else img
+        out = ImageCms.profileToProfile(base, src, _srgb(), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        logger.debug("ICC profile not applied (%s): converting the numbers as they are", e)
+        return img
+    if alpha is not None:
+        out.putalpha(alpha)
+    out.info.pop("icc_profile", None)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _srgb() -> Any:
+    from PIL import ImageCms
+
+    return ImageCms.createProfile("sRGB")
+
+
+def resize_pair(a: Image.Image, b: Image.Image, size: int, mode: str) -> tuple[Image.Image, Image.Image]:
+    """Two same-size images through one geometric transform (edit source and target): the crop
+    box or padding is a function of the size alone, computed once here for both."""
+    if a.size != b.size:
+        raise ValueError(f"resize_pair: sizes differ, {a.size} vs {b.size}")
+    return resize(a, size, mode), resize(b, size, mode)
 
 
 def resize(img: Image.Image, size: int, mode: str) -> Image.Image:

@@ -25,7 +25,8 @@ from metamorph.world.config import WorldConfig
 from metamorph.world.render import (Obj, Scene, extent_for, pick, pixel_bbox, place_in_cell, render, sample_scene,
                                     with_object)
 from metamorph.world.video import Clip, encode_mp4, render_clip, sample_clip
-from metamorph.world.writers import TarShards, jpeg_bytes, png_bytes, write_edit_parquet, write_json, write_jsonl
+from metamorph.world.writers import (TarShards, jpeg_bytes, png_bytes, write_edit_parquet, write_img2dataset_sidecars, write_json,
+                                     write_jsonl)
 
 FAMILIES = ("understanding", "videoqa", "generation", "video", "visual_thinking", "image_edit")
 # Paths relative to the world dir (docs/CONTRACTS.md, "Upstream formats").
@@ -37,9 +38,18 @@ GENERATION_DIR = "generation"
 VIDEO_DIR = "video/videos"
 SSV2_LABELS = "video/labels/train.json"
 SSV2_CLASSES = "video/labels/labels.json"
-VISCOT_JSONL = "visual_thinking/viscot.jsonl"
-VISCOT_IMAGES = "visual_thinking/images"
+# Visual-CoT's release: metadata/<dataset>_cot_train.jsonl, images under cot/<dataset>/, and the
+# converted viscot_363k.json (image paths relative to the folder holding cot/)
+VISCOT_DATASET = "toyworld"
+VISCOT_JSONL = f"visual_thinking/metadata/{VISCOT_DATASET}_cot_train.jsonl"
+VISCOT_363K = "visual_thinking/viscot_363k.json"
+VISCOT_ROOT = "visual_thinking"
+VISCOT_IMAGES = f"visual_thinking/cot/{VISCOT_DATASET}"
+VISCOT_BOX_PROMPT = " Please provide the bounding box coordinate of the region that can help you answer the question better."
 EDIT_DIR = "image_edit"
+EDIT_PARQUET_DIR = "image_edit/data"  # InstructPix2Pix on the HF hub: data/train-NNNNN-of-NNNNN.parquet
+EDIT_JSONL = "image_edit/edits/edits.jsonl"  # the converted form: JSONL beside input/ and output/ folders
+EDIT_JSONL_EVERY = 4  # every 4th edit record is written in the JSONL form, the rest as Parquet
 WORLD_JSON = "world.json"
 
 
@@ -96,6 +106,7 @@ def understanding_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[str,
 
 
 def videoqa_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[str, Any], bytes]:
+    """A LLaVA-Video-178K style record: the LLaVA conversation layout with a ``video`` key."""
     rng = record_rng(seed, cfg, "videoqa", i)
     clip = _clip(rng, cfg)
     qa = T.video_question(rng, clip.mover, clip.direction, mc=bool(rng.random() < cfg.mc_fraction))
@@ -103,8 +114,8 @@ def videoqa_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[str, Any],
     record = {
         "id": rid,
         "video": f"{rid}.mp4",
-        "question": qa.prompt,
-        "answer": qa.answer,
+        "conversations": [{"from": "human", "value": "<image>\n" + qa.prompt}, {"from": "gpt", "value": qa.answer}],
+        "data_source": "toyworld",
         "meta": {"task": "video_qa", "clip": clip.to_meta(), "fps": cfg.fps, "qa": [qa.to_meta()]},
     }
     return record, _mp4(clip, cfg)
@@ -163,7 +174,8 @@ def video_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[str, Any], b
 # ---------------------------------------------------------------- visual thinking (Visual-CoT)
 
 def visual_thinking_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[str, Any], bytes]:
-    """A question about the one small object among large ones, with the xyxy pixel bbox to look at.
+    """A Visual-CoT metadata line: a question about the one small object among large ones, with
+    the xyxy pixel box to look at (``bboxs``, in ``width`` x ``height``).
 
     Rendered at image_size * visual_thinking_scale, so once curation resizes the whole image to
     the model resolution the target is tiny, while a crop of the bbox shows it clearly."""
@@ -180,11 +192,38 @@ def visual_thinking_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[st
         "image": f"{rid}.png",
         "question": qa.question,
         "answer": qa.answer,
-        "bbox": bbox,
-        "meta": {"task": "visual_thinking", "scene": scene.to_meta(), "target": 0, "bbox_format": "xyxy",
-                 "width": n, "height": n, "qa": [qa.to_meta()]},
+        "bboxs": [bbox],
+        "width": n,
+        "height": n,
+        "dataset": VISCOT_DATASET,
+        "split": "train",
+        "meta": {"task": "visual_thinking", "scene": scene.to_meta(), "target": 0, "qa": [qa.to_meta()]},
     }
     return record, png_bytes(render(scene, cfg.supersample))
+
+
+def viscot_363k_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A metadata line as Visual-CoT's official conversion writes it into ``viscot_363k.json``:
+    the box shifted as if the image were padded to a square, divided by the long side, as text."""
+    (x1, y1, x2, y2), w, h = record["bboxs"][0], record["width"], record["height"]
+    if w > h:
+        box = [x1, y1 + (w - h) // 2, x2, y2 + (w - h) // 2]
+    else:
+        box = [x1 + (h - w) // 2, y1, x2 + (h - w) // 2, y2]
+    box_text = "[%0.3f, %0.3f, %0.3f, %0.3f]" % tuple(v / max(w, h) for v in box)
+    return {
+        "dataset": record["dataset"],
+        "split": record["split"],
+        "question_id": record["question_id"],
+        "image": [f"cot/{record['dataset']}/{record['image']}"],
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + record["question"] + VISCOT_BOX_PROMPT},
+            {"from": "gpt", "value": box_text},
+            {"from": "human", "value": "<image>"},
+            {"from": "gpt", "value": record["answer"]},
+        ],
+        "meta": record["meta"],
+    }
 
 
 # ---------------------------------------------------------------- image edit (InstructPix2Pix)
@@ -305,7 +344,7 @@ def write_world(out_dir: str | Path, cfg: WorldConfig | None = None, seed: int =
     cfg = cfg or WorldConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for d in ("understanding", "generation", "video/labels", VIDEO_DIR, "visual_thinking", EDIT_DIR):
+    for d in ("understanding", "generation", "video/labels", VIDEO_DIR, "visual_thinking", EDIT_DIR, EDIT_PARQUET_DIR):
         (out / d).mkdir(parents=True, exist_ok=True)
     stats: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -322,9 +361,16 @@ def write_world(out_dir: str | Path, cfg: WorldConfig | None = None, seed: int =
     stats["seconds_videoqa"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    sidecars: list[list[dict[str, Any]]] = []
     with TarShards(out / GENERATION_DIR, cfg.shard_size) as tars:
         for i in range(cfg.n_generation):
-            tars.add(generation_record(seed, cfg, i))
+            members = generation_record(seed, cfg, i)
+            if i % cfg.shard_size == 0:
+                sidecars.append([])
+            sidecars[-1].append(json.loads(members[-1][1]))
+            tars.add(members)
+    for shard, metas in enumerate(sidecars):  # what img2dataset writes beside each tar (not records)
+        write_img2dataset_sidecars(out / GENERATION_DIR, shard, metas)
     stats["n_generation"] = tars.n_keys
     stats["seconds_generation"] = time.perf_counter() - t
 
@@ -343,18 +389,46 @@ def write_world(out_dir: str | Path, cfg: WorldConfig | None = None, seed: int =
     stats["seconds_video"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    stats["n_visual_thinking"] = _write_files_and_jsonl(
-        out, VISCOT_JSONL, VISCOT_IMAGES, "image",
-        (visual_thinking_record(seed, cfg, i) for i in range(cfg.n_visual_thinking)))
+    # Visual-CoT's two published forms: even records as metadata lines, odd ones converted into
+    # viscot_363k.json (one image folder for both, as in the release)
+    (out / VISCOT_IMAGES).mkdir(parents=True, exist_ok=True)
+    (out / VISCOT_JSONL).parent.mkdir(parents=True, exist_ok=True)
+    meta_lines, converted = [], []
+    for i in range(cfg.n_visual_thinking):
+        record, data = visual_thinking_record(seed, cfg, i)
+        (out / VISCOT_IMAGES / record["image"]).write_bytes(data)
+        (meta_lines if i % 2 == 0 else converted).append(record)
+    write_jsonl(out / VISCOT_JSONL, meta_lines)
+    write_json(out / VISCOT_363K, [viscot_363k_record(r) for r in converted])
+    stats["n_visual_thinking"] = len(meta_lines) + len(converted)
+    stats["n_viscot_metadata"], stats["n_viscot_363k"] = len(meta_lines), len(converted)
     stats["seconds_visual_thinking"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    n_edit = 0
-    for part, start in enumerate(range(0, cfg.n_image_edit, cfg.shard_size)):
-        rows = [image_edit_record(seed, cfg, i) for i in range(start, min(start + cfg.shard_size, cfg.n_image_edit))]
-        n_parts = -(-cfg.n_image_edit // cfg.shard_size)
-        n_edit += write_edit_parquet(out / EDIT_DIR / f"train-{part:05d}-of-{n_parts:05d}.parquet", rows)
+    # InstructPix2Pix's hub Parquet, and every EDIT_JSONL_EVERY-th record in the converted form
+    # (JSONL + input/ and output/ image folders, keys renamed in the stage's source config)
+    parquet_rows, jsonl_rows = [], []
+    edits = out / EDIT_JSONL
+    for d in ("input", "output"):
+        (edits.parent / d).mkdir(parents=True, exist_ok=True)
+    for i in range(cfg.n_image_edit):
+        row = image_edit_record(seed, cfg, i)
+        if i % EDIT_JSONL_EVERY != EDIT_JSONL_EVERY - 1:
+            parquet_rows.append(row)
+            continue
+        meta = json.loads(row["meta"])
+        (edits.parent / "input" / f"{meta['id']}.png").write_bytes(row["original_image"]["bytes"])
+        (edits.parent / "output" / f"{meta['id']}.png").write_bytes(row["edited_image"]["bytes"])
+        jsonl_rows.append({"id": meta["id"], "input": f"input/{meta['id']}.png", "edit": row["edit_prompt"],
+                           "output": f"output/{meta['id']}.png", "meta": meta})
+    write_jsonl(edits, jsonl_rows)
+    n_parts = max(1, -(-len(parquet_rows) // cfg.shard_size))
+    n_edit = len(jsonl_rows)
+    for part in range(n_parts):
+        rows = parquet_rows[part * cfg.shard_size : (part + 1) * cfg.shard_size]
+        n_edit += write_edit_parquet(out / EDIT_PARQUET_DIR / f"train-{part:05d}-of-{n_parts:05d}.parquet", rows)
     stats["n_image_edit"] = n_edit
+    stats["n_edit_jsonl"] = len(jsonl_rows)
     stats["seconds_image_edit"] = time.perf_counter() - t
 
     counts = {f: int(stats[f"n_{f}"]) for f in FAMILIES}

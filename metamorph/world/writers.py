@@ -134,3 +134,13 @@ def write_edit_parquet(path: Path, rows: list[dict[str, Any]]) -> int:
     table = pa.Table.from_pylist(rows, schema=EDIT_SCHEMA)
     pq.write_table(table, path, compression="zstd")
     return table.num_rows
+
+
+def write_img2dataset_sidecars(out_dir: Path, shard: int, metas: list[dict[str, Any]]) -> None:
+    """What img2dataset writes beside ``{shard:05d}.tar``: ``{shard:05d}.parquet`` (one row of
+    download metadata per key) and ``{shard:05d}_stats.json``. Readers must not take them for records."""
+    rows = [{k: v for k, v in m.items() if k != "meta"} for m in metas]
+    pq.write_table(pa.Table.from_pylist(rows), Path(out_dir) / f"{shard:05d}.parquet")
+    stats = {"count": len(rows), "successes": sum(r.get("status") == "success" for r in rows), "failed_to_download": 0,
+             "failed_to_resize": 0, "status_dict": {"success": len(rows)}}
+    write_json(Path(out_dir) / f"{shard:05d}_stats.json", stats)

@@ -272,3 +272,29 @@ def test_bad_inputs_quarantined_with_distinct_reasons(ray_session, tmp_path):
     # nothing was written next to the inputs, nor where the tar members pointed
     assert _tree(tmp_path, runs) == before
     assert not (data / "evil.jpg").exists() and not Path("/tmp/abs_evil.jpg").exists()
+
+
+# --- the public datasets' own layouts, through the real stages --------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_published_layouts_through_the_stages(ray_session, tmp_path):
+    from tests.unit.published_fixtures import write_all
+
+    fixtures = write_all(tmp_path / "data")
+    for family, (S, C) in CONFIGS.items():
+        sources, good, bad = fixtures[family]
+        cfg = C(sources=sources, records_per_task=2, heldout_fraction=0.0, max_aspect=4.0)
+        out, stats = run_stage(S(), cfg, inputs={}, root=tmp_path / "runs")
+        _check_counts(stats)
+        assert {s.id for s, _ in iter_samples(out / S.outputs[0])} == good, family
+        got = {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("quarantine/")}
+        assert got == bad, family
+        for s in sources:  # out + quarantined = in, per source, in the manifest's stats
+            n_in, n_out, n_q = (stats[f"source/{s.name}/{k}"] for k in ("records_in", "samples_out", "quarantined"))
+            assert n_out + n_q == n_in and n_in > 0, (family, s.name)
+            assert n_out == sum(1 for g in good if g.startswith(f"{s.name}-"))
+            assert n_q == sum(v for k, v in stats.items() if k.startswith(f"source/{s.name}/quarantine/"))
+        lines = _quarantine(out, S.outputs[0])
+        assert len(lines) == stats["quarantined"] and all(q["detail"] and q["reason"] for q in lines)

@@ -61,6 +61,11 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert {r.data.tags["stage"] for r in kids} == expected
     assert all(r.data.tags["status"] == "ran" for r in kids)
+    for r in kids:  # each curation child run: per-source counts that add up (records in = out + quarantined)
+        if r.data.tags["stage"].startswith("curate_"):
+            m = r.data.metrics
+            names = {k.split("/")[1] for k in m if k.startswith("source/")}
+            assert names and all(m[f"source/{n}/records_in"] == m[f"source/{n}/samples_out"] + m[f"source/{n}/quarantined"] > 0 for n in names)
 
     # the second identical run executes nothing
     again = execute(get_pipeline("vpit"), load_config(pipeline.stages, preset="smoke",

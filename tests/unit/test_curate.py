@@ -122,7 +122,8 @@ def _video_record(tmp_path, kind="videoqa", name="v.mp4", codec="mpeg4", n_frame
     if codec:
         write_video(path, n_frames=n_frames, fps=fps, codec=codec)
     if kind == "videoqa":
-        return raw("videoqa", {"video": {"path": str(path)}, "question": "Which way?", "answer": "right", "meta": {}})
+        conv = [{"from": "human", "value": "<video>\nWhich way?"}, {"from": "gpt", "value": "right"}]
+        return raw("videoqa", {"video": {"path": str(path)}, "conversations": conv, "meta": {}})
     return raw("clip", {"video": {"candidates": [str(path)]}, "label": "Moving box from left to right", "meta": {}, **extra})
 
 
@@ -169,7 +170,7 @@ def _viscot(tmp_path, bbox, fmt="xyxy", size=64):
     img.paste((255, 0, 0), (10, 20, 30, 40))  # the red region the box points at
     (tmp_path / "x.png").write_bytes(encode(img))
     return raw("viscot", {"image": {"path": str(tmp_path / "x.png")}, "question": "What colour is the small box?",
-                          "answer": "red", "bbox": bbox, "bbox_format": fmt, "meta": {}})
+                          "answer": "red", "bboxes": [bbox], "bbox_format": fmt, "meta": {}})
 
 
 @pytest.mark.parametrize("bbox,fmt", [([10, 20, 30, 40], "xyxy"), ([10, 20, 20, 20], "xywh")])
@@ -236,7 +237,8 @@ def test_reason_caption_length_and_empty_text():
 
 
 def test_reason_non_utf8_text():
-    rec = raw("videoqa", {"video": {"path": "/nonexistent.mp4"}, "question": "a\udc80b", "answer": "x", "meta": {}})
+    conv = [{"from": "human", "value": "a\udc80b"}, {"from": "gpt", "value": "x"}]
+    rec = raw("videoqa", {"video": {"path": "/nonexistent.mp4"}, "conversations": conv, "meta": {}})
     assert reason(process_record(rec, CFG)) == "non_utf8_text"
 
 
@@ -436,3 +438,35 @@ def test_thumb_max_diffs_equals_pairwise():
     pairs.append((pairs[0][0], pairs[0][0]))
     want = [int(np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8).astype(np.int16)).max()) for a, b in pairs]
     assert thumb_max_diffs(pairs) == want == [thumb_max_diff(a, b) for a, b in pairs] and thumb_max_diffs([]) == []
+
+
+def test_video_opened_with_file_protocol_only_and_within_budget(tmp_path):
+    from metamorph.data.readers.base import Reject
+
+    # a playlist posing as a video: FFmpeg may not follow it to another protocol or file
+    (tmp_path / "list.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://127.0.0.1:9/seg.ts\n#EXT-X-ENDLIST\n")
+    (tmp_path / "concat.mp4").write_text(f"ffconcat version 1.0\nfile '{write_video(tmp_path / 'real.mp4')}'\n")
+    for name in ("list.m3u8", "concat.mp4"):
+        with pytest.raises(Reject) as e:
+            sample_frames(str(tmp_path / name), fps=2, max_frames=4)
+        assert e.value.reason == "video_decode_error", name
+    path = write_video(tmp_path / "long.mp4", n_frames=40, fps=8)
+    assert len(sample_frames(str(path), fps=1, max_frames=4)) == 4
+    with pytest.raises(Reject) as e:  # the last sampled frame is the 25th decoded: past a budget of 20
+        sample_frames(str(path), fps=1, max_frames=4, max_decode_frames=20)
+    assert e.value.reason == "video_budget"
+    rec = _video_record(tmp_path, name="v.mp4")
+    assert reason(process_record(rec, CFG, VideoConfig(fps=2.0, max_video_bytes=1024))) == "file_too_large"
+
+
+def test_text_caps_apply_to_questions_answers_labels(tmp_path):
+    long = "w" * 300
+    cfg = CurateConfig(image_size=32, min_side=16, max_text_chars=200)
+    rec = _video_record(tmp_path, kind="clip")
+    rec.payload["label"] = long
+    assert reason(process_record(rec, cfg, VideoConfig(fps=2.0))) == "text_too_long"
+    vt = _viscot(tmp_path, [10, 20, 30, 40])
+    vt.payload["answer"] = long
+    assert reason(process_record(vt, cfg)) == "text_too_long"
+    edit = raw("edit", {"original": {"blob": 0}, "edited": {"blob": 1}, "edit_prompt": long, "meta": {}}, [png(0), png(2)])
+    assert reason(process_record(edit, dataclasses.replace(cfg, max_caption_chars=100))) == "caption_length"

@@ -53,7 +53,7 @@ def test_llava_jsonl_single_multi_and_text_only(tmp_path):
     f = write_jsonl(tmp_path / "ann" / "llava.jsonl", LLAVA_GOOD)
     recs = by_rid(read_source(src("llava", f, image_root=str(tmp_path / "imgs"))))
     assert set(recs) == {"one", "two", "text"}
-    assert recs["one"].payload["images"] == [{"path": str(tmp_path / "imgs" / "a.png")}]
+    assert recs["one"].payload["images"] == [{"path": str(tmp_path / "imgs" / "a.png"), "root": str(tmp_path / "imgs")}]
     assert recs["one"].payload["meta"] == {"truth": "red"}
     assert [i["path"] for i in recs["two"].payload["images"]] == [str(tmp_path / "imgs" / n) for n in ("a.png", "b.png")]
     assert recs["text"].payload["images"] == []
@@ -101,9 +101,13 @@ def test_llava_bad_lines_each_quarantined(tmp_path):
     assert {r.locator for r in recs if r.reason == "non_utf8_text"} >= {"l.jsonl:3"}
 
 
-def test_llava_malformed_array_file_is_one_record(tmp_path):
+def test_llava_malformed_array_keeps_what_precedes_and_counts_the_rest(tmp_path):
     f = tmp_path / "bad.json"
     f.write_text('[{"id": 1}, ')
+    first, rest = read_source(src("llava", f))
+    assert first.rid == "1" and first.reason == "missing_field"  # no conversations
+    assert rest.reason == "malformed_json" and rest.locator == "bad.json@12"
+    f.write_text('{"id": 1}')
     (rec,) = read_source(src("llava", f))
     assert rec.reason == "malformed_json"
 
@@ -128,7 +132,7 @@ def test_videoqa(tmp_path):
         {"id": "v2", "video": "v2.webm", "answer": "left"},
     ])
     recs = by_rid(read_source(src("videoqa", f, video_root=str(tmp_path / "vids"))))
-    assert recs["v1"].payload["video"] == {"path": str(tmp_path / "vids" / "v1.mp4")}
+    assert recs["v1"].payload["video"] == {"path": str(tmp_path / "vids" / "v1.mp4"), "root": str(tmp_path / "vids")}
     assert recs["v1"].kind == "videoqa" and recs["v1"].payload["meta"] == {"d": "left"}
     assert recs["v2"].reason == "missing_field"
 
@@ -141,7 +145,7 @@ def test_viscot_bbox_format_is_passed_not_guessed(tmp_path, fmt):
         {"question_id": 9, "image": "x.png", "question": "q", "answer": "a", "bbox": "1,2,3,4"},
     ])
     recs = by_rid(read_source(src("viscot", f, bbox_format=fmt)))
-    assert recs["7"].payload["bbox"] == [1.0, 2.0, 10.0, 12.0] and recs["7"].payload["bbox_format"] == fmt
+    assert recs["7"].payload["bboxes"] == [[1.0, 2.0, 10.0, 12.0]] and recs["7"].payload["bbox_format"] == fmt
     assert recs["8"].reason == recs["9"].reason == "bad_bbox"
 
 
@@ -243,7 +247,7 @@ def test_parquet_image_by_path_and_missing(tmp_path):
     rows = [{"image": hf_image(None, "pics/a.png"), "caption": "x"}, {"image": hf_image(None, None), "caption": "y"}]
     f = write_caption_parquet(tmp_path / "p.parquet", rows)
     a, b = read_source(src("parquet", f))
-    assert a.payload["image"] == {"path": str(tmp_path / "pics" / "a.png")}
+    assert a.payload["image"] == {"path": str(tmp_path / "pics" / "a.png"), "root": str(tmp_path)}
     assert b.reason == "image_missing"
 
 
@@ -440,3 +444,174 @@ def test_parquet_row_group_split_into_row_ranges(tmp_path):
     rows = [{"image": hf_image(jpg(i)), "caption": f"c{i}"} for i in range(5)]
     f = write_caption_parquet(tmp_path / "p.parquet", rows)
     _split_equals_whole(src("parquet", f), 3)
+
+
+# --- streaming JSON arrays, typed values, media containment ------------------------------------------------
+
+
+def test_json_array_planned_in_chunks(tmp_path, monkeypatch):
+    from metamorph.data.readers import base
+
+    monkeypatch.setattr(base, "JSON_CHUNK", 7)  # every element, string and number spans chunk boundaries
+    rows = [{"id": f"r{i}", "t": "ü€" * (i * 5), "n": 12345678901234 * i} for i in range(9)] + [123456789, "x", None]
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps(rows, indent=4, ensure_ascii=False), encoding="utf-8")
+    for per in (1, 4, 100):
+        units = base.json_array_units(f, per)
+        got = [x for u in units for x in base.json_array_load(u)[1]]
+        assert got == rows
+        assert [u["first"] for u in units] == list(range(0, len(rows), per))
+    f.write_bytes(b'[{"id": 1}, {"id": 2}, \xff{"id": 3}]')
+    units = base.json_array_units(f, 1)
+    assert [u.get("reason") for u in units] == [None, None, "non_utf8_text"] and units[-1]["first"] == 2
+
+
+def test_big_json_array_never_held_whole(tmp_path):
+    import tracemalloc
+
+    from metamorph.data.readers import base
+
+    f = tmp_path / "big.json"
+    row = json.dumps({"id": "x", "conversations": [{"from": "human", "value": "v" * 900}]})
+    with open(f, "w") as fh:
+        fh.write("[" + ",\n".join([row] * 30000) + "]")  # ~28 MB
+    tracemalloc.start()
+    units = base.json_array_units(f, 1000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(units) == 30 and units[-1]["first"] == 29000
+    assert peak < 8 * 2**20, peak  # a few chunks, not the 28 MB file
+
+
+def test_null_nan_wrong_type_and_bad_ids(tmp_path):
+    q = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    f = tmp_path / "l.jsonl"
+    f.write_text("\n".join([
+        json.dumps({"id": [1], "conversations": q}),
+        json.dumps({"id": None, "conversations": q}),
+        json.dumps({"id": 1.5, "conversations": q}),
+        json.dumps({"conversations": q}),
+        json.dumps({"id": "a", "conversations": [{"from": "human", "value": None}, q[1]]}),
+        json.dumps({"id": "b", "conversations": [{"from": "human", "value": float("nan")}, q[1]]}),
+        json.dumps({"id": "c", "conversations": [{"from": "human", "value": 7}, q[1]]}),
+        json.dumps({"id": "d", "conversations": [{"from": "human", "value": "z" * 1_000_001}, q[1]]}),
+        json.dumps({"id": 0, "conversations": q}),
+    ]) + "\n")
+    recs = list(read_source(src("llava", f)))
+    assert [r.reason for r in recs] == ["bad_id", "bad_id", "bad_id", "missing_field", "null_value", "nan_value", "wrong_type", "text_too_long", ""]
+    assert recs[-1].rid == "0"
+
+
+def test_parquet_typed_cells(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.unit.curation_fixtures import HF_IMAGE
+
+    img = {"bytes": png(0), "path": None}
+    t = pa.table({"image": pa.array([img] * 4 + [None], HF_IMAGE), "caption": pa.array([float("nan"), float("inf"), None, 3.0, 1.0]),
+                  "id": pa.array([{"a": 1}, {"a": 2}, {"a": 3}, {"a": 4}, {"a": 5}])})
+    pq.write_table(t, tmp_path / "t.parquet")
+    assert reasons(read_source(src("parquet", tmp_path / "t.parquet"))) == ["bad_id"] * 5
+    pq.write_table(t.drop(["id"]), tmp_path / "t.parquet")
+    recs = list(read_source(src("parquet", tmp_path / "t.parquet")))
+    assert [r.reason for r in recs] == ["nan_value", "nan_value", "null_value", "wrong_type", "wrong_type"]
+    assert not any("nan" == (r.payload.get("caption") or "").lower() for r in recs)
+
+
+def test_csv_field_over_the_csv_limit_is_quarantined(tmp_path):
+    import csv
+
+    f = tmp_path / "c.csv"
+    f.write_text("video_id,start,end,text\na,0,1,\"" + "w" * (csv.field_size_limit() + 10) + "\"\nb,0,1,fine\n")
+    recs = list(read_source(src("howto100m", f)))
+    assert [(r.rid, r.reason) for r in recs] == [("", "csv_field_too_long"), ("b-0", "")]
+
+
+def test_media_containment_fifo_and_size_cap(tmp_path):
+    from metamorph.data.readers.base import Reject, read_media
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.png").write_bytes(png(0))
+    (tmp_path / "outside.png").write_bytes(png(1))
+    os.symlink(tmp_path / "outside.png", root / "escape.png")
+    os.symlink(root / "ok.png", root / "sub" / "inside.png")  # a link that stays inside is fine
+    os.mkfifo(root / "fifo.png")
+    linked_root = tmp_path / "linked"
+    os.symlink(root, linked_root)  # a dataset root that is itself a symlink (another disk) is fine
+
+    def why(name, root=root, cap=10**6):
+        try:
+            read_media({"path": str(root / name), "root": str(root)}, cap, "image")
+            return ""
+        except Reject as r:
+            return r.reason
+
+    assert why("ok.png") == why("sub/inside.png") == why("ok.png", root=linked_root) == ""
+    assert why("escape.png") == "unsafe_path"
+    assert why("fifo.png") == "not_regular_file"  # returns at once: a FIFO opened for reading would block
+    assert why("sub") == "not_regular_file"
+    assert why("nope.png") == "image_missing"
+    assert why("ok.png", cap=10) == "file_too_large"
+
+
+def test_tar_header_corrupt_mid_archive_reads_before_and_after(tmp_path):
+    from metamorph.data.readers import img2dataset
+
+    f = write_tar(tmp_path / "00000.tar", img2dataset_members(range(6)))
+    data = bytearray(f.read_bytes())
+    at = data.find(b"000000002.txt")
+    data[at + 148 : at + 156] = b"0000000\x00"  # bad checksum on key 2's caption header
+    f.write_bytes(bytes(data))
+    for fast in (True, False):
+        recs = list(img2dataset.read(src("img2dataset", f), {"file": str(f)}, 0, fast=fast))
+        assert [(r.rid, r.reason) for r in recs] == [
+            ("000000000", ""), ("000000001", ""), ("", "tar_header_corrupt"), ("000000002", ""),  # caption from its .json
+            ("000000003", ""), ("000000004", ""), ("000000005", "")]
+        assert recs[2].locator == f"00000.tar@{at}"
+
+
+def test_fields_renamed_per_source_and_unknown_fields_refused(tmp_path):
+    from metamorph.data.readers import check_source
+
+    f = write_jsonl(tmp_path / "e.jsonl", [{"src": "a.png", "prompt": "make it red", "dst": "b.png"}])
+    s = src("edit_jsonl", f, fields={"source": "src", "instruction": "prompt", "target": "dst"})
+    (rec,) = read_source(s)
+    assert rec.reason == "" and rec.payload["edit_prompt"] == "make it red" and rec.payload["edited"]["path"].endswith("b.png")
+    assert rec.rid == "e.jsonl-1"
+    with pytest.raises(ValueError, match="fields.*'target_img'"):
+        check_source(src("edit_jsonl", f, fields={"target_img": "dst"}), "sources[0]")
+
+
+def test_instructpix2pix_columns_renamed_for_other_hub_edit_sets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.unit.curation_fixtures import HF_IMAGE
+
+    t = pa.Table.from_pylist([{"img_id": "327726", "turn_index": 1, "source_img": {"bytes": png(0), "path": None},
+                               "mask_img": {"bytes": png(9), "path": None}, "instruction": "let the box be green",
+                               "target_img": {"bytes": png(1), "path": None}}],
+                             schema=pa.schema([("img_id", pa.string()), ("turn_index", pa.int32()), ("source_img", HF_IMAGE),
+                                               ("mask_img", HF_IMAGE), ("instruction", pa.string()), ("target_img", HF_IMAGE)]))
+    pq.write_table(t, tmp_path / "train-00000-of-00001.parquet")
+    s = src("instructpix2pix", tmp_path, fields={"source": "source_img", "instruction": "instruction", "target": "target_img"})
+    (rec,) = read_source(s)
+    assert rec.reason == "" and rec.payload["edit_prompt"] == "let the box be green" and rec.blobs == [png(0), png(1)]
+    (rec,) = read_source(src("instructpix2pix", tmp_path))  # without the renames: the columns are missing
+    assert rec.reason == "missing_field" and "original_image" in rec.detail
+
+
+def test_every_reason_a_reader_or_curation_can_give_is_documented():
+    import re
+    from pathlib import Path
+
+    from metamorph.data.curate import QUARANTINE_REASONS
+
+    root = Path(__file__).resolve().parents[2] / "metamorph" / "data"
+    files = [*(root / "readers").glob("*.py"), root / "curate.py", root / "imageproc.py", root / "video.py"]
+    used = {m for f in files for m in re.findall(r'Reject\(\s*"([a-z_]+)"', f.read_text())}
+    used |= {m for f in files for m in re.findall(r'rejected\([^)]*?"([a-z_]+)"', f.read_text())}
+    used |= {"missing", "image_missing", "video_missing"} - {"missing"}  # check_media's ``missing`` argument
+    assert len(used) > 25 and used <= set(QUARANTINE_REASONS), used - set(QUARANTINE_REASONS)

@@ -238,14 +238,21 @@ def test_generation_tars_read_with_webdataset(world):
 
 
 def test_visual_thinking_bbox_covers_target(world):
+    from metamorph.data.curate import unsquare_box
+
     recs = jsonl(world / F.VISCOT_JSONL)
-    assert len(recs) == SMALL["n_visual_thinking"]
+    converted = json.loads((world / F.VISCOT_363K).read_text())
+    assert len(recs) + len(converted) == SMALL["n_visual_thinking"] and len(converted) == SMALL["n_visual_thinking"] // 2
+    for c in converted:  # viscot_363k.json: the same records after Visual-CoT's conversion
+        assert c["image"][0].startswith(f"cot/{F.VISCOT_DATASET}/") and c["conversations"][2]["value"] == "<image>"
+        box = unsquare_box([float(v) for v in c["conversations"][1]["value"].strip("[]").split(",")], 64, 64)
+        recs.append({"image": c["image"][0].rsplit("/", 1)[1], "bboxs": [box], "answer": c["conversations"][3]["value"], "meta": c["meta"]})
     for r in recs:
         img = Image.open(world / F.VISCOT_IMAGES / r["image"])
         n = r["meta"]["scene"]["image_size"]
         assert img.size == (n, n) == (64, 64)
-        x1, y1, x2, y2 = r["bbox"]
-        assert all(isinstance(v, int) for v in r["bbox"])
+        (x1, y1, x2, y2), = r["bboxs"]
+        assert all(float(v).is_integer() for v in r["bboxs"][0])
         assert 0 <= x1 < x2 <= n and 0 <= y1 < y2 <= n
         scene = scene_from_meta(r["meta"]["scene"])
         target = scene.objects[r["meta"]["target"]]
@@ -262,13 +269,17 @@ def test_visual_thinking_bbox_covers_target(world):
 
 
 def test_image_edit_parquet(world):
-    parts = sorted((world / F.EDIT_DIR).glob("*.parquet"))
-    assert [p.name for p in parts] == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    parts = sorted((world / F.EDIT_PARQUET_DIR).glob("*.parquet"))
+    assert [p.name for p in parts] == [f"train-0000{i}-of-00002.parquet" for i in range(2)]
     table = pq.read_table(parts[0])
     assert table.column_names == ["original_prompt", "original_image", "edit_prompt", "edited_prompt",
                                   "edited_image", "meta"]
     rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
-    assert len(rows) == SMALL["n_image_edit"]
+    edits = world / F.EDIT_JSONL
+    for e in jsonl(edits):  # every EDIT_JSONL_EVERY-th record: JSONL beside input/ and output/ folders
+        rows.append({"original_image": {"bytes": (edits.parent / e["input"]).read_bytes(), "path": e["input"]}, "edit_prompt": e["edit"],
+                     "edited_image": {"bytes": (edits.parent / e["output"]).read_bytes(), "path": e["output"]}, "meta": json.dumps(e["meta"])})
+    assert len(rows) == SMALL["n_image_edit"] and len(jsonl(edits)) == SMALL["n_image_edit"] // F.EDIT_JSONL_EVERY
     kinds = set()
     for r in rows:
         meta = json.loads(r["meta"])

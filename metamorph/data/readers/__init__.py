@@ -2,9 +2,12 @@
 
     python -c "from metamorph.data.readers import READERS; print(sorted(READERS))"
 
-Each reader is two functions (see ``base``): ``plan(src, records_per_unit) -> units`` runs on the
-driver and only lists work; ``read(src, unit, unit_idx) -> RawRecord...`` runs in a worker.
-``FAMILY_FORMATS`` says which formats each curation family accepts.
+A reader is one module with ``plan(src, records_per_unit) -> units`` (runs on the driver and only
+lists work), ``read(src, unit, unit_idx) -> RawRecord...`` (runs in a worker), and four constants:
+``KIND`` (the converter in ``metamorph.data.curate``), ``FAMILY`` (the curation stage that reads
+it), ``SUFFIXES`` (the annotation/shard files a directory source holds) and ``FIELDS`` (record
+keys a source may rename with ``fields``, and their defaults). Adding a format is that module and
+one line in ``READERS`` (see docs/CONTRACTS.md, "Adding a format").
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from metamorph.data.readers import howto100m, img2dataset, instructpix2pix, llava, parquet, ssv2, videoqa, viscot
+from metamorph.data.readers import edit_jsonl, howto100m, img2dataset, instructpix2pix, llava, parquet, ssv2, viscot
 from metamorph.data.readers.base import RAW_SCHEMA, RawRecord, Reject, SourceConfig, raw_table
 
 
@@ -22,31 +25,41 @@ class Reader:
     name: str
     plan: Callable[[SourceConfig, int], list[dict[str, Any]]]
     read: Callable[[SourceConfig, dict[str, Any], int], Iterator[RawRecord]]
+    family: str
     suffixes: tuple[str, ...]  # the annotation/shard files a directory source holds (for fingerprints)
+    fields: dict[str, str]  # renamable record keys and their defaults
 
-
-def _reader(name: str, mod: ModuleType, suffixes: tuple[str, ...]) -> Reader:
-    return Reader(name=name, plan=mod.plan, read=mod.read, suffixes=suffixes)
+    @classmethod
+    def of(cls, name: str, mod: ModuleType) -> "Reader":
+        return cls(name=name, plan=mod.plan, read=mod.read, family=mod.FAMILY, suffixes=mod.SUFFIXES, fields=dict(mod.FIELDS))
 
 
 READERS: dict[str, Reader] = {
-    "llava": _reader("llava", llava, (".jsonl", ".json")),
-    "videoqa": _reader("videoqa", videoqa, (".jsonl",)),
-    "img2dataset": _reader("img2dataset", img2dataset, (".tar",)),
-    "parquet": _reader("parquet", parquet, (".parquet",)),
-    "ssv2": _reader("ssv2", ssv2, (".json",)),
-    "howto100m": _reader("howto100m", howto100m, (".csv",)),
-    "viscot": _reader("viscot", viscot, (".jsonl",)),
-    "instructpix2pix": _reader("instructpix2pix", instructpix2pix, (".parquet",)),
+    "llava": Reader.of("llava", llava),  # LLaVA / Cambrian image and video conversations
+    "videoqa": Reader.of("videoqa", llava),  # the same reader, for configs that name video QA apart
+    "img2dataset": Reader.of("img2dataset", img2dataset),
+    "parquet": Reader.of("parquet", parquet),
+    "ssv2": Reader.of("ssv2", ssv2),
+    "howto100m": Reader.of("howto100m", howto100m),
+    "viscot": Reader.of("viscot", viscot),
+    "instructpix2pix": Reader.of("instructpix2pix", instructpix2pix),
+    "edit_jsonl": Reader.of("edit_jsonl", edit_jsonl),
 }
 
 FAMILY_FORMATS: dict[str, tuple[str, ...]] = {
-    "understanding": ("llava", "videoqa"),
-    "generation": ("img2dataset", "parquet"),
-    "video": ("ssv2", "howto100m"),
-    "visual_thinking": ("viscot",),
-    "image_edit": ("instructpix2pix",),
+    family: tuple(n for n, r in READERS.items() if r.family == family)
+    for family in ("understanding", "generation", "video", "visual_thinking", "image_edit")
 }
+
+
+def check_source(src: SourceConfig, where: str) -> None:
+    """Config mistakes a reader can see before any work: unknown format, unknown ``fields`` keys."""
+    if src.format not in READERS:
+        raise ValueError(f"{where}.format={src.format!r}: use one of {sorted(READERS)}")
+    unknown = sorted(set(src.fields) - set(READERS[src.format].fields))
+    if unknown:
+        known = READERS[src.format].fields
+        raise ValueError(f"{where}.fields: {unknown} unknown for format {src.format!r}; it renames {sorted(known) or 'nothing'}")
 
 
 def read_source(src: SourceConfig, records_per_unit: int = 256) -> Iterator[RawRecord]:
@@ -56,4 +69,4 @@ def read_source(src: SourceConfig, records_per_unit: int = 256) -> Iterator[RawR
         yield from reader.read(src, unit, i)
 
 
-__all__ = ["READERS", "FAMILY_FORMATS", "Reader", "RawRecord", "Reject", "SourceConfig", "RAW_SCHEMA", "raw_table", "read_source"]
+__all__ = ["READERS", "FAMILY_FORMATS", "Reader", "RawRecord", "Reject", "SourceConfig", "RAW_SCHEMA", "raw_table", "read_source", "check_source"]

@@ -7,20 +7,26 @@ over Ray tasks: ``plan(src, records_per_unit)`` lists small JSON-able *units* of
 ``records_per_unit`` records (a byte range of a JSONL or CSV file, an element range of a JSON
 array, a member range of a tar, a row range of a Parquet row group) on the driver, and
 ``read(src, unit, unit_idx)`` yields the records of one unit inside a worker, which also decodes
-and converts them (one task per unit), so a big file is split here or it runs on one core. A file
-whose structure the plan cannot walk (a truncated tar, a malformed JSON array) stays one unit and
-its read reports the problem as before. Readers never decode images or videos (the curation step does, in
+and converts them (one task per unit), so a big file is split here or it runs on one core. A JSON
+array is walked in chunks, never loaded whole; where it stops being an array, the rest is one
+unit that reads as one quarantined record. A tar the plan cannot walk stays one unit and its read
+reports the problem. Readers never decode images or videos (the curation step does, in
 parallel); they only parse text, pick up inline bytes (tars, Parquet), and reject what is already
-unreadable with a quarantine reason. Paths in a record are absolute, so any worker can open them.
+unreadable with a quarantine reason, one ``RawRecord`` per upstream record, so every record is
+counted. Media paths in a record are absolute (``media_ref``: with their root, so the worker that
+opens them checks containment after symlinks).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -44,6 +50,9 @@ class SourceConfig:
     video_root: Optional[str] = None
     # viscot only: how the source writes boxes, in pixels; never guessed from the numbers
     bbox_format: str = "xyxy"
+    # the record keys a format reads under other names, {our name: the source's key}; the reader's
+    # FIELDS lists the names and their defaults (edit_jsonl: source, instruction, target)
+    fields: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -52,6 +61,13 @@ class SourceConfig:
             raise ValueError(f"sources[{self.name}].path is empty: point it at the dataset file or directory")
         if self.bbox_format not in BBOX_FORMATS:
             raise ValueError(f"sources[{self.name}].bbox_format={self.bbox_format!r}: use one of {BBOX_FORMATS}")
+        bad = [k for k, v in self.fields.items() if not isinstance(k, str) or not isinstance(v, str) or not v]
+        if bad:
+            raise ValueError(f"sources[{self.name}].fields: {bad} must map a field name to a non-empty key")
+
+    def key_of(self, name: str, default: str) -> str:
+        """The source's key for our field ``name``."""
+        return self.fields.get(name, default)
 
 
 class Reject(Exception):
@@ -147,18 +163,72 @@ def utf8(raw: bytes, what: str) -> str:
         raise Reject("non_utf8_text", f"{what}: invalid UTF-8 at byte {e.start}") from None
 
 
-def check_text(value: Any, what: str) -> str:
-    """A JSON string field, rejected when absent, not a string, or holding lone surrogates
-    (JSON escapes like "\\udc80" parse fine but cannot be written back as UTF-8)."""
-    if value is None:
+# a reader-side bound on any one text field: the curation step applies the configured, much
+# smaller caps (max_text_chars, max_caption_chars); this one only keeps a worker from carrying
+# megabytes of scraped page text through a task
+MAX_FIELD_CHARS = 1_000_000
+
+
+def check_text(value: Any, what: str, max_chars: int = MAX_FIELD_CHARS) -> str:
+    """A string field, rejected with its own reason when absent (``missing_field``), JSON null or
+    a null cell (``null_value``), NaN/inf (``nan_value``), another type (``wrong_type``), holding
+    lone surrogates (JSON escapes like "\\udc80" parse fine but cannot be written back as UTF-8),
+    or longer than ``max_chars`` (``text_too_long``)."""
+    if value is _MISSING:
         raise Reject("missing_field", f"{what} is missing")
+    if value is None:
+        raise Reject("null_value", f"{what} is null")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Reject("nan_value", f"{what} is {value}")
     if not isinstance(value, str):
-        raise Reject("malformed_json", f"{what} is {type(value).__name__}, expected a string")
+        raise Reject("wrong_type", f"{what} is {type(value).__name__}, expected a string")
+    if len(value) > max_chars:
+        raise Reject("text_too_long", f"{what} has {len(value)} chars > {max_chars}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise Reject("non_utf8_text", f"{what} holds an unpaired surrogate") from None
     return value
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()  # ``obj.get(key, _MISSING)``: absent, as opposed to null
+
+
+def get_text(obj: dict[str, Any], key: str, what: str | None = None) -> str:
+    """``check_text`` of ``obj[key]`` (absent: ``missing_field``)."""
+    return check_text(obj.get(key, _MISSING), what or key)
+
+
+def check_id(value: Any, what: str = "id") -> str:
+    """An upstream id as text: strings and integers are ids; null, NaN, floats, booleans, dicts
+    and lists are not (``bad_id``, or ``missing_field`` when absent). A dict id would otherwise
+    become its repr and two different records could share it."""
+    if value is _MISSING:
+        raise Reject("missing_field", f"no {what!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise Reject("bad_id", f"{what} is {type(value).__name__} {str(value)[:60]!r}, expected a string or an integer")
+    text = str(value)
+    if not text.strip():
+        raise Reject("bad_id", f"{what} is empty")
+    return check_text(text, what, 1000)
+
+
+def number(value: Any, what: str) -> float:
+    """A JSON/Parquet number, finite (``nan_value``) and not a string or bool (``wrong_type``)."""
+    if value is _MISSING:
+        raise Reject("missing_field", f"{what} is missing")
+    if value is None:
+        raise Reject("null_value", f"{what} is null")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Reject("wrong_type", f"{what} is {type(value).__name__}, expected a number")
+    if not math.isfinite(value):
+        raise Reject("nan_value", f"{what} is {value}")
+    return float(value)
 
 
 def jsonl_units(path: Path, records_per_unit: int) -> list[dict[str, Any]]:
@@ -207,45 +277,117 @@ def parse_json_line(line: bytes, where: str) -> dict[str, Any]:
 
 
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
+JSON_CHUNK = 1 << 20  # bytes read at a time when planning a JSON array
+MAX_JSON_ELEMENT = 256 * 2**20  # an array element longer than this ends the plan (bounds driver memory)
+
+
+class _Broken(Exception):
+    def __init__(self, offset: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.offset, self.reason, self.detail = offset, reason, detail
+
+
+def scan_json_array(path: Path) -> Iterator[tuple[int, int]]:
+    """(byte start, byte end) of each element of the JSON array in ``path``, walking the file in
+    ``JSON_CHUNK`` pieces: each element is parsed once (to find where it ends) and dropped, so a
+    file of several GB never sits in memory. Raises ``_Broken`` (byte offset, reason, detail) where
+    the file stops being a UTF-8 JSON array; the elements before it were already yielded."""
+    dec = json.JSONDecoder()
+    udec = codecs.getincrementaldecoder("utf-8")("strict")
+    with open(path, "rb") as f:
+        buf, i, byte_i, eof = "", 0, 0, False  # byte_i: the file offset of buf[i]
+        read_total = 0
+        bad: list[_Broken] = []  # invalid UTF-8 ahead: raised once the walk gets there
+
+        def more(n: int = JSON_CHUNK) -> bool:
+            nonlocal buf, i, eof, read_total
+            if bad:
+                bad[0].offset = byte_i
+                raise bad[0]
+            if eof:
+                return False
+            if i > len(buf) // 2:  # drop what was consumed (amortised: at most one copy per chunk)
+                buf, i = buf[i:], 0
+            data = f.read(n)
+            try:
+                buf += udec.decode(data, final=not data)
+            except UnicodeDecodeError as e:  # keep the valid text before it: the elements there are fine
+                buf += codecs.decode(data[: e.start], "utf-8", "ignore") if e.start else ""
+                bad.append(_Broken(byte_i, "non_utf8_text", f"invalid UTF-8 at byte {read_total + e.start}"))
+            read_total += len(data)
+            eof = not data
+            return True
+
+        def skip_ws() -> str:
+            nonlocal i, byte_i
+            while True:
+                j = _WS.match(buf, i).end()
+                byte_i += j - i  # JSON whitespace is ASCII
+                i = j
+                if i < len(buf) or not more():
+                    return buf[i : i + 1]
+
+        if skip_ws() != "[":
+            raise _Broken(byte_i, "malformed_json", "not a JSON array (the file must start with '[')")
+        i, byte_i = i + 1, byte_i + 1
+        if skip_ws() == "]":
+            i, byte_i = i + 1, byte_i + 1
+        else:
+            while True:
+                start_byte = byte_i
+                size = JSON_CHUNK
+                while True:
+                    try:
+                        _, j = dec.raw_decode(buf, i)
+                        if j < len(buf) or eof:  # a number at the buffer's end may go on
+                            break
+                    except json.JSONDecodeError as e:
+                        if eof:
+                            raise _Broken(start_byte, "malformed_json", f"element at byte {start_byte}: {e.msg}") from None
+                    if len(buf) - i > MAX_JSON_ELEMENT:
+                        raise _Broken(start_byte, "malformed_json", f"element at byte {start_byte} is over {MAX_JSON_ELEMENT} bytes")
+                    more(size)
+                    size = min(2 * size, MAX_JSON_ELEMENT)  # a long element: read ahead in bigger steps
+                byte_i += len(buf[i:j].encode("utf-8"))
+                i = j
+                yield start_byte, byte_i
+                c = skip_ws()
+                if c == "]":
+                    i, byte_i = i + 1, byte_i + 1
+                    break
+                if c != ",":
+                    raise _Broken(byte_i, "malformed_json", f"expected ',' or ']' at byte {byte_i}")
+                i, byte_i = i + 1, byte_i + 1
+                skip_ws()
+        if skip_ws() != "":
+            raise _Broken(byte_i, "malformed_json", f"data after the array at byte {byte_i}")
 
 
 def json_array_units(path: Path, records_per_unit: int) -> list[dict[str, Any]]:
     """A JSON array file as byte ranges of ``records_per_unit`` elements (``first``: the index of
-    the first). The driver parses the file once to find the element boundaries; anything that is
-    not a UTF-8 JSON array, or an array of at most ``records_per_unit`` elements, is one whole-file
-    unit, whose read rejects it as before."""
-    whole = [{"file": str(path), "array": True}]
+    the first), found by ``scan_json_array`` without loading the file. Where the file stops being
+    a JSON array, the rest is one ``broken`` unit that reads as one quarantined record: the
+    elements before it still come out, and nothing after it goes uncounted."""
+    units: list[dict[str, Any]] = []
+    n, start, end = 0, None, 0
     try:
-        text = path.read_bytes().decode("utf-8")
-        dec = json.JSONDecoder()
-        i = _WS.match(text, 0).end()
-        if text[i : i + 1] != "[":
-            return whole
-        i = _WS.match(text, i + 1).end()
-        spans: list[tuple[int, int]] = []  # (start, end) character offsets of each range
-        n = 0
-        if text[i : i + 1] != "]":
-            while True:
-                if n % records_per_unit == 0:
-                    spans.append((i, i))
-                _, i = dec.raw_decode(text, i)
-                n += 1
-                spans[-1] = (spans[-1][0], i)
-                i = _WS.match(text, i).end()
-                c = text[i : i + 1]
-                if c == "]":
-                    break
-                if c != ",":
-                    return whole
-                i = _WS.match(text, i + 1).end()
-        if _WS.match(text, i + 1).end() != len(text) or n <= records_per_unit:
-            return whole
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return whole
-    return [
-        {"file": str(path), "array": True, "offset": start, "length": length, "first": k * records_per_unit}
-        for k, (start, length) in enumerate(_byte_ranges(text, spans, "strict"))
-    ]
+        for a, b in scan_json_array(path):
+            if start is None:
+                start = a
+            n, end = n + 1, b
+            if n % records_per_unit == 0:
+                units.append({"file": str(path), "array": True, "offset": start, "length": end - start, "first": n - records_per_unit})
+                start = None
+    except _Broken as e:
+        if start is not None:
+            units.append({"file": str(path), "array": True, "offset": start, "length": end - start, "first": n - n % records_per_unit})
+        units.append({"file": str(path), "array": True, "broken": e.offset, "reason": e.reason, "detail": e.detail, "first": n})
+        return units
+    except OSError as e:
+        return [{"file": str(path), "array": True, "broken": 0, "reason": "malformed_json", "detail": f"unreadable: {e}", "first": 0}]
+    if start is not None:
+        units.append({"file": str(path), "array": True, "offset": start, "length": end - start, "first": n - n % records_per_unit})
+    return units
 
 
 def _byte_ranges(text: str, spans: list[tuple[int, int]], errors: str) -> list[tuple[int, int]]:
@@ -260,20 +402,19 @@ def _byte_ranges(text: str, spans: list[tuple[int, int]], errors: str) -> list[t
     return out
 
 
-def json_array_load(unit: dict[str, Any]) -> tuple[int, Any]:
-    """(index of the first element, the parsed value) of a ``json_array_units`` unit: the whole
-    file's value (raises ``Reject``/``JSONDecodeError`` as ``json.loads`` of it would) or the list
-    of the range's elements."""
-    f = Path(unit["file"])
-    if "offset" not in unit:
-        return 0, json.loads(utf8(f.read_bytes(), f.name))
+def json_array_load(unit: dict[str, Any]) -> tuple[int, list[Any]]:
+    """(index of the first element, the elements) of a ``json_array_units`` unit; a ``broken``
+    unit raises ``Reject`` with the reason the plan found."""
+    if "broken" in unit:
+        raise Reject(unit["reason"], f"{Path(unit['file']).name} from byte {unit['broken']} (after {unit['first']} elements): {unit['detail']}")
     return unit["first"], json.loads("[" + read_range(unit).decode("utf-8") + "]")
 
 
-def csv_units(path: Path, records_per_unit: int, header: tuple[str, ...]) -> list[dict[str, Any]]:
+def csv_units(path: Path, records_per_unit: int, header_ok: Callable[[list[str]], bool]) -> list[dict[str, Any]]:
     """A CSV file as byte ranges of ``records_per_unit`` rows after its header row (quoted newlines
-    kept whole; ``first_line``: the line number before the range). A file whose first row is not
-    ``header``, or with at most ``records_per_unit`` rows, is one whole-file unit."""
+    kept whole; ``first_line``: the line number before the range). A file whose first row fails
+    ``header_ok``, with a field the csv module refuses, or with at most ``records_per_unit`` rows,
+    is one whole-file unit."""
     whole = [{"file": str(path)}]
     # surrogateescape keeps every byte: the offsets below are exact
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
@@ -287,15 +428,18 @@ def csv_units(path: Path, records_per_unit: int, header: tuple[str, ...]) -> lis
             yield line
 
     reader = csv.reader(tracked())
-    first = next(reader, None)
-    if first is None or [h.strip() for h in first[: len(header)]] != list(header):
+    try:
+        first = next(reader, None)
+        if first is None or not header_ok([h.strip() for h in first]):
+            return whole
+        cuts = [(pos, reader.line_num)]  # (character offset, lines before it) where each range starts
+        n = 0
+        for _ in reader:
+            n += 1
+            if n % records_per_unit == 0:
+                cuts.append((pos, reader.line_num))
+    except csv.Error:  # a field over the csv module's limit: the read quarantines it, row by row
         return whole
-    cuts = [(pos, reader.line_num)]  # (character offset, lines before it) where each range starts
-    n = 0
-    for _ in reader:
-        n += 1
-        if n % records_per_unit == 0:
-            cuts.append((pos, reader.line_num))
     if n <= records_per_unit:
         return whole
     if cuts[-1][0] == len(text):
@@ -315,15 +459,15 @@ Convert = Callable[[dict[str, Any], str], tuple[str, dict[str, Any]]]
 
 
 def record_id(obj: dict[str, Any], keys: tuple[str, ...]) -> Any:
-    """The first of ``keys`` the record has (None when it has none): ``("question_id", "id")``
+    """The first of ``keys`` the record has (``_MISSING`` when it has none): ``("question_id", "id")``
     reads Visual-CoT's own id field and falls back to the generic one."""
-    return next((obj[k] for k in keys if k in obj), None)
+    return next((obj[k] for k in keys if k in obj), _MISSING)
 
 
 def _quarantine_rid(obj: Any, keys: tuple[str, ...]) -> str:
     """The record's id when it has a usable one (kept on quarantine lines for humans)."""
     rid = record_id(obj, keys) if isinstance(obj, dict) else None
-    return str(rid) if isinstance(rid, (str, int)) else ""
+    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else ""
 
 
 def json_record(src: SourceConfig, kind: str, obj: Any, where: str, order: str, convert: Convert, id_keys: tuple[str, ...]) -> RawRecord:
@@ -334,15 +478,34 @@ def json_record(src: SourceConfig, kind: str, obj: Any, where: str, order: str, 
         rid, payload = convert(obj, where)
     except Reject as r:
         return rejected(src, kind, where, order, r.reason, r.detail, rid=_quarantine_rid(obj, id_keys))
+    kind = payload.pop(KIND_KEY, kind)  # a reader whose records are of several kinds says which
     return RawRecord(source=src.name, rid=rid, locator=where, order=order, kind=kind, payload=payload)
 
 
-def jsonl_plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
-    """Byte-range units of every ``.jsonl`` file of a source."""
+KIND_KEY = "__kind__"
+
+
+def json_plan(src: SourceConfig, records_per_unit: int, suffixes: tuple[str, ...] = (".jsonl", ".json")) -> list[dict[str, Any]]:
+    """Units of every JSONL (byte ranges of lines) and JSON array (element ranges) file of a source."""
     units: list[dict[str, Any]] = []
-    for f in list_files(Path(src.path), (".jsonl",)):
-        units += jsonl_units(f, records_per_unit)
+    for f in list_files(Path(src.path), suffixes):
+        units += jsonl_units(f, records_per_unit) if f.name.lower().endswith(".jsonl") else json_array_units(f, records_per_unit)
     return units
+
+
+def read_json(src: SourceConfig, kind: str, unit: dict[str, Any], unit_idx: int, convert: Convert, id_keys: tuple[str, ...]) -> Iterator[RawRecord]:
+    """The records of one ``json_plan`` unit: JSONL lines or JSON array elements."""
+    if not unit.get("array"):
+        yield from read_jsonl(src, kind, unit, unit_idx, convert, id_keys)
+        return
+    name = Path(unit["file"]).name
+    try:
+        first, data = json_array_load(unit)
+    except Reject as r:  # the rest of a file that stopped being an array: one record, counted
+        yield rejected(src, kind, f"{name}@{unit.get('broken', 0)}", order_key(unit_idx, 0), r.reason, r.detail)
+        return
+    for pos, obj in enumerate(data):
+        yield json_record(src, kind, obj, f"{name}[{first + pos}]", order_key(unit_idx, pos), convert, id_keys)
 
 
 def read_jsonl(src: SourceConfig, kind: str, unit: dict[str, Any], unit_idx: int, convert: Convert, id_keys: tuple[str, ...]) -> Iterator[RawRecord]:
@@ -373,19 +536,69 @@ def list_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def safe_join(root: str | Path, rel: Any, what: str) -> str:
-    """Join a record's relative path under ``root``, refusing absolute paths and ``..`` escapes.
-
-    Lexical on purpose: dataset roots are often symlinks to other disks, which resolving would
-    reject."""
-    if not isinstance(rel, str) or not rel:
-        raise Reject("missing_field", f"{what} is missing or not a string")
-    check_text(rel, what)
+    """Join a record's relative path under ``root``, refusing absolute paths and ``..`` escapes
+    (lexically; ``check_media`` then checks where the file really is, after symlinks)."""
+    if rel is _MISSING or rel is None:
+        raise Reject("missing_field", f"{what} is missing")
+    check_text(rel, what, 4096)
+    if not rel:
+        raise Reject("missing_field", f"{what} is empty")
     norm = os.path.normpath(rel)
     if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep) or "\x00" in rel:
         raise Reject("unsafe_path", f"{what}={rel!r} escapes its root")
     return os.path.join(str(root), norm)
 
 
+def media_ref(root: str | Path, rel: Any, what: str) -> dict[str, str]:
+    """A payload reference to a file under ``root``: ``{"path", "root"}`` (the root goes along so
+    the worker that opens the file can check it really lies inside, after symlinks)."""
+    return {"path": safe_join(root, rel, what), "root": str(root)}
+
+
 def default_root(src: SourceConfig, which: str, fallback: Path) -> Path:
     value = src.image_root if which == "image" else src.video_root
     return Path(value) if value else fallback
+
+
+# --- opening media files ---------------------------------------------------------------------------
+
+
+def check_media(path: Any, root: Any, max_bytes: int, what: str, missing: str) -> int:
+    """Size of the media file ``path`` after the checks that need no read: it must resolve (after
+    symlinks) inside ``root`` (``unsafe_path``; a dataset root that is itself a symlink to another
+    disk is fine), exist (``missing``: image_missing / video_missing), be a regular file, so a
+    FIFO, device or directory is never opened (``not_regular_file``), and hold at most
+    ``max_bytes`` (``file_too_large``)."""
+    if not isinstance(path, str) or not path:
+        raise Reject(missing, f"{what}: no path")
+    if root:
+        real_root, real = os.path.realpath(root), os.path.realpath(path)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise Reject("unsafe_path", f"{what}: {os.path.basename(path)} resolves to {real}, outside {root}")
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise Reject(missing, f"{what}: {os.path.basename(path)} not found") from None
+    except OSError as e:
+        raise Reject(missing, f"{what}: {os.path.basename(path)}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "directory" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) else "device or socket"
+        raise Reject("not_regular_file", f"{what}: {os.path.basename(path)} is a {kind}, not a regular file")
+    if st.st_size > max_bytes:
+        raise Reject("file_too_large", f"{what}: {os.path.basename(path)} has {st.st_size} bytes > {max_bytes}")
+    return st.st_size
+
+
+def read_media(ref: dict[str, Any], max_bytes: int, what: str, missing: str = "image_missing") -> bytes:
+    """The bytes of a ``media_ref`` after ``check_media`` (never more than ``max_bytes``: a file
+    that grows between the check and the read is still refused)."""
+    path = ref.get("path")
+    check_media(path, ref.get("root"), max_bytes, what, missing)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise Reject(missing, f"{what}: {os.path.basename(path)} not found") from None
+    if len(data) > max_bytes:
+        raise Reject("file_too_large", f"{what}: {os.path.basename(path)} has more than {max_bytes} bytes")
+    return data

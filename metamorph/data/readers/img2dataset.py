@@ -6,7 +6,10 @@ Members are read into memory, never extracted, and still checked: a member whose
 or climbs out with ``..``, or that is a link or device, is quarantined as ``unsafe_tar_member``
 (a tar built to overwrite files when someone untars it is not data to train on). A tar cut short
 (mid-member, or without its end-of-archive blocks) keeps every complete key before the cut and
-quarantines the partial one as ``truncated_tar``.
+quarantines the partial one as ``truncated_tar``. A member header corrupt in the middle of a tar
+is one ``tar_header_corrupt`` record; the walk resumes at the next valid header, so every key
+before and after it is read. The ``.parquet`` and ``_stats.json`` files img2dataset writes beside
+its tars are not sources (only ``.tar`` files are listed).
 
 ``plan`` walks each tar's member headers on the driver (no member data is read) and cuts it into
 member ranges of ``records_per_unit`` keys, each starting at the header of a key's first member,
@@ -28,9 +31,12 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_text, list_files, order_key, rejected, utf8
+from metamorph.data.readers.base import _MISSING, RawRecord, Reject, SourceConfig, check_text, list_files, order_key, rejected, utf8
 
 KIND = "t2i"
+FAMILY = "generation"
+SUFFIXES = (".tar",)  # img2dataset's .parquet and _stats.json sidecars are not records
+FIELDS: dict[str, str] = {}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 256 * 2**20  # far above any real image; bounds worker memory per member
 _END_BLOCKS = 2 * tarfile.BLOCKSIZE  # a well-formed tar ends with two zero blocks
@@ -257,7 +263,9 @@ def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int, fast: bool = Tr
 
 def _read(src: SourceConfig, path: Path, fh: Any, stop: Any, unit_idx: int, fast: bool = True) -> Iterator[RawRecord]:
     """The records of the members from ``fh``'s position to the header at ``stop`` (None: the end
-    of the archive, which is then checked for truncation)."""
+    of the archive, which is then checked for truncation). A member header that is corrupt in the
+    middle of the archive is one ``tar_header_corrupt`` record, and the walk resumes at the next
+    valid header, so the keys after it are read, not lost."""
     pos = 0
 
     def emit(key: str, parts: dict[str, bytes]) -> RawRecord:
@@ -266,64 +274,110 @@ def _read(src: SourceConfig, path: Path, fh: Any, stop: Any, unit_idx: int, fast
         pos += 1
         return rec
 
-    try:
-        tar = _Members(fh, fast)
-    except (tarfile.ReadError, EOFError, OSError) as e:
-        yield rejected(src, KIND, path.name, order_key(unit_idx, 0), "truncated_tar", f"unreadable tar: {e}")
-        return
+    def reject(where: str, reason: str, detail: str, rid: str = "") -> RawRecord:
+        nonlocal pos
+        rec = rejected(src, KIND, where, order_key(unit_idx, pos), reason, detail, rid=rid)
+        pos += 1
+        return rec
+
     key, parts = None, {}
-    with tar:
-        while True:
-            try:
-                m = tar.next()
-            except (tarfile.ReadError, EOFError) as e:
+    first_segment = True
+    while True:  # one pass per stretch of readable headers
+        segment_at = fh.tell()
+        try:
+            tar = _Members(fh, fast)
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            resume = _resync(path, segment_at) if stop is None else None
+            if resume is None:
                 if key is not None:
-                    yield rejected(src, KIND, f"{path.name}:{key}", order_key(unit_idx, pos), "truncated_tar", str(e), rid=key)
-                    pos += 1
-                    key = None
-                else:
-                    yield rejected(src, KIND, f"{path.name}@{tar.offset}", order_key(unit_idx, pos), "truncated_tar", str(e))
-                    pos += 1
-                break
-            if m is None or (stop is not None and m.offset >= stop):
-                break
-            if m.isdir():
-                continue
-            why = _unsafe(m)
-            if why:
-                yield rejected(src, KIND, f"{path.name}:{m.name}", order_key(unit_idx, pos), "unsafe_tar_member", f"{m.name!r}: {why}")
-                pos += 1
-                continue
-            k, ext = _split_key(m.name)
-            if k != key:
-                if key is not None:
-                    yield emit(key, parts)
-                key, parts = k, {}
-            if m.size > MAX_MEMBER_BYTES:
-                parts["__oversized__"] = m.name.encode()
-                continue
-            try:
-                data = tar.extract(m)
-                if len(data) != m.size:
-                    raise tarfile.ReadError(f"member {m.name} has {len(data)} of {m.size} bytes")
-            except (tarfile.ReadError, EOFError, OSError) as e:
-                yield rejected(src, KIND, f"{path.name}:{key}", order_key(unit_idx, pos), "truncated_tar", str(e), rid=key)
-                pos += 1
-                key = None
-                break
-            parts[ext] = data
+                    yield reject(f"{path.name}:{key}", "truncated_tar", f"unreadable tar: {e}", key)
+                elif first_segment:
+                    yield reject(path.name, "truncated_tar", f"unreadable tar: {e}")
+                return
+            yield reject(f"{path.name}@{segment_at}", "tar_header_corrupt", f"invalid member header at byte {segment_at}; resumed at byte {resume}")
+            fh.seek(resume)
+            first_segment = False
+            continue
+        first_segment = False
+        resume = None
+        with tar:
+            while True:
+                try:
+                    m = tar.next()
+                except (tarfile.ReadError, EOFError) as e:
+                    if key is not None:
+                        yield reject(f"{path.name}:{key}", "truncated_tar", str(e), key)
+                        key = None
+                    else:
+                        yield reject(f"{path.name}@{tar.offset}", "truncated_tar", str(e))
+                    return
+                if m is None or (stop is not None and m.offset >= stop):
+                    break
+                if m.isdir():
+                    continue
+                why = _unsafe(m)
+                if why:
+                    yield reject(f"{path.name}:{m.name}", "unsafe_tar_member", f"{m.name!r}: {why}")
+                    continue
+                k, ext = _split_key(m.name)
+                if k != key:
+                    if key is not None:
+                        yield emit(key, parts)
+                    key, parts = k, {}
+                if m.size > MAX_MEMBER_BYTES:
+                    parts["__oversized__"] = m.name.encode()
+                    continue
+                try:
+                    data = tar.extract(m)
+                    if len(data) != m.size:
+                        raise tarfile.ReadError(f"member {m.name} has {len(data)} of {m.size} bytes")
+                except (tarfile.ReadError, EOFError, OSError) as e:
+                    yield reject(f"{path.name}:{key}", "truncated_tar", str(e), key)
+                    return
+                parts[ext] = data
+            end = tar.offset
+            if stop is None and _missing_end(path, end).startswith("garbage"):
+                resume = _resync(path, end)
+        if resume is not None:  # a corrupt header in the middle: count it, read on after it
+            yield reject(f"{path.name}@{end}", "tar_header_corrupt", f"invalid member header at byte {end}; resumed at byte {resume}")
+            fh.seek(resume)
+            continue
         if key is not None:
-            truncated = _missing_end(path, tar.offset) if stop is None else ""
+            truncated = _missing_end(path, end) if stop is None else ""
             if truncated:
                 # the last key may be missing members that were cut off
-                yield rejected(src, KIND, f"{path.name}:{key}", order_key(unit_idx, pos), "truncated_tar", truncated, rid=key)
-                pos += 1
+                yield reject(f"{path.name}:{key}", "truncated_tar", truncated, key)
             else:
                 yield emit(key, parts)
         elif stop is None:
-            truncated = _missing_end(path, tar.offset)
+            truncated = _missing_end(path, end)
             if truncated and pos == 0:
-                yield rejected(src, KIND, path.name, order_key(unit_idx, pos), "truncated_tar", truncated)
+                yield reject(path.name, "truncated_tar", truncated)
+        return
+
+
+def _resync(path: Path, offset: int, chunk: int = 1 << 20) -> int | None:
+    """The offset of the first valid member header after the block at ``offset`` (None: none).
+    Candidates are blocks with the ustar magic (every tar writer img2dataset and webdataset use
+    sets it), then checked as tarfile checks a header (checksum, fields)."""
+    with open(path, "rb") as f:
+        at = offset + tarfile.BLOCKSIZE
+        while True:
+            f.seek(at)
+            buf = f.read(chunk + tarfile.BLOCKSIZE)
+            if len(buf) < tarfile.BLOCKSIZE:
+                return None
+            i = buf.find(b"ustar", 257)
+            while i != -1:
+                start = i - 257
+                if start % tarfile.BLOCKSIZE == 0 and start + tarfile.BLOCKSIZE <= len(buf):
+                    try:
+                        tarfile.TarInfo.frombuf(buf[start : start + tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
+                        return at + start
+                    except tarfile.HeaderError:
+                        pass
+                i = buf.find(b"ustar", i + 1)
+            at += chunk
 
 
 def _missing_end(path: Path, offset: int) -> str:
@@ -353,9 +407,9 @@ def _record(src: SourceConfig, tar_name: str, key: str, parts: dict[str, bytes],
             if not isinstance(meta, dict):
                 raise Reject("malformed_json", f"{key}.json is not an object")
         if "txt" in parts:
-            caption = utf8(parts["txt"], f"{key}.txt")
+            caption = check_text(utf8(parts["txt"], f"{key}.txt"), f"{key}.txt")
         else:
-            caption = check_text(meta.get("caption"), f"{key} caption (.txt or json 'caption')")
+            caption = check_text(meta.get("caption", _MISSING), f"{key} caption (.txt or json 'caption')")
         ext = next((e for e in IMAGE_EXTS if e in parts), None)
         if ext is None:
             raise Reject("image_missing", f"{key}: no .jpg/.png/.webp member")

@@ -3,8 +3,9 @@
     python -c "from metamorph.data.readers import READERS; print(READERS['parquet'])"
 
 Columns: ``image`` (struct ``{bytes, path}`` as HF ``Image`` writes it, or plain binary) and
-``caption`` (or ``text``); optional ``key``/``id`` (else ``{file stem}-{row}``) and ``meta`` (JSON
-string). One unit per row group, or per ``records_per_unit`` rows of a bigger one (each such unit
+``caption`` (or ``text``/``TEXT``); optional ``key``/``id`` (else ``{file stem}-{row}``) and ``meta``
+(JSON string). Null, NaN and wrongly typed cells and dict/list ids are quarantined with their own
+reasons (``null_value``, ``nan_value``, ``wrong_type``, ``bad_id``). One unit per row group, or per ``records_per_unit`` rows of a bigger one (each such unit
 reads its row group and keeps its slice: row groups are the smallest Parquet read), so a big file
 spreads over many tasks.
 """
@@ -17,9 +18,12 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 
-from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, default_root, list_files, order_key, rejected, safe_join, utf8
+from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_id, check_text, default_root, list_files, media_ref, order_key, rejected, utf8
 
 KIND = "t2i"
+FAMILY = "generation"
+SUFFIXES = (".parquet",)
+FIELDS: dict[str, str] = {}
 
 
 def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
@@ -40,24 +44,36 @@ def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
 
 def image_ref(value: Any, root: Path, what: str, blobs: list[bytes]) -> dict[str, Any]:
     """Turn an HF-style image cell (struct {bytes, path} or binary) into a payload reference."""
+    if value is None:
+        raise Reject("null_value", f"{what} is null")
     if isinstance(value, (bytes, bytearray)):
         blobs.append(bytes(value))
         return {"blob": len(blobs) - 1}
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            blobs.append(bytes(value["bytes"]))
-            return {"blob": len(blobs) - 1}
-        if value.get("path"):
-            return {"path": safe_join(root, value["path"], f"{what}.path")}
+    if not isinstance(value, dict):
+        raise Reject("wrong_type", f"{what} is {type(value).__name__}, expected an image struct or bytes")
+    if value.get("bytes"):
+        blobs.append(bytes(value["bytes"]))
+        return {"blob": len(blobs) - 1}
+    if value.get("path"):
+        return media_ref(root, value["path"], f"{what}.path")
     raise Reject("image_missing", f"{what}: neither bytes nor a path")
 
 
 def text_cell(value: Any, what: str) -> str:
-    if value is None:
-        return ""
+    """A text cell: null (``null_value``), NaN/inf (``nan_value``: a float NaN never becomes the
+    caption "nan"), another type (``wrong_type``), invalid UTF-8 in a binary column."""
     if isinstance(value, (bytes, bytearray)):  # binary columns: decode strictly
-        return utf8(bytes(value), what)
-    return str(value)
+        value = utf8(bytes(value), what)
+    return check_text(value, what)
+
+
+def id_cell(row: dict[str, Any], columns: tuple[str, ...], fallback: str) -> str:
+    """The record id from the first of ``columns`` the table has (else ``fallback``, the file
+    and row): a dict, list, float or null id is ``bad_id``."""
+    for c in columns:
+        if c in row:
+            return check_id(row[c], c)
+    return fallback
 
 
 def meta_cell(value: Any) -> dict[str, Any]:
@@ -85,6 +101,11 @@ def rows(unit: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | None, str
             yield unit["first_row"] + i, None, f"invalid UTF-8 at byte {e.start}"
 
 
+def _rid_or(row: dict[str, Any], fallback: str) -> str:
+    rid = row.get("key", row.get("id"))
+    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else fallback
+
+
 def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
     f = Path(unit["file"])
     root = default_root(src, "image", f.parent)
@@ -95,13 +116,18 @@ def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[Raw
         if row is None:
             yield rejected(src, KIND, where, order, "non_utf8_text", err, rid=fallback_id)
             continue
-        rid = str(row.get("key") or row.get("id") or fallback_id)
         try:
-            caption = text_cell(row.get("caption", row.get("text")), "caption")
+            rid = id_cell(row, ("key", "id"), fallback_id)
+            text_col = next((c for c in ("caption", "text", "TEXT") if c in row), None)
+            if text_col is None:
+                raise Reject("missing_field", f"{where}: no caption/text column")
+            caption = text_cell(row[text_col], text_col)
+            if "image" not in row:
+                raise Reject("missing_field", f"{where}: no image column")
             blobs: list[bytes] = []
-            ref = image_ref(row.get("image"), root, "image", blobs)
+            ref = image_ref(row["image"], root, "image", blobs)
             payload = {"caption": caption, "image": ref, "meta": meta_cell(row.get("meta"))}
         except Reject as r:
-            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=rid)
+            yield rejected(src, KIND, where, order, r.reason, r.detail, rid=_rid_or(row, fallback_id))
             continue
         yield RawRecord(source=src.name, rid=rid, locator=where, order=order, kind=KIND, payload=payload, blobs=blobs)

@@ -2,26 +2,48 @@
 
     python -c "from metamorph.data.readers import READERS; print(READERS['ssv2'])"
 
-The video of record ``id`` is ``{video_root}/{id}.webm`` (SSv2 ships webm) or ``.mp4``; the
-default ``video_root`` is ``../videos`` next to the labels directory (SSv2's own layout:
-``labels/train.json``, ``videos/``). The plan parses each label file once on the driver and
-splits it into element ranges, so decoding the videos, the expensive part, spreads over tasks.
+As published (``labels/train.json``, ``labels/validation.json``)::
+
+    [{"id": "78687", "label": "holding potato next to vicks vaporub bottle",
+      "template": "Holding [something] next to [something]", "placeholders": ["potato", "vicks vaporub bottle"]}]
+
+The video of record ``id`` is ``{video_root}/{id}.webm`` (SSv2 ships webm), or ``{id}.mp4`` when
+that is what exists; the default ``video_root`` is ``../videos`` next to the labels directory.
+``labels/labels.json`` (the class-name map, an object) is not a record file. The plan walks each
+label file in chunks and splits it into element ranges, so decoding the videos, the expensive
+part, spreads over tasks.
 """
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
-from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_text, default_root, json_array_load, json_array_units, list_files, order_key, rejected, safe_join
+from metamorph.data.readers.base import (
+    _MISSING,
+    RawRecord,
+    Reject,
+    SourceConfig,
+    check_id,
+    check_text,
+    default_root,
+    get_text,
+    json_array_units,
+    list_files,
+    read_json,
+    safe_join,
+)
 
 KIND = "clip"
+FAMILY = "video"
+SUFFIXES = (".json",)
+FIELDS: dict[str, str] = {}
 VIDEO_EXTS = ("webm", "mp4")
 
 
 def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
-    files = list_files(Path(src.path), (".json",))
+    files = list_files(Path(src.path), SUFFIXES)
     if Path(src.path).is_dir():  # labels.json is SSv2's class-name map, not records
         files = [f for f in files if f.name != "labels.json"]
     units: list[dict[str, Any]] = []
@@ -33,39 +55,26 @@ def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
 def label_of(obj: dict[str, Any]) -> str:
     """The filled-in label; older dumps only carry the template and its placeholders."""
     if obj.get("label") is not None:
-        return check_text(obj.get("label"), "label")
-    template = check_text(obj.get("template"), "template")
-    for ph in obj.get("placeholders") or []:
+        return get_text(obj, "label")
+    template = get_text(obj, "template")
+    placeholders = obj.get("placeholders") or []
+    if not isinstance(placeholders, list):
+        raise Reject("wrong_type", f"placeholders is {type(placeholders).__name__}, expected a list")
+    for ph in placeholders:
         template = template.replace("[something]", check_text(ph, "placeholders[]"), 1)
     return template
 
 
+def convert(obj: dict[str, Any], where: str, root: Path) -> tuple[str, dict[str, Any]]:
+    rid = check_id(obj.get("id", _MISSING), "id")
+    payload = {
+        "video": {"candidates": [safe_join(root, f"{rid}.{ext}", "id") for ext in VIDEO_EXTS], "root": str(root)},
+        "label": label_of(obj),
+        "meta": {**(obj["meta"] if isinstance(obj.get("meta"), dict) else {}), **{k: obj[k] for k in ("template", "placeholders") if k in obj}},
+    }
+    return rid, payload
+
+
 def read(src: SourceConfig, unit: dict[str, Any], unit_idx: int) -> Iterator[RawRecord]:
-    f = Path(unit["file"])
-    root = default_root(src, "video", f.parent.parent / "videos")
-    try:
-        first, data = json_array_load(unit)
-        if not isinstance(data, list):
-            raise Reject("malformed_json", f"{f.name}: expected a JSON array of label records")
-    except json.JSONDecodeError as e:
-        yield rejected(src, KIND, f.name, order_key(unit_idx, 0), "malformed_json", f"{e.msg} at line {e.lineno}")
-        return
-    except Reject as r:
-        yield rejected(src, KIND, f.name, order_key(unit_idx, 0), r.reason, r.detail)
-        return
-    for pos, obj in enumerate(data):
-        where = f"{f.name}[{first + pos}]"
-        order = order_key(unit_idx, pos)
-        try:
-            if not isinstance(obj, dict):
-                raise Reject("malformed_json", f"{where}: expected an object")
-            rid = check_text(None if obj.get("id") is None else str(obj["id"]), "id")
-            payload = {
-                "video": {"candidates": [safe_join(root, f"{rid}.{ext}", "id") for ext in VIDEO_EXTS]},
-                "label": label_of(obj),
-                "meta": {**(obj["meta"] if isinstance(obj.get("meta"), dict) else {}), **{k: obj[k] for k in ("template", "placeholders") if k in obj}},
-            }
-        except Reject as r:
-            yield rejected(src, KIND, where, order, r.reason, r.detail)
-            continue
-        yield RawRecord(source=src.name, rid=rid, locator=where, order=order, kind=KIND, payload=payload)
+    root = default_root(src, "video", Path(unit["file"]).parent.parent / "videos")
+    yield from read_json(src, KIND, unit, unit_idx, partial(convert, root=root), ("id",))
