@@ -101,13 +101,14 @@ def execute(
     address=None,
     name=None,
     dry_run: bool = False,
+    verify: bool = False,
 ):
     """Plan, validate, start Ray and MLflow, run. The CLI and the tests both go through here."""
     from pipelines.runner import StageFailed, init_ray
 
     engine = make_engine(pipeline, loaded)
     try:
-        plan = engine.plan(only=only, from_=from_, until=until, force=force)
+        plan = engine.plan(only=only, from_=from_, until=until, force=force, verify=verify)
         if not dry_run:  # a dry run collects every problem instead of stopping at the first
             engine.validate_stages(plan)
     except (GraphError, ConfigError, ValueError) as e:
@@ -139,7 +140,8 @@ def execute(
     t0 = time.time()
 
     def on_event(stage: str, event: str, detail: str) -> None:
-        colour = {"start": "yellow", "done": "green", "cached": "green", "failed": "red", "blocked": "red"}[event]
+        colour = {"start": "yellow", "done": "green", "cached": "green", "failed": "red", "blocked": "red",
+                  "waiting": "cyan", "damaged": "red"}.get(event, "white")
         console.print(f"[dim]{time.time() - t0:7.1f}s[/] [{colour}]{event:>7}[/] {stage}  [dim]{detail}[/]")
 
     try:
@@ -173,11 +175,47 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
     name: Optional[str] = typer.Option(None, "--name", help="MLflow parent run name"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate config, paths and cluster resources; print the plan; run nothing"),
+    verify: bool = typer.Option(False, "--verify", help="check cached outputs against their sha256 first (not just sizes); damaged ones are recomputed"),
     pipeline: str = PIPELINE,
 ) -> None:
     """Run the pipeline (cached stages are skipped)."""
     p, loaded = load(pipeline, preset, overrides, config)
-    execute(p, loaded, only=only, from_=from_, until=until, force=force, address=address, name=name, dry_run=dry_run)
+    execute(p, loaded, only=only, from_=from_, until=until, force=force, address=address, name=name, dry_run=dry_run,
+            verify=verify)
+
+
+@app.command("verify")
+def verify_cmd(
+    stage_names: Optional[List[str]] = typer.Argument(None, help="stages to check (default: all)"),
+    preset: str = PRESET,
+    run_root: Optional[Path] = typer.Option(None, "--run-root", help="default: the preset's run_root"),
+    move_aside: bool = typer.Option(True, "--move-aside/--report-only", help="rename damaged outputs to {key}.damaged-* so the next run recomputes them"),
+    pipeline: str = PIPELINE,
+) -> None:
+    """Check every promoted output under the run root against its manifest's sizes and sha256."""
+    from pipelines.cache import verify_tree
+
+    p, loaded = load(pipeline, preset, [], None)
+    root = (run_root or loaded.run_root).expanduser().resolve()
+    known = [s.name for s in p.stages]
+    unknown = [s for s in stage_names or [] if s not in known]
+    if unknown:
+        _fail(f"unknown stage(s) {unknown}; stages: {known}")
+    eng = loaded.typed.engine
+    rows = verify_tree(root, stage_names or known, move_aside=move_aside, lock_timeout_s=eng.lock_timeout_s)
+    out = Console()
+    bad = 0
+    for stage, key, problems, note in rows:
+        if problems:
+            bad += 1
+            out.print(f"[red]DAMAGED[/] {stage}/{key}: {len(problems)} problem(s){note}")
+            for pr in problems:
+                out.print(f"    {pr}")
+        else:
+            out.print(f"[green]ok[/]      {stage}/{key}{note}")
+    out.print(f"{len(rows)} output(s) checked under {root}, {bad} damaged")
+    if bad:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -69,6 +69,8 @@ class Engine:
         self.stage_cfgs = {s.name: loaded.stage(s.name) for s in pipeline.stages}
         self.dag: Dag = build_dag(pipeline, self.stage_cfgs)
         self.keys: dict[str, str] = {}
+        self.verify_hashes = False  # --verify: cache hits are checked against sha256, not just sizes
+        self._locks: dict[str, Any] = {}  # stage -> the StageLock this run holds (released on Ctrl-C)
         self.external: dict[str, dict[str, Any]] = {}
         for n in self.dag.order:
             stage = self.dag.stages[n]
@@ -96,7 +98,10 @@ class Engine:
         from_: str | None = None,
         until: str | None = None,
         force: Iterable[str] = (),
+        verify: bool | None = None,
     ) -> list[PlanItem]:
+        if verify is not None:
+            self.verify_hashes = verify
         selected = select(self.dag, only, from_, until)
         force = list(force)
         forced: set[str] = set()
@@ -118,12 +123,18 @@ class Engine:
             if n not in selected:
                 items[n] = PlanItem(n, self.keys[n], SKIP, "not selected" + (" (cached)" if complete else ""), out)
                 continue
+            damage = cache.verify(out, hashes=self.verify_hashes) if complete and n not in forced else []
             if n in forced:
                 action, reason = RUN, "forced"
             elif any(u in dirty for u in ups):
                 action, reason = RUN, "upstream reruns"
+            elif damage:  # recomputed under the key's lock (moved aside there); same key downstream
+                action = RUN
+                reason = f"cached output damaged: {damage[0]}" + (f" (+{len(damage) - 1} more)" if len(damage) > 1 else "")
+                items[n] = PlanItem(n, self.keys[n], action, reason, out)
+                continue
             elif complete:
-                action, reason = CACHED, "manifest present"
+                action, reason = CACHED, "manifest " + ("and sha256 verified" if self.verify_hashes else "and sizes match")
             else:
                 ckpt = cache.stage_dirs(self.run_root, n, self.keys[n])[2]
                 resumable = self.dag.stages[n].resumable and ckpt.exists() and any(ckpt.iterdir())
@@ -213,8 +224,11 @@ class Engine:
                             params=flatten(to_plain(self.stage_cfgs[n])),
                             parent_id=parent.run_id,
                         )
+                    # only a forced stage, or one whose upstream was recomputed in this run, may
+                    # replace a valid output; otherwise a key another run finished meanwhile is used
+                    must_run = it.reason == "forced" or any(summary.statuses.get(u) == "ran" for u in ups)
                     th = threading.Thread(
-                        target=self._execute, args=(it, child, parent, events), name=f"stage-{n}", daemon=True
+                        target=self._execute, args=(it, child, parent, events, must_run), name=f"stage-{n}", daemon=True
                     )
                     running[n] = (th, child)
                     emit(n, "start", f"{it.key} ({it.reason})")
@@ -227,7 +241,23 @@ class Engine:
                     n, ok, payload, secs = events.get(timeout=0.5)
                 except queue.Empty:
                     continue
+                if ok in ("waiting", "damaged"):  # the stage thread goes on
+                    emit(n, ok, payload)
+                    continue
                 th, child = running.pop(n)
+                if ok == "cached":  # another run computed this key while we waited for its lock
+                    th.join()
+                    done.add(n)
+                    summary.statuses[n] = "cached"
+                    summary.stats[n] = payload.get("stats", {})
+                    summary.out_dirs[n] = by_name[n].out_dir
+                    if tracker is not None:
+                        tracker.set_tags(child.run_id, {"status": "cached",
+                                                        "cached_from_run_id": payload.get("mlflow_run_id", "")})
+                        tracker.log_metrics(child.run_id, _numeric(payload.get("stats", {})))
+                        tracker.end(child.run_id, "FINISHED")
+                    emit(n, "cached", f"{by_name[n].key} (computed by another run)")
+                    continue
                 th.join()
                 summary.seconds[n] = secs
                 if ok:
@@ -252,6 +282,8 @@ class Engine:
                         tracker.end(child.run_id, "FAILED")
                     emit(n, "failed", f"{type(payload).__name__}: {payload}")
         except KeyboardInterrupt:
+            for lk in list(self._locks.values()):  # the process exits now: let other runs in
+                lk.release()
             if tracker is not None:
                 for n, (_, child) in running.items():
                     tracker.set_tags(child.run_id, {"status": "killed"})
@@ -301,12 +333,43 @@ class Engine:
         tracker.log_dict(child.run_id, manifest, "manifest.json")
         tracker.end(child.run_id, "FINISHED")
 
-    def _execute(self, it: PlanItem, child: TrackingHandle, parent: TrackingHandle, events: queue.Queue) -> None:
+    def _execute(
+        self, it: PlanItem, child: TrackingHandle, parent: TrackingHandle, events: queue.Queue, must_run: bool = True
+    ) -> None:
+        from pipelines.lock import StageLock, describe, lock_path
+
+        n = it.name
+        t0 = time.time()
+        eng = self.loaded.typed.engine
+        lk = StageLock(lock_path(self.run_root, n, it.key), timeout_s=eng.lock_timeout_s, heartbeat_s=eng.lock_heartbeat_s)
+        try:
+            lk.acquire(on_wait=lambda info: events.put((n, "waiting", f"{it.key} is being computed by {describe(info)}", 0.0)))
+        except BaseException as e:  # noqa: BLE001
+            events.put((n, False, e, time.time() - t0))
+            return
+        self._locks[n] = lk
+        try:
+            self._execute_locked(it, child, parent, events, must_run, lk, t0)
+        finally:
+            self._locks.pop(n, None)
+            lk.release()
+
+    def _execute_locked(self, it, child, parent, events, must_run, lk, t0) -> None:
         n = it.name
         stage = self.dag.stages[n]
         cfg = self.stage_cfgs[n]
-        t0 = time.time()
+        tmp = None
         try:
+            cache.recover(self.run_root, n, it.key)
+            final = it.out_dir
+            if cache.is_complete(final, it.key):
+                damage = cache.verify(final, hashes=self.verify_hashes)
+                if not must_run and not damage:
+                    events.put((n, "cached", cache.read_manifest(final) or {}, time.time() - t0))
+                    return
+                if damage:
+                    aside = cache.move_aside_dir(final)
+                    events.put((n, "damaged", f"{len(damage)} problem(s), moved to {aside.name}: {'; '.join(damage[:3])}", 0.0))
             final, tmp, ckpt = cache.prepare_attempt(self.run_root, n, it.key)
             if not stage.resumable and ckpt.exists():
                 import shutil
@@ -329,6 +392,7 @@ class Engine:
             if missing:
                 raise RuntimeError(f"stage {n!r} finished without writing its outputs {missing}")
             resolved = to_plain(cfg)
+            lk.check()  # taken over while we stalled: the new holder owns .tmp now
             manifest = cache.promote(
                 tmp,
                 final,
@@ -361,6 +425,7 @@ class Engine:
                 client.log_text(child.run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
             events.put((n, True, stats, time.time() - t0))
         except BaseException as e:  # noqa: BLE001 - reported to the main thread, which decides
+            e = cache.explain_disk_full(e, tmp) if tmp is not None and not lk.lost else e
             events.put((n, False, e, time.time() - t0))
 
 
