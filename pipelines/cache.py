@@ -163,6 +163,10 @@ def _leftovers(final: Path) -> list[Path]:
     return sorted(final.parent.glob(f"{final.name}.old-*"))
 
 
+def has_leftovers(final: Path) -> bool:
+    return bool(_leftovers(Path(final)))
+
+
 def recover(run_root: Path, stage: str, key: str) -> str | None:
     """Finish or undo a replacement a crash interrupted. Call holding the key's lock.
 

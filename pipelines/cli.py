@@ -78,7 +78,12 @@ def make_tracker(loaded: LoadedConfig):
     uri = t.uri or default_uri(loaded.run_root)
     art = t.artifact_root or (default_artifact_root(loaded.run_root) if t.uri is None else None)
     loaded.run_root.mkdir(parents=True, exist_ok=True)
-    return Tracker(uri, loaded.typed.experiment, art)
+    from pipelines.lock import StageLock
+
+    # two runs starting on one run root would both create (migrate) the sqlite store and the
+    # experiment; MLflow's migration is not safe against that, so the first one does it alone
+    with StageLock(loaded.run_root / "mlflow.db.lock", timeout_s=60, heartbeat_s=5):
+        return Tracker(uri, loaded.typed.experiment, art)
 
 
 def print_plan(plan) -> None:
@@ -197,7 +202,7 @@ def verify_cmd(
 
     p, loaded = load(pipeline, preset, [], None)
     root = (run_root or loaded.run_root).expanduser().resolve()
-    known = [s.name for s in p.stages]
+    known = sorted({s.name for s in p.stages} | {d.name for d in root.glob("*") if d.is_dir()})
     unknown = [s for s in stage_names or [] if s not in known]
     if unknown:
         _fail(f"unknown stage(s) {unknown}; stages: {known}")

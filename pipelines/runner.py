@@ -306,6 +306,15 @@ class Engine:
         return summary
 
     def _record_cached(self, it: PlanItem, tracker, parent: TrackingHandle, summary: RunSummary) -> None:
+        if cache.has_leftovers(it.out_dir):  # `.old-*` of a replacement a crash interrupted
+            from pipelines.lock import StageLock, lock_path
+
+            lk = StageLock(lock_path(self.run_root, it.name, it.key))
+            if lk.try_acquire():  # held by another run: it cleans up itself
+                try:
+                    cache.recover(self.run_root, it.name, it.key)
+                finally:
+                    lk.release()
         manifest = cache.read_manifest(it.out_dir) or {}
         summary.statuses[it.name] = "cached"
         summary.stats[it.name] = manifest.get("stats", {})
