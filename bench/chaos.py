@@ -13,7 +13,6 @@ match, and the chaos wall time as a ratio of the clean run's. Exit status 1 if a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 ENV = {
     "HF_HUB_OFFLINE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -33,10 +33,6 @@ ENV = {
     "PYTHONPATH": str(REPO),
     "COLUMNS": "200",
 }
-# outputs whose files embed wall-clock timings (compared by presence, not bytes)
-TIMED = {"evaluate"}
-
-
 def start(root: Path, log: Path, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipelines.cli", "run", "--preset", args.preset, f"run_root={root}"]
     if args.until:
@@ -55,13 +51,16 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(60)
 
 
-def digests(root: Path) -> dict[str, dict[str, str] | None]:
-    out = {}
-    for m in sorted(root.glob("*/*/_SUCCESS.json")):
-        man = json.loads(m.read_text())
-        stage = m.parent.parent.name
-        files = {f["path"]: f["sha256"] for f in man["files"]}
-        out[f"{stage}/{m.parent.name}"] = None if stage in TIMED else files
+def differences(clean: Path, chaos: Path) -> list[str]:
+    """Per stage output: what differs between the two roots (sha256 per file, from the manifests;
+    JSON run-root paths and timings excluded: pipelines.cache.compare_outputs)."""
+    from pipelines.cache import compare_outputs
+
+    a = {m.parent.relative_to(clean) for m in clean.glob("*/*/_SUCCESS.json")}
+    b = {m.parent.relative_to(chaos) for m in chaos.glob("*/*/_SUCCESS.json")}
+    out = [f"{d}: only in {'clean' if d in a else 'chaos'}" for d in sorted(a ^ b)]
+    for d in sorted(a & b):
+        out += [f"{d}/{x}" for x in compare_outputs(clean / d, chaos / d)]
     return out
 
 
@@ -113,17 +112,15 @@ def main() -> int:
     if rc != 0:
         print(f"the final run failed ({rc}): see {log}")
         return 1
-    a, b = digests(clean_root), digests(chaos_root)
-    same = a == b
+    diffs = differences(clean_root, chaos_root)
+    n = len(list(chaos_root.glob("*/*/_SUCCESS.json")))
     left = [str(x.relative_to(chaos_root)) for x in chaos_root.glob("*/*") if x.name.endswith((".tmp", ".lock")) or ".old-" in x.name]
-    print(f"survived {kills} kill(s); outputs {'equal' if same else 'DIFFER'} to the clean run's "
-          f"({len(b)} stage outputs); leftovers: {left or 'none'}")
-    if not same:
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                print(f"  differs: {k}")
+    print(f"survived {kills} kill(s); outputs {'DIFFER' if diffs else 'equal'} to the clean run's "
+          f"({n} stage outputs); leftovers: {left or 'none'}")
+    for d in diffs:
+        print(f"  differs: {d}")
     print(f"chaos wall time / clean wall time: {chaos_s / clean_s:.2f} ({chaos_s:.0f}s / {clean_s:.0f}s)")
-    return 0 if same and not left else 1
+    return 0 if not diffs and not left else 1
 
 
 if __name__ == "__main__":

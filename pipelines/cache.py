@@ -313,6 +313,49 @@ def verify_tree(
     return rows
 
 
+# JSON keys that legitimately differ between two runs of one key: where the run root was
+# (diffusers' save_pretrained records the dir it saved from) and wall-clock timings
+_VOLATILE_KEYS = ("_name_or_path",)
+_VOLATILE_SUFFIXES = ("seconds", "_at")
+
+
+def _strip_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_volatile(v) for k, v in obj.items()
+                if k not in _VOLATILE_KEYS and not str(k).endswith(_VOLATILE_SUFFIXES)}
+    if isinstance(obj, list):
+        return [_strip_volatile(v) for v in obj]
+    return obj
+
+
+# files that render a wall-clock time ("generated at", seconds per phase), compared by presence
+TIMED_FILES = ("eval_report/report.html",)
+
+
+def compare_outputs(a: Path, b: Path, timed: tuple[str, ...] = TIMED_FILES) -> list[str]:
+    """Differences between two promoted outputs of one key (e.g. a run after faults and a clean
+    run): files with another sha256, except JSON whose only differences are run-root paths and
+    timings, and the ``timed`` files. Empty means the same result."""
+    ma, mb = read_manifest(a), read_manifest(b)
+    if ma is None or mb is None:
+        return [f"{a if ma is None else b}: no manifest"]
+    fa = {f["path"]: f["sha256"] for f in ma["files"]}
+    fb = {f["path"]: f["sha256"] for f in mb["files"]}
+    diffs = [f"{p}: only in {a if p in fa else b}" for p in sorted(set(fa) ^ set(fb))]
+    for p in sorted(set(fa) & set(fb)):
+        if fa[p] == fb[p] or p in timed:
+            continue
+        if p.endswith(".json"):
+            try:
+                ja, jb = (json.loads((d / p).read_text()) for d in (a, b))
+                if _strip_volatile(ja) == _strip_volatile(jb):
+                    continue
+            except (OSError, ValueError):
+                pass
+        diffs.append(f"{p}: sha256 {fa[p][:12]} vs {fb[p][:12]}")
+    return diffs
+
+
 class DiskFull(OSError):
     """A stage ran out of space (or into a file size limit); names the path and the bytes needed."""
 
