@@ -201,8 +201,11 @@ def prepare_attempt(run_root: Path, stage: str, key: str) -> tuple[Path, Path, P
     """
     final, tmp, ckpt = stage_dirs(run_root, stage, key)
     recover(run_root, stage, key)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if tmp.exists():  # renamed first: tasks of a killed driver may still be writing into it
+        dead = tmp.with_name(f"{tmp.name}.dead-{os.getpid()}-{time.time_ns()}")
+        os.replace(tmp, dead)
+    for dead in final.parent.glob(f"{final.name}.tmp.dead-*"):
+        shutil.rmtree(dead, ignore_errors=True)
     if final.exists() and not is_complete(final, key):
         shutil.rmtree(final)
     tmp.mkdir(parents=True)
