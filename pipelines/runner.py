@@ -115,6 +115,9 @@ class Engine:
             else:
                 forced.add(f)
         items: dict[str, PlanItem] = {}
+        # stages that rerun because of --force, and everything selected downstream of them: they
+        # replace valid outputs. Any other stage that runs (missing, damaged, resumable) produces
+        # the content its key names, so valid outputs downstream of it stay cached.
         dirty: set[str] = set()
         for n in self.dag.order:
             out = self.out_dir(n)
@@ -128,18 +131,16 @@ class Engine:
                 action, reason = RUN, "forced"
             elif any(u in dirty for u in ups):
                 action, reason = RUN, "upstream reruns"
-            elif damage:  # recomputed under the key's lock (moved aside there); same key downstream
+            elif damage:  # recomputed under the key's lock (moved aside there)
                 action = RUN
                 reason = f"cached output damaged: {damage[0]}" + (f" (+{len(damage) - 1} more)" if len(damage) > 1 else "")
-                items[n] = PlanItem(n, self.keys[n], action, reason, out)
-                continue
             elif complete:
                 action, reason = CACHED, "manifest " + ("and sha256 verified" if self.verify_hashes else "and sizes match")
             else:
                 ckpt = cache.stage_dirs(self.run_root, n, self.keys[n])[2]
                 resumable = self.dag.stages[n].resumable and ckpt.exists() and any(ckpt.iterdir())
                 action, reason = RUN, "resume from checkpoint" if resumable else "no cached output"
-            if action == RUN:
+            if reason in ("forced", "upstream reruns"):
                 dirty.add(n)
             items[n] = PlanItem(n, self.keys[n], action, reason, out)
         for n, it in items.items():
@@ -224,9 +225,9 @@ class Engine:
                             params=flatten(to_plain(self.stage_cfgs[n])),
                             parent_id=parent.run_id,
                         )
-                    # only a forced stage, or one whose upstream was recomputed in this run, may
-                    # replace a valid output; otherwise a key another run finished meanwhile is used
-                    must_run = it.reason == "forced" or any(summary.statuses.get(u) == "ran" for u in ups)
+                    # only a forced stage (or one downstream of it) replaces a valid output; any
+                    # other uses the key if another run finished it while we waited for its lock
+                    must_run = it.reason in ("forced", "upstream reruns")
                     th = threading.Thread(
                         target=self._execute, args=(it, child, parent, events, must_run), name=f"stage-{n}", daemon=True
                     )
