@@ -322,6 +322,34 @@ def _ran_per_key(root: Path) -> dict[tuple[str, str], int]:
     return out
 
 
+def _close(a, b, rtol: float) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rtol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, rtol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= rtol * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def _eval_close(rel: str, a: Path, b: Path) -> bool:
+    """evaluate runs its CPU inference in the driver, whose torch intra-op thread count differs
+    between a `ray job submit` entrypoint and a terminal driver; float32 sums then differ in the
+    last bits (seen: 1e-7 relative on cosines, 1e-5 on Frechet distances, 3e-4 on the judge's
+    probabilities, which are rounded to 4 places from decoded pixels). The weights it reads are
+    compared bitwise (train_vpit, train_decoder); here numbers agree to 1e-3 and everything else
+    (judged attributes, answers, ids) exactly."""
+    from pipelines.cache import _strip_volatile
+
+    if rel not in ("eval_report/metrics.json", "eval_report/samples.jsonl"):
+        return False
+    ta, tb = (a / rel).read_text(), (b / rel).read_text()
+    la, lb = ([ta], [tb]) if rel.endswith(".json") else (ta.splitlines(), tb.splitlines())
+    return len(la) == len(lb) and all(
+        _close(_strip_volatile(json.loads(x)), _strip_volatile(json.loads(y)), 1e-3) for x, y in zip(la, lb) if x.strip()
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_two_concurrent_smoke_runs_share_keys_and_a_truncated_shard_is_recomputed(cluster, baseline, tmp_path):
@@ -349,6 +377,9 @@ def test_two_concurrent_smoke_runs_share_keys_and_a_truncated_shard_is_recompute
         assert read_manifest(root / stage / ref["key"]) is not None, f"{stage}: no output with key {ref['key']}"
         # sha256 per file; JSON differing only in run-root paths / timings, and the timed HTML report, aside
         diffs = compare_outputs(root / stage / ref["key"], baseline.root / stage / ref["key"])
+        if stage == "evaluate":
+            diffs = [d for d in diffs if not _eval_close(d.split(":")[0], root / stage / ref["key"],
+                                                           baseline.root / stage / ref["key"])]
         assert not diffs, f"{stage}: differs from the sequential run: {diffs}"
     assert not list(root.glob("*/*.lock")) and not list(root.glob("*/*.tmp"))
 
