@@ -75,6 +75,7 @@ def main() -> int:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = args.work or Path(tempfile.mkdtemp(prefix="chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
     clean_root, chaos_root, log = work / "clean", work / "chaos", work / "chaos.log"
 
     t0 = time.time()
