@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -102,11 +103,36 @@ def is_complete(out_dir: str | Path, key: str | None = None) -> bool:
     return m is not None and (key is None or m.get("key") == key)
 
 
-def list_files(root: Path, row_counts: dict[str, int]) -> list[dict[str, Any]]:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_files(root: Path, row_counts: dict[str, int], sync: bool = False) -> list[dict[str, Any]]:
+    """Every file under ``root`` (but the manifest) with bytes, sha256 and rows where known.
+
+    The sha256 is taken in one read while finalizing (the stages write through many libraries:
+    webdataset, pyarrow, safetensors, torch; hashing inside each writer would mean wrapping them
+    all); with ``sync`` each file and every directory is fsynced, so the manifest written after
+    this never describes data that a power loss could still take back.
+    """
     files = []
     for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = str(f.relative_to(root))
-        entry: dict[str, Any] = {"path": rel, "bytes": f.stat().st_size}
+        entry: dict[str, Any] = {"path": rel, "bytes": f.stat().st_size, "sha256": _sha256(f)}
+        if sync:
+            _fsync(f)
         if rel in row_counts:
             entry["rows"] = row_counts[rel]
         elif f.suffix == ".parquet":
@@ -117,18 +143,87 @@ def list_files(root: Path, row_counts: dict[str, int]) -> list[dict[str, Any]]:
             except Exception:  # a stage may write a non-table .parquet; counts are best effort
                 pass
         files.append(entry)
+    if sync:
+        for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            _fsync(d, directory=True)
+        _fsync(root, directory=True)
     return files
 
 
+def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    part = out_dir / (MANIFEST + ".part")
+    part.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    _fsync(part)
+    os.replace(part, out_dir / MANIFEST)
+    _fsync(out_dir, directory=True)
+
+
+def _leftovers(final: Path) -> list[Path]:
+    """``{key}.old-*`` dirs of an interrupted replacement (the previous output of ``final``)."""
+    return sorted(final.parent.glob(f"{final.name}.old-*"))
+
+
+def has_leftovers(final: Path) -> bool:
+    return bool(_leftovers(Path(final)))
+
+
+def recover(run_root: Path, stage: str, key: str) -> str | None:
+    """Finish or undo a replacement a crash interrupted. Call holding the key's lock.
+
+    A crash between "old output renamed aside" and "new output renamed into place" leaves no
+    ``{key}``, a complete ``{key}.tmp`` (its manifest is written before the swap) and the old
+    output in ``{key}.old-*``: the new one is promoted. A complete ``{key}.tmp`` with no ``{key}``
+    (killed right after the manifest) is promoted too. Then ``.old-*`` leftovers are removed.
+    Returns what was done, or None.
+    """
+    final, tmp, _ = stage_dirs(run_root, stage, key)
+    did = []
+    if not final.exists() and tmp.is_dir() and is_complete(tmp, key) and not verify(tmp):
+        os.replace(tmp, final)
+        _fsync(final.parent, directory=True)
+        did.append(f"promoted the finished attempt {tmp.name}")
+    for old in _leftovers(final):
+        if not final.exists() and is_complete(old, key) and not verify(old):
+            os.replace(old, final)
+            _fsync(final.parent, directory=True)
+            did.append(f"restored the previous output from {old.name}")
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        did.append(f"removed {old.name}")
+    return "; ".join(did) or None
+
+
 def prepare_attempt(run_root: Path, stage: str, key: str) -> tuple[Path, Path, Path]:
-    """Fresh temp dir for an attempt; an unmanifested final dir from a crash is removed."""
+    """Fresh temp dir for an attempt; an unmanifested final dir from a crash is removed.
+
+    Call holding the key's lock (pipelines/lock.py): ``.tmp`` and ``.ckpt`` belong to its holder.
+    A complete final dir stays in place (a forced rerun replaces it only once the new one is done).
+    """
     final, tmp, ckpt = stage_dirs(run_root, stage, key)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    recover(run_root, stage, key)
+    if tmp.exists():  # renamed first: tasks of a killed driver may still be writing into it
+        dead = tmp.with_name(f"{tmp.name}.dead-{os.getpid()}-{time.time_ns()}")
+        os.replace(tmp, dead)
+    for dead in final.parent.glob(f"{final.name}.tmp.dead-*"):
+        shutil.rmtree(dead, ignore_errors=True)
     if final.exists() and not is_complete(final, key):
         shutil.rmtree(final)
     tmp.mkdir(parents=True)
     return final, tmp, ckpt
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    return rc == 0  # EINVAL / ENOSYS (NFS, old kernels): the caller falls back to two renames
 
 
 def promote(
@@ -137,36 +232,210 @@ def promote(
     manifest: dict[str, Any],
     row_counts: dict[str, int],
 ) -> dict[str, Any]:
-    """Rename tmp -> final, then write the manifest last (atomically). Returns the manifest."""
-    if final.exists():  # a forced rerun replaces the previous output of the same key
-        old = final.with_name(final.name + f".old-{os.getpid()}")
-        final.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
+    """Finish ``tmp`` (hashes, fsync, manifest last) and put it in place of ``final``.
+
+    A forced rerun's new output replaces the old atomically (exchanged in one syscall where the
+    file system can, else renamed aside and back: ``recover`` completes that after a crash).
+    Returns the manifest.
+    """
     manifest = dict(manifest)
-    manifest["files"] = list_files(final, row_counts)
+    manifest["files"] = list_files(tmp, row_counts, sync=True)
     manifest["finished_at"] = time.time()
-    part = final / (MANIFEST + ".part")
-    part.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    with open(part, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(part, final / MANIFEST)
+    _write_manifest(tmp, manifest)
+    if not final.exists():
+        os.replace(tmp, final)
+    elif _exchange(tmp, final):
+        shutil.rmtree(tmp)  # now the previous output
+    else:
+        old = final.with_name(f"{final.name}.old-{os.getpid()}-{int(time.time())}")
+        final.rename(old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(final.parent, directory=True)
     return manifest
 
 
-def verify(out_dir: Path) -> list[str]:
-    """Problems with a promoted dir: files listed in the manifest missing or of the wrong size."""
+def verify(out_dir: Path, hashes: bool = False) -> list[str]:
+    """Problems with a promoted dir: files listed in the manifest missing, of the wrong size or
+    (with ``hashes``) of the wrong sha256. Each names the file, what was expected, what was found.
+    """
+    out_dir = Path(out_dir)
     m = read_manifest(out_dir)
     if m is None:
         return [f"{out_dir}: no manifest"]
     problems = []
     for entry in m.get("files", []):
         p = out_dir / entry["path"]
-        if not p.exists():
-            problems.append(f"{p}: listed in manifest but missing")
-        elif p.stat().st_size != entry["bytes"]:
-            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {entry['bytes']}")
+        if not p.is_file():
+            problems.append(f"{p}: missing (manifest lists {entry['bytes']} bytes)")
+            continue
+        size = p.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{p}: expected {entry['bytes']} bytes, found {size}")
+        elif hashes and entry.get("sha256") and (h := _sha256(p)) != entry["sha256"]:
+            problems.append(f"{p}: expected sha256 {entry['sha256'][:16]}..., found {h[:16]}...")
     return problems
+
+
+def move_aside_dir(out_dir: Path) -> Path:
+    """Rename a damaged output out of the cache's way (kept for inspection, never served)."""
+    out_dir = Path(out_dir)
+    dest = out_dir.with_name(f"{out_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(out_dir, dest)
+    return dest
+
+
+def verify_tree(
+    run_root: Path, stages: list[str], move_aside: bool = False, lock_timeout_s: float = 90.0
+) -> list[tuple[str, str, list[str], str]]:
+    """``metamorph verify``: (stage, key, problems, note) for every promoted output of ``stages``,
+    each file checked against its size and sha256. With ``move_aside`` a damaged output is renamed
+    to ``{key}.damaged-*`` (under its key's lock; skipped while another run holds it)."""
+    from pipelines.lock import StageLock, lock_path
+
+    rows = []
+    for stage in stages:
+        base = Path(run_root) / stage
+        if not base.is_dir():
+            continue
+        for d in sorted(base.iterdir()):
+            if not (d.is_dir() and KEY_RE.match(d.name) and (d / MANIFEST).exists()):
+                continue
+            problems = verify(d, hashes=True)
+            note = ""
+            if problems and move_aside:
+                lk = StageLock(lock_path(run_root, stage, d.name), timeout_s=lock_timeout_s)
+                if lk.try_acquire():
+                    try:
+                        note = f"; moved to {move_aside_dir(d).name}, the next run recomputes it"
+                    finally:
+                        lk.release()
+                else:
+                    note = "; not moved: a run holds its lock"
+            rows.append((stage, d.name, problems, note))
+    return rows
+
+
+# JSON keys that legitimately differ between two runs of one key: where the run root was
+# (diffusers' save_pretrained records the dir it saved from) and wall-clock timings
+_VOLATILE_KEYS = ("_name_or_path",)
+_VOLATILE_SUFFIXES = ("seconds", "_at")
+
+
+def _strip_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_volatile(v) for k, v in obj.items()
+                if k not in _VOLATILE_KEYS and not str(k).endswith(_VOLATILE_SUFFIXES)}
+    if isinstance(obj, list):
+        return [_strip_volatile(v) for v in obj]
+    return obj
+
+
+# files that render a wall-clock time ("generated at", seconds per phase), compared by presence
+TIMED_FILES = ("eval_report/report.html",)
+
+
+def compare_outputs(a: Path, b: Path, timed: tuple[str, ...] = TIMED_FILES) -> list[str]:
+    """Differences between two promoted outputs of one key (e.g. a run after faults and a clean
+    run): files with another sha256, except JSON whose only differences are run-root paths and
+    timings, and the ``timed`` files. Empty means the same result."""
+    ma, mb = read_manifest(a), read_manifest(b)
+    if ma is None or mb is None:
+        return [f"{a if ma is None else b}: no manifest"]
+    fa = {f["path"]: f["sha256"] for f in ma["files"]}
+    fb = {f["path"]: f["sha256"] for f in mb["files"]}
+    diffs = [f"{p}: only in {a if p in fa else b}" for p in sorted(set(fa) ^ set(fb))]
+    for p in sorted(set(fa) & set(fb)):
+        if fa[p] == fb[p] or p in timed:
+            continue
+        if p.endswith(".json"):
+            try:
+                ja, jb = (json.loads((d / p).read_text()) for d in (a, b))
+                if _strip_volatile(ja) == _strip_volatile(jb):
+                    continue
+            except (OSError, ValueError):
+                pass
+        diffs.append(f"{p}: sha256 {fa[p][:12]} vs {fb[p][:12]}")
+    return diffs
+
+
+class DiskFull(OSError):
+    """A stage ran out of space (or into a file size limit); names the path and the bytes needed."""
+
+
+_FULL = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def explain_disk_full(exc: BaseException, tmp: Path) -> BaseException:
+    """If ``exc`` (or its cause, or a Ray task error around it) is ENOSPC / EFBIG / EDQUOT: remove
+    the attempt dir ``tmp`` and return a DiskFull naming the path and the bytes needed; else ``exc``."""
+    import errno
+
+    chain, e = [], exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    hit = next((e for e in chain if isinstance(e, OSError) and e.errno in codes), None)
+    if hit is None and not any(m in str(e) for e in chain for m in _FULL):
+        return exc
+    path = getattr(hit, "filename", None) or tmp
+    written = _tree_bytes(tmp) if tmp.exists() else 0
+    try:
+        free = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        free = -1
+    previous = []
+    for d in tmp.parent.iterdir() if tmp.parent.exists() else []:
+        m = read_manifest(d) if d.is_dir() and not d.name.endswith(".tmp") else None
+        if m:
+            previous.append(sum(f.get("bytes", 0) for f in m.get("files", [])))
+    estimate = (f"; a previous output of this stage took {max(previous)} bytes" if previous else "")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cause = hit.strerror if hit is not None and hit.strerror else "out of space"
+    return DiskFull(
+        f"{cause} writing {path}: the attempt had written {written} bytes into {tmp} with "
+        f"{free} bytes left free there, so it needs more than {written + max(free, 0)} bytes{estimate}. "
+        f"The attempt dir was removed; free space (or raise the file size limit) and rerun."
+    )
+
+
+KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_LEN}}}$")
+STAGE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def check_key(value: Any, what: str = "cache key") -> str:
+    """A cache key read from outside (MLflow tags, a manifest) before it becomes a path part."""
+    if not isinstance(value, str) or not KEY_RE.match(value):
+        raise ValueError(f"{what} {value!r} is not a cache key ({KEY_LEN} lowercase hex chars)")
+    return value
+
+
+def check_stage_name(value: Any) -> str:
+    if not isinstance(value, str) or not STAGE_RE.match(value):
+        raise ValueError(f"stage name {value!r} is not an identifier")
+    return value
+
+
+def check_run_root(value: Any, what: str = "run_root") -> Path:
+    """A run root read from outside (an MLflow tag): an absolute, normalized local path."""
+    if not isinstance(value, str) or not value or "\0" in value or "\n" in value:
+        raise ValueError(f"{what} {value!r} is not a path")
+    p = Path(value)
+    if not p.is_absolute() or ".." in p.parts or os.path.normpath(value) != value.rstrip("/") or value.startswith("//"):
+        raise ValueError(f"{what} {value!r} must be an absolute, normalized path")
+    return p
 
 
 _GIT_SHA: str | None = None

@@ -101,7 +101,12 @@ def make_tracker(loaded: LoadedConfig):
     uri, default_art = resolve_uri(t.uri, loaded.run_root)  # config key > $MLFLOW_TRACKING_URI > embedded
     art = t.artifact_root or default_art
     loaded.run_root.mkdir(parents=True, exist_ok=True)
-    return Tracker(uri, loaded.typed.experiment, art)
+    from pipelines.lock import StageLock
+
+    # two runs starting on one run root would both create (migrate) the sqlite store and the
+    # experiment; MLflow's migration is not safe against that, so the first one does it alone
+    with StageLock(loaded.run_root / "mlflow.db.lock", timeout_s=60, heartbeat_s=5):
+        return Tracker(uri, loaded.typed.experiment, art)
 
 
 def print_plan(plan) -> None:
@@ -126,6 +131,7 @@ def execute(
     dry_run: bool = False,
     verbosity: int | None = None,
     capture: bool = False,
+    verify: bool = False,
 ):
     """Plan, validate, then run with the live view. The CLI and the tests both go through here.
 
@@ -139,7 +145,7 @@ def execute(
     verbosity = NORMAL if verbosity is None else verbosity
     engine = make_engine(pipeline, loaded)
     try:
-        plan = engine.plan(only=only, from_=from_, until=until, force=force)
+        plan = engine.plan(only=only, from_=from_, until=until, force=force, verify=verify)
         if not dry_run:  # a dry run collects every problem instead of stopping at the first
             engine.validate_stages(plan)
     except (GraphError, ConfigError, ValueError) as e:
@@ -246,6 +252,7 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
     name: Optional[str] = typer.Option(None, "--name", help="MLflow parent run name"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate config, paths and cluster resources; print the plan; run nothing"),
+    verify: bool = typer.Option(False, "--verify", help="check cached outputs against their sha256 first (not just sizes); damaged ones are recomputed"),
     pipeline: str = PIPELINE,
 ) -> None:
     """Run the pipeline (cached stages are skipped; Ray starts only if a stage must run)."""
@@ -254,7 +261,41 @@ def run(
     p, loaded = load(pipeline, preset, _with_run_root(overrides, run_root), config)
     verbosity = 2 if verbose else 0 if quiet else 1
     execute(p, loaded, only=only, from_=from_, until=until, force=force, address=address, name=name,
-            dry_run=dry_run, verbosity=verbosity, capture=True)
+            dry_run=dry_run, verbosity=verbosity, capture=True, verify=verify)
+
+
+@app.command("verify")
+def verify_cmd(
+    stage_names: Optional[List[str]] = typer.Argument(None, help="stages to check (default: all)"),
+    preset: str = PRESET,
+    run_root: Optional[Path] = typer.Option(None, "--run-root", help="default: the preset's run_root"),
+    move_aside: bool = typer.Option(True, "--move-aside/--report-only", help="rename damaged outputs to {key}.damaged-* so the next run recomputes them"),
+    pipeline: str = PIPELINE,
+) -> None:
+    """Check every promoted output under the run root against its manifest's sizes and sha256."""
+    from pipelines.cache import verify_tree
+
+    p, loaded = load(pipeline, preset, [], None)
+    root = (run_root or loaded.run_root).expanduser().resolve()
+    known = sorted({s.name for s in p.stages} | {d.name for d in root.glob("*") if d.is_dir()})
+    unknown = [s for s in stage_names or [] if s not in known]
+    if unknown:
+        _fail(f"unknown stage(s) {unknown}; stages: {known}")
+    eng = loaded.typed.engine
+    rows = verify_tree(root, stage_names or known, move_aside=move_aside, lock_timeout_s=eng.lock_timeout_s)
+    out = Console()
+    bad = 0
+    for stage, key, problems, note in rows:
+        if problems:
+            bad += 1
+            out.print(f"[red]DAMAGED[/] {stage}/{key}: {len(problems)} problem(s){note}")
+            for pr in problems:
+                out.print(f"    {pr}")
+        else:
+            out.print(f"[green]ok[/]      {stage}/{key}{note}")
+    out.print(f"{len(rows)} output(s) checked under {root}, {bad} damaged")
+    if bad:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -50,10 +50,19 @@ class RayConfig:
 @dataclass(kw_only=True)
 class EngineConfig:
     max_parallel_stages: int = 4  # independent stages run concurrently up to this many
+    # A stage key's lock (pipelines/lock.py) is refreshed every lock_heartbeat_s; one not refreshed
+    # for lock_timeout_s belongs to a dead holder on another host and is taken over (a dead pid on
+    # this host is noticed at once). Keep the timeout >= 3 heartbeats plus the shared file system's
+    # attribute-cache delay (NFS: up to 60 s with default actimeo).
+    lock_timeout_s: float = 90.0
+    lock_heartbeat_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_parallel_stages < 1:
             raise ValueError("engine.max_parallel_stages must be >= 1")
+        if self.lock_heartbeat_s <= 0 or self.lock_timeout_s < 3 * self.lock_heartbeat_s:
+            raise ValueError("engine.lock_timeout_s must be >= 3 x engine.lock_heartbeat_s (> 0): "
+                             "a live holder would otherwise look dead between two heartbeats")
 
 
 def build_schema(stages: list) -> type:

@@ -26,7 +26,7 @@ from rich.table import Table
 from pipelines.logs import read_progress
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
-STYLE = {"waiting": "dim", "running": "bold yellow", "cached": "green", "done": "bold green",
+STYLE = {"waiting": "dim", "damaged": "red", "running": "bold yellow", "cached": "green", "done": "bold green",
          "failed": "bold red", "blocked": "red"}
 PLAIN_PROGRESS_EVERY_S = 10.0  # off a terminal: at most one progress line per stage this often
 
@@ -211,8 +211,19 @@ class LiveView:
             r = self.rows.setdefault(ev.stage, StageRow(ev.stage))
             r.log_path, r.progress_path = ev.log_path, ev.progress_path
             now = time.time()
-            if ev.kind == "waiting":
+            was_running = r.state == "running"
+            if ev.kind == "waiting" and not was_running:  # not started yet: upstream stages run
                 r.state = "waiting"
+                return
+            if ev.kind in ("waiting", "damaged"):  # a started stage: another run holds its key's
+                # lock, or its cached output failed verification and is recomputed; say so
+                r.detail = ev.detail
+                if self._live is None and self.verbosity >= NORMAL:
+                    self._line(ev.stage, ev.kind, ev.detail)
+                elif ev.kind == "damaged":
+                    self.print(f"[red]{ev.stage}: cached output damaged[/]: {escape(ev.detail)}")
+                if self._live is not None:
+                    self._live.update(self.table())
                 return
             if ev.kind == "start":
                 r.state, r.started = "running", now
@@ -225,7 +236,7 @@ class LiveView:
                 if ev.kind == "done" and r.progress.get("total"):
                     r.progress = {**r.progress, "done": r.progress["total"]}
             r.detail = ev.detail
-            if self.on_stage_state is not None and ev.kind != "cached":
+            if self.on_stage_state is not None and (ev.kind != "cached" or was_running):
                 self.on_stage_state(ev.stage, ev.kind == "start")
             if ev.kind == "failed":
                 where = f"\n  log: {ev.log_path}" if ev.log_path else ""

@@ -55,7 +55,12 @@ class Resolved:
 
 
 def _stage_dir(run_root: Path, stage: str, key: str) -> Path:
-    return run_root / stage / key
+    from pipelines.cache import check_key, check_stage_name
+
+    try:  # keys come from MLflow tags and manifests: never let one walk out of the run root
+        return run_root / check_stage_name(stage) / check_key(key, f"cache key of {stage}")
+    except ValueError as e:
+        raise ResolveError(str(e)) from None
 
 
 def _from_mlflow(ref: str, run_root: Path, tracking_uri: Optional[str]) -> tuple[Path, dict[str, Path], str]:
@@ -99,7 +104,14 @@ def _from_mlflow(ref: str, run_root: Path, tracking_uri: Optional[str]) -> tuple
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000)
         for k in kids:
             children.setdefault(k.data.tags.get("stage", ""), k)
-    root = Path(parent.data.tags.get("run_root", run_root)) if parent is not None else run_root
+    root = run_root
+    if parent is not None and "run_root" in parent.data.tags:
+        from pipelines.cache import check_run_root
+
+        try:
+            root = check_run_root(parent.data.tags["run_root"], f"run_root tag of MLflow run {parent.info.run_id}")
+        except ValueError as e:
+            raise ResolveError(str(e)) from None
     if "train_vpit" not in children:
         raise ResolveError(f"MLflow run {ref!r} has no train_vpit stage (run a pipeline through train_vpit first)")
     dirs = {}

@@ -98,6 +98,8 @@ class Engine:
         self.stage_cfgs = {s.name: loaded.stage(s.name) for s in pipeline.stages}
         self.dag: Dag = build_dag(pipeline, self.stage_cfgs)
         self.keys: dict[str, str] = {}
+        self.verify_hashes = False  # --verify: cache hits are checked against sha256, not just sizes
+        self._locks: dict[str, Any] = {}  # stage -> the StageLock this run holds (released on Ctrl-C)
         self.external: dict[str, dict[str, Any]] = {}
         for n in self.dag.order:
             stage = self.dag.stages[n]
@@ -125,7 +127,10 @@ class Engine:
         from_: str | None = None,
         until: str | None = None,
         force: Iterable[str] = (),
+        verify: bool | None = None,
     ) -> list[PlanItem]:
+        if verify is not None:
+            self.verify_hashes = verify
         selected = select(self.dag, only, from_, until)
         force = list(force)
         forced: set[str] = set()
@@ -139,6 +144,9 @@ class Engine:
             else:
                 forced.add(f)
         items: dict[str, PlanItem] = {}
+        # stages that rerun because of --force, and everything selected downstream of them: they
+        # replace valid outputs. Any other stage that runs (missing, damaged, resumable) produces
+        # the content its key names, so valid outputs downstream of it stay cached.
         dirty: set[str] = set()
         for n in self.dag.order:
             out = self.out_dir(n)
@@ -147,17 +155,21 @@ class Engine:
             if n not in selected:
                 items[n] = PlanItem(n, self.keys[n], SKIP, "not selected" + (" (cached)" if complete else ""), out)
                 continue
+            damage = cache.verify(out, hashes=self.verify_hashes) if complete and n not in forced else []
             if n in forced:
                 action, reason = RUN, "forced"
             elif any(u in dirty for u in ups):
                 action, reason = RUN, "upstream reruns"
+            elif damage:  # recomputed under the key's lock (moved aside there)
+                action = RUN
+                reason = f"cached output damaged: {damage[0]}" + (f" (+{len(damage) - 1} more)" if len(damage) > 1 else "")
             elif complete:
-                action, reason = CACHED, "manifest present"
+                action, reason = CACHED, "manifest " + ("and sha256 verified" if self.verify_hashes else "and sizes match")
             else:
                 ckpt = cache.stage_dirs(self.run_root, n, self.keys[n])[2]
                 resumable = self.dag.stages[n].resumable and ckpt.exists() and any(ckpt.iterdir())
                 action, reason = RUN, "resume from checkpoint" if resumable else "no cached output"
-            if action == RUN:
+            if reason in ("forced", "upstream reruns"):
                 dirty.add(n)
             items[n] = PlanItem(n, self.keys[n], action, reason, out)
         for n, it in items.items():
@@ -266,8 +278,12 @@ class Engine:
                             params=flatten(to_plain(self.stage_cfgs[n])),
                             parent_id=parent.run_id,
                         )
+                    # only a forced stage (or one downstream of it) replaces a valid output; any
+                    # other uses the key if another run finished it while we waited for its lock
+                    must_run = it.reason in ("forced", "upstream reruns")
                     th = threading.Thread(
-                        target=self._execute, args=(it, child, parent, events, *paths(n)), name=f"stage-{n}", daemon=True
+                        target=self._execute, args=(it, child, parent, events, must_run, *paths(n)), name=f"stage-{n}",
+                        daemon=True,
                     )
                     running[n] = (th, child)
                     emit(n, "start", f"{it.key} ({it.reason})")
@@ -280,7 +296,23 @@ class Engine:
                     n, ok, payload, secs = events.get(timeout=0.5)
                 except queue.Empty:
                     continue
+                if ok in ("waiting", "damaged"):  # the stage thread goes on
+                    emit(n, ok, payload)
+                    continue
                 th, child = running.pop(n)
+                if ok == "cached":  # another run computed this key while we waited for its lock
+                    th.join()
+                    done.add(n)
+                    summary.statuses[n] = "cached"
+                    summary.stats[n] = payload.get("stats", {})
+                    summary.out_dirs[n] = by_name[n].out_dir
+                    if tracker is not None:
+                        tracker.set_tags(child.run_id, {"status": "cached",
+                                                        "cached_from_run_id": payload.get("mlflow_run_id", "")})
+                        tracker.log_metrics(child.run_id, _numeric(payload.get("stats", {})))
+                        tracker.end(child.run_id, "FINISHED")
+                    emit(n, "cached", f"{by_name[n].key} (computed by another run)")
+                    continue
                 th.join()
                 summary.seconds[n] = secs
                 if ok:
@@ -305,6 +337,8 @@ class Engine:
                         tracker.end(child.run_id, "FAILED")
                     emit(n, "failed", f"{type(payload).__name__}: {payload}", seconds=secs, error=payload)
         except KeyboardInterrupt:
+            for lk in list(self._locks.values()):  # the process exits now: let other runs in
+                lk.release()
             if tracker is not None:
                 for n, (_, child) in running.items():
                     tracker.set_tags(child.run_id, {"status": "killed"})
@@ -327,6 +361,15 @@ class Engine:
         return summary
 
     def _record_cached(self, it: PlanItem, tracker, parent: TrackingHandle, summary: RunSummary) -> None:
+        if cache.has_leftovers(it.out_dir):  # `.old-*` of a replacement a crash interrupted
+            from pipelines.lock import StageLock, lock_path
+
+            lk = StageLock(lock_path(self.run_root, it.name, it.key))
+            if lk.try_acquire():  # held by another run: it cleans up itself
+                try:
+                    cache.recover(self.run_root, it.name, it.key)
+                finally:
+                    lk.release()
         manifest = cache.read_manifest(it.out_dir) or {}
         summary.statuses[it.name] = "cached"
         summary.stats[it.name] = manifest.get("stats", {})
@@ -360,17 +403,47 @@ class Engine:
         child: TrackingHandle,
         parent: TrackingHandle,
         events: queue.Queue,
+        must_run: bool = True,
         log_path: Path | None = None,
         progress_path: Path | None = None,
     ) -> None:
+        from pipelines.lock import StageLock, describe, lock_path
+
+        n = it.name
+        t0 = time.time()
+        # first line of the stage's log file (pipelines.logs routes this thread's records there)
+        logging.getLogger(__name__).info("stage %s started: key %s (%s)", n, it.key, it.reason)
+        eng = self.loaded.typed.engine
+        lk = StageLock(lock_path(self.run_root, n, it.key), timeout_s=eng.lock_timeout_s, heartbeat_s=eng.lock_heartbeat_s)
+        try:
+            lk.acquire(on_wait=lambda info: events.put((n, "waiting", f"{it.key} is being computed by {describe(info)}", 0.0)))
+        except BaseException as e:  # noqa: BLE001
+            events.put((n, False, e, time.time() - t0))
+            return
+        self._locks[n] = lk
+        try:
+            self._execute_locked(it, child, parent, events, must_run, lk, t0, log_path, progress_path)
+        finally:
+            self._locks.pop(n, None)
+            lk.release()
+
+    def _execute_locked(self, it, child, parent, events, must_run, lk, t0, log_path, progress_path) -> None:
         n = it.name
         stage = self.dag.stages[n]
         cfg = self.stage_cfgs[n]
-        t0 = time.time()
         log = logging.getLogger(__name__)
-        # first line of the stage's log file (pipelines.logs routes this thread's records there)
-        log.info("stage %s started: key %s (%s)", n, it.key, it.reason)
+        tmp = None
         try:
+            cache.recover(self.run_root, n, it.key)
+            final = it.out_dir
+            if cache.is_complete(final, it.key):
+                damage = cache.verify(final, hashes=self.verify_hashes)
+                if not must_run and not damage:
+                    events.put((n, "cached", cache.read_manifest(final) or {}, time.time() - t0))
+                    return
+                if damage:
+                    aside = cache.move_aside_dir(final)
+                    events.put((n, "damaged", f"{len(damage)} problem(s), moved to {aside.name}: {'; '.join(damage[:3])}", 0.0))
             final, tmp, ckpt = cache.prepare_attempt(self.run_root, n, it.key)
             if not stage.resumable and ckpt.exists():
                 import shutil
@@ -400,6 +473,7 @@ class Engine:
             if missing:
                 raise RuntimeError(f"stage {n!r} finished without writing its outputs {missing}")
             resolved = to_plain(cfg)
+            lk.check()  # taken over while we stalled: the new holder owns .tmp now
             manifest = cache.promote(
                 tmp,
                 final,
@@ -434,6 +508,7 @@ class Engine:
             _log_file_artifact(child, log_path)
             events.put((n, True, stats, time.time() - t0))
         except BaseException as e:  # noqa: BLE001 - reported to the main thread, which decides
+            e = cache.explain_disk_full(e, tmp) if tmp is not None and not lk.lost else e
             log.error("stage %s failed", n, exc_info=e)
             _log_file_artifact(child, log_path)
             events.put((n, False, e, time.time() - t0))

@@ -40,8 +40,14 @@ def test_smoke_pipeline_via_job_submit_on_two_nodes(cluster, tmp_path_factory):
 
     stages = [s.name for s in get_pipeline("vpit").stages]
     assert sorted(run.manifests) == sorted(stages), f"stages without a manifest: {set(stages) - set(run.manifests)}"
+    from pipelines.cache import verify
+
     for name, m in run.manifests.items():
         assert m["stage"] == name and m["files"], name
+        # every file hashed at promotion (written by workers on both nodes), and still matching
+        assert all(len(f.get("sha256", "")) == 64 for f in m["files"]), name
+        assert verify(run.root / name / m["key"], hashes=True) == [], name
+    assert not list(run.root.glob("*/*.lock")), "a stage lock outlived the run"
     # the work was spread: tasks and actors of the job ran on both nodes
     assert len(run.task_nodes) == 2, run.task_nodes
 
