@@ -63,8 +63,10 @@ class PlanItem:
 class StageEvent:
     """One state change, handed to ``Engine.run``'s ``on_event`` in the main thread.
 
-    kind: ``waiting`` (planned, upstream not done), ``start``, ``cached``, ``done``, ``failed``,
-    ``blocked`` (an upstream stage failed), or ``ray`` (Ray was started; ``detail`` says where).
+    kind: ``waiting`` (planned, upstream not done; or, after ``start``, another run holds the
+    key's lock), ``start``, ``damaged`` (the cached output failed verification and is moved aside
+    and recomputed), ``cached``, ``done``, ``failed``, ``blocked`` (an upstream stage failed), or
+    ``ray`` (Ray was started; ``detail`` says where).
     """
 
     stage: str

@@ -72,7 +72,7 @@ def run_here(root: Path, *overrides: str, force=(), verify: bool = False):
     t = loaded.typed.tracking
     tracker = Tracker(t.uri or default_uri(root), "toy", t.artifact_root or (root / "mlartifacts").as_uri())
     events: list[tuple[str, str, str]] = [(it.name, "plan", it.reason) for it in plan]
-    summary = engine.run(plan, tracker=tracker, on_event=lambda *e: events.append(e))
+    summary = engine.run(plan, tracker=tracker, on_event=lambda ev: events.append((ev.stage, ev.kind, ev.detail)))
     return summary, events
 
 
