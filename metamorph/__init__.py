@@ -17,10 +17,18 @@ import sys
 
 def register_auto_classes() -> None:
     """Register ``MetaMorphVPiTConfig`` / ``MetaMorphVPiTForCausalLM`` with the transformers Auto
-    classes (``metamorph.model`` does it at the end of its import; idempotent)."""
-    import importlib
+    classes (idempotent; imports torch and transformers)."""
+    from metamorph.model import _register
 
-    importlib.import_module("metamorph.model")
+    _register()
+
+
+def _ours_initializing() -> bool:
+    """True while one of our modules is half-imported (registering now would import it again)."""
+    return any(
+        name.startswith("metamorph.") and getattr(getattr(mod, "__spec__", None), "_initializing", False)
+        for name, mod in list(sys.modules.items())
+    )
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -37,12 +45,25 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             exec_module(module)
-            # metamorph.model already in sys.modules: it is importing (and registers at its end)
-            if "metamorph.model" not in sys.modules:
+            if _ours_initializing():  # registering now would import a half-imported module
+                sys.meta_path.insert(0, _WhenSafe())
+            else:
                 register_auto_classes()
 
         spec.loader.exec_module = exec_then_register
         return spec
+
+
+class _WhenSafe(importlib.abc.MetaPathFinder):
+    """Registers at the first import that happens after our half-imported modules finished
+    (transformers was imported from inside one of them). Our own loaders also call
+    ``register_auto_classes()`` themselves, so they never depend on this timing."""
+
+    def find_spec(self, name, path, target=None):
+        if not _ours_initializing():
+            sys.meta_path.remove(self)
+            register_auto_classes()
+        return None
 
 
 if "transformers" in sys.modules:

@@ -93,7 +93,7 @@ class VPiTRunner:
     ) -> "VPiTRunner":
         from transformers import AutoModelForCausalLM
 
-        import metamorph.model  # noqa: F401  (registers model_type "metamorph" with the Auto classes)
+        from metamorph import register_auto_classes
         from metamorph.data.tokenizer import load_tokenizer
         from metamorph.model.vision import VisionEncoder
 
@@ -103,6 +103,7 @@ class VPiTRunner:
 
             decoder = MetaMorphDecoderPipeline.from_pretrained(str(decoder_dir))
         # the path a user takes: the Auto class, no remote code (the classes are registered)
+        register_auto_classes()
         hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir))
         return cls(
             hf_model.vpit,

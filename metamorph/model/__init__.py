@@ -26,17 +26,31 @@ def __getattr__(name: str):
 
 
 
+_REGISTRY = {"done": False, "busy": False}
+
+
 def _register() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Register the export's classes with the transformers Auto classes (idempotent, re-entrant:
+    importing ``modeling_metamorph`` imports ``modeling``, whose last line calls this again)."""
+    if _REGISTRY["done"] or _REGISTRY["busy"]:
+        return
+    _REGISTRY["busy"] = True
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-    from metamorph.model.configuration_metamorph import MODEL_TYPE, MetaMorphVPiTConfig
-    from metamorph.model.modeling_metamorph import MetaMorphVPiTForCausalLM
+        from metamorph.model.configuration_metamorph import MODEL_TYPE, MetaMorphVPiTConfig
+        from metamorph.model.modeling_metamorph import MetaMorphVPiTForCausalLM
 
-    AutoConfig.register(MODEL_TYPE, MetaMorphVPiTConfig, exist_ok=True)
-    AutoModelForCausalLM.register(MetaMorphVPiTConfig, MetaMorphVPiTForCausalLM, exist_ok=True)
+        AutoConfig.register(MODEL_TYPE, MetaMorphVPiTConfig, exist_ok=True)
+        AutoModelForCausalLM.register(MetaMorphVPiTConfig, MetaMorphVPiTForCausalLM, exist_ok=True)
+        _REGISTRY["done"] = True
+    finally:
+        _REGISTRY["busy"] = False
 
 
-_register()  # `import metamorph` leads here once transformers is imported (see metamorph/__init__)
+# No registration here: this package must import without torch/transformers (the CLI imports
+# configs from it). ``metamorph/__init__`` registers once transformers is imported from outside
+# our modules; our own loaders call ``metamorph.register_auto_classes()`` themselves.
 
 __all__ = [
     "GenerationConfig",
