@@ -72,7 +72,10 @@ class EvaluateConfig(StageConfig):
     # model registry, with the headline metrics as the version's tags and description. None: don't.
     register_as: Optional[str] = None
     use_gpu: bool = False  # run the evaluation as a Ray task with one GPU
-    cpus: float = 1.0  # CPUs that task reserves
+    # CPUs that task reserves; on CPU also evaluate's torch thread count, pinned so a run's
+    # figures do not depend on where the driver runs (a `ray job submit` entrypoint and a
+    # terminal start torch with different thread counts, and float sums follow them)
+    cpus: float = 1.0
 
     def __post_init__(self) -> None:
         for k in ("n_image_qa", "n_video_qa", "n_visual_thinking", "n_t2i", "n_image_edit", "n_frame_prediction"):
@@ -128,7 +131,14 @@ class EvaluateStage(Stage):
             task = ray.remote(num_gpus=1, num_cpus=cfg.cpus)(evaluate_all)
             metrics, headline, params = ray.get(task.remote(paths, cfg, str(out), ctx.seed, "cuda"))
         else:
-            metrics, headline, params = evaluate_all(paths, cfg, str(out), ctx.seed, "cpu")
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, int(cfg.cpus)))
+            try:
+                metrics, headline, params = evaluate_all(paths, cfg, str(out), ctx.seed, "cpu")
+            finally:
+                torch.set_num_threads(threads)
         return publish(ctx, out, metrics, headline, params)
 
 

@@ -77,9 +77,14 @@ def _decode_image(cell: str, where: str) -> bytes:
 def read_tsv(path: str | Path, limit: int = 0) -> list[MCItem]:
     """Parse a VLMEvalKit TSV into items (the first ``limit`` rows; 0 = all)."""
     path = Path(path)
-    csv.field_size_limit(sys.maxsize if sys.maxsize < 2**63 else 2**31 - 1)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    # image cells are whole base64 images, far over csv's 128 KiB default; the limit is
+    # process-wide, so it is put back for the other readers (HowTo100M relies on the default)
+    old_limit = csv.field_size_limit(sys.maxsize if sys.maxsize < 2**63 else 2**31 - 1)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    finally:
+        csv.field_size_limit(old_limit)
     if not rows:
         return []
     cols = set(rows[0])

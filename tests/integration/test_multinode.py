@@ -151,6 +151,6 @@ def test_cluster_preset_dry_run(tmp_path):
     r = _dry_run(*_local(root, tmp_path), *CPU_ONLY)
     assert r.returncode == 0, r.stderr[-6000:]
     assert "check out; nothing was run" in r.stderr
-    needs = r.stderr.split("resources per stage")[1].split("ray:")[0]
+    needs = r.stderr.split("resources per stage")[1].split("training stages")[0].split("ray:")[0]
     assert "train_vpit" in needs and "GPU" not in needs
     assert not root.exists()  # a dry run writes nothing

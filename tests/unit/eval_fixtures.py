@@ -9,6 +9,7 @@ Everything is built in about a second on one core; nothing is trained except the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -160,11 +161,16 @@ def _manifest(stage_dir: Path, key: str, upstream: dict[str, str]) -> None:
     (stage_dir / "_SUCCESS.json").write_text(json.dumps({"key": key, "upstream": upstream, "finished_at": 1.0}))
 
 
+def _fake_key(stage: str) -> str:
+    return hashlib.sha256(stage.encode()).hexdigest()[:16]
+
+
 def build_run(root: str | Path, n_per_task: int = 3) -> dict[str, Path]:
     """A run root shaped like the pipeline's: {root}/{stage}/{key}/{artifact} + manifests."""
     root = Path(root)
     samples = make_samples(n_per_task)
-    dirs = {s: root / s / f"key-{s}" for s in ("mix", "vision_encoder", "tokenize", "train_vpit", "train_decoder")}
+    # keys shaped like real ones (16 hex chars): the resolver refuses anything else as a path part
+    dirs = {s: root / s / _fake_key(s) for s in ("mix", "vision_encoder", "tokenize", "train_vpit", "train_decoder")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     write_heldout(dirs["mix"] / "mixture", samples)
@@ -185,8 +191,8 @@ def build_run(root: str | Path, n_per_task: int = 3) -> dict[str, Path]:
     _manifest(dirs["mix"], key["mix"], {})
     _manifest(dirs["vision_encoder"], key["vision_encoder"], {})
     _manifest(dirs["tokenize"], key["tokenize"], {"mixture": key["mix"], "vision_encoder": key["vision_encoder"]})
-    _manifest(dirs["train_vpit"], key["train_vpit"], {"tokenized": key["tokenize"], "connector_model": "kconnector"})
-    _manifest(dirs["train_decoder"], key["train_decoder"], {"curated_generation": "kgen", "vision_encoder": key["vision_encoder"]})
+    _manifest(dirs["train_vpit"], key["train_vpit"], {"tokenized": key["tokenize"], "connector_model": _fake_key("train_connector")})
+    _manifest(dirs["train_decoder"], key["train_decoder"], {"curated_generation": _fake_key("curate_generation"), "vision_encoder": key["vision_encoder"]})
     return paths
 
 
