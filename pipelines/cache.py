@@ -16,7 +16,9 @@ complete: either no dir, a dir without manifest, or a dir whose manifest lists e
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -280,9 +282,17 @@ def verify(out_dir: Path, hashes: bool = False) -> list[str]:
 def move_aside_dir(out_dir: Path) -> Path:
     """Rename a damaged output out of the cache's way (kept for inspection, never served)."""
     out_dir = Path(out_dir)
-    dest = out_dir.with_name(f"{out_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    os.replace(out_dir, dest)
-    return dest
+    stem = f"{out_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for i in itertools.count():
+        # one process may move the same key aside twice within a second (a size check, then a
+        # hash check): never rename onto an earlier copy
+        dest = out_dir.with_name(stem if i == 0 else f"{stem}-{i}")
+        try:
+            os.rename(out_dir, dest)  # unlike os.replace, fails (ENOTEMPTY/EEXIST) onto a taken name
+            return dest
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not dest.exists():
+                raise
 
 
 def verify_tree(
