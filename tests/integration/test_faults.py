@@ -310,17 +310,9 @@ def test_ray_worker_killed_during_tokenize_rows_identical(cluster, baseline, tmp
 
 
 def _ran_per_key(root: Path) -> dict[tuple[str, str], int]:
-    from mlflow import MlflowClient
+    from tests.integration.test_cache_safety import ran_per_key
 
-    from pipelines.tracking import default_uri
-
-    client = MlflowClient(default_uri(root))
-    exps = [e.experiment_id for e in client.search_experiments()]
-    out: dict[tuple[str, str], int] = {}
-    for r in client.search_runs(exps, filter_string="tags.status = 'ran'", max_results=1000):
-        k = (r.data.tags["stage"], r.data.tags["cache_key"])
-        out[k] = out.get(k, 0) + 1
-    return out
+    return ran_per_key(root)
 
 
 def _close(a, b, rtol: float) -> bool:
