@@ -14,11 +14,11 @@ Three passes over the data; image bytes never reach the driver:
 2. driver, metadata only: duplicate ids, exact duplicates, the train/held-out split, and the
    contamination guard need a view of the whole stage, so they run once over small rows
    (``metamorph.data.curate.decide``; the few thumbnails it needs are read from the spool).
-   Then the kept samples are sorted by id and cut into size-bounded shards (``plan_shards`` on
-   their bytes in the tar): the same rule one sequential writer applies, so a rerun writes
+   Then the kept samples are sorted by id and cut into size-bounded shards
+   (``metamorph.data.spool.plan_writes``): the same rule one sequential writer applies, so a rerun writes
    byte-identical files whatever the task scheduling was.
 3. parallel Ray tasks, one per shard, or per byte range of a shard when there are fewer shards
-   than CPUs to write them (``write_shard_piece``: a small stage's one big train shard is then
+   than CPUs to write them (``metamorph.data.spool.write_piece``: a small stage's one big train shard is then
    written by every worker at once): copy the spooled members into the tar, and return their
    index and image-hash rows; the driver writes ``index.parquet`` and ``image_hashes.parquet``
    from them in shard order and removes the spool.
@@ -35,42 +35,25 @@ import dataclasses
 import json
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide, process_record
+from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide
 from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, check_source
 from metamorph.data.readers.base import RawRecord, list_files
-from metamorph.data.schema import sample_key
-from metamorph.data.shards import QUARANTINE_FILE, Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_index, write_shard_piece
+from metamorph.data.shards import QUARANTINE_FILE, write_index
+from metamorph.data.spool import (HASHES_FILE, HASHES_SCHEMA, META_SCHEMA, SPOOL_DIR, curation_stats, first_accepted,  # noqa: F401
+                                  plan_writes, process, source_counts, thumbs_reader, write_piece, write_quarantine)
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
 WORLD = "world"
 WORLD_PREFIX = "world:"
-HASHES_FILE = "image_hashes.parquet"
-HASHES_SCHEMA = pa.schema(
-    [("id", pa.string()), ("split", pa.string()), ("image", pa.int32()), ("sha", pa.string()), ("phash", pa.int64()), ("thumb", pa.binary())]
-)
-SPOOL_DIR = "_spool"  # under the attempt dir, removed before the stage returns
-# what a processing task returns per record (``decide``'s inputs and where the bytes are parked);
-# ``parts``: byte lengths of [train record member, held-out record member, image member 0..n-1,
-# thumbnail 0..n-1] (members: tar header + payload + padding, see ``_members``)
-META_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
-        ("reason", pa.string()), ("detail", pa.string()), ("family", pa.string()), ("task", pa.string()),
-        ("content_hash", pa.string()), ("sha", pa.list_(pa.string())), ("phash", pa.list_(pa.int64())),
-        ("n_decoded", pa.int32()),
-        ("spool", pa.string()), ("offset", pa.int64()), ("parts", pa.list_(pa.int64())),
-    ]
-)
 
 
 @dataclass(kw_only=True)
@@ -145,100 +128,7 @@ def _read_process(batch: pa.Table, sources: list[dict[str, Any]], cfg: CurateCon
             src = SourceConfig(**sources[row["source"]])
             yield from READERS[src.format].read(src, json.loads(row["unit"]), row["unit_idx"])
 
-    return _process(records(), cfg, video, frames, spool_dir)
-
-
-def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[VideoConfig], frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
-    # a fresh name per attempt: a retried task never appends to what a failed one left
-    spool = Spool(Path(spool_dir) / f"{uuid.uuid4().hex}.bin")
-    rows = []
-    with spool:
-        for rec in records:
-            r = process_record(rec, cfg, video, frames)
-            if r["reason"]:
-                r.update(spool="", offset=0, parts=[])
-            else:  # spooled now: the task holds one record's bytes at a time
-                offset, parts = spool.append(_members(r, cfg.image_format))
-                r.update(spool=str(spool.path), offset=offset, parts=parts, images=None, thumb=None, sample=None, sample_heldout=None)
-            rows.append(r)
-    # column by column: 10x cheaper than from_pylist's per-row dict walk
-    return pa.Table.from_pydict({name: [r[name] for r in rows] for name in META_SCHEMA.names}, schema=META_SCHEMA)
-
-
-def _members(r: dict[str, Any], ext: str) -> list[Piece]:
-    """A processed record as the spool keeps it: its tar members, already encoded (the train
-    record, the held-out record, each image), then the raw thumbnails. Encoding the tar headers
-    here, in parallel, leaves the shard writers a plain byte copy."""
-    key = sample_key(r["id"])
-    return [
-        tar_member(f"{key}.json", r["sample"].encode()),
-        tar_member(f"{key}.json", r["sample_heldout"].encode()),
-        *(tar_member_parts(f"{key}.{i}.{ext}", b) for i, b in enumerate(r["images"])),
-        *r["thumb"],
-    ]
-
-
-def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
-    """(train record member, held-out record member, image members, thumbnails) of one meta row
-    from its open spool."""
-    n = len(m["sha"])
-    parts = read_spool(f, m["offset"], m["parts"])
-    return parts[0], parts[1], parts[2 : 2 + n], parts[2 + n :]
-
-
-def _spooled_thumbs(f: Any, m: dict[str, Any]) -> list[bytes]:
-    """Only the thumbnails of one meta row (the item's last parts) from its open spool."""
-    n = len(m["sha"])
-    return read_spool(f, m["offset"] + sum(m["parts"][: 2 + n]), m["parts"][2 + n :])
-
-
-def shard_bytes(m: dict[str, Any], split: str) -> int:
-    """Bytes a meta row's sample takes in a ``split`` shard (its record and image members)."""
-    n = len(m["sha"])
-    return m["parts"][0 if split == "train" else 1] + sum(m["parts"][2 : 2 + n])
-
-
-def _write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[str, Any]], total: int | None) -> tuple[list[dict[str, Any]], pa.Table]:
-    """Samples ``metas`` (in id order) of one planned shard, from byte ``offset`` of it: their
-    spooled members copied into the tar (``total``: the shard's member bytes, for its last
-    piece), and their index and image-hash rows."""
-    files: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
-    hashes: list[dict[str, Any]] = []
-    name = shard_name(split, shard)
-
-    def members() -> Iterator[bytes]:
-        for m in metas:
-            f = files.get(m["spool"]) or files.setdefault(m["spool"], open(m["spool"], "rb"))
-            train_rec, held_rec, images, thumbs = _spooled(f, m)
-            rows.append({"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"],
-                         "split": split, "shard": name, "n_images": len(images)})
-            hashes.extend({"id": m["id"], "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
-                          for i, (s, p, t) in enumerate(zip(m["sha"], m["phash"], thumbs)))
-            yield train_rec if split == "train" else held_rec
-            yield from images
-
-    try:
-        write_shard_piece(Path(out) / name, offset, members(), total)
-    finally:
-        for f in files.values():
-            f.close()
-    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
-
-
-def _pieces(sizes: list[int], target: int) -> list[tuple[int, int]]:
-    """Consecutive ranges of ``sizes`` of about equal bytes, each near ``target`` (the count is
-    rounded up, so none is a small remainder); at least one sample each."""
-    total = sum(sizes)
-    n = max(1, -(-total // max(1, target)))
-    out, a, acc = [], 0, 0
-    for i, z in enumerate(sizes):
-        acc += z
-        if acc * n >= total * (len(out) + 1) and i + 1 < len(sizes):
-            out.append((a, i + 1))
-            a = i + 1
-    out.append((a, len(sizes)))
-    return out
+    return process(records(), cfg, video, frames, spool_dir)
 
 
 def _rows(ds: Any) -> list[dict[str, Any]]:
@@ -291,22 +181,6 @@ class CurationStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, float]:
         return run_curation(ctx, self.artifact, ctx.cfg)
 
-
-def source_counts(meta: list[dict[str, Any]], written: list[dict[str, Any]], rejects: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
-    """``source/{name}/records_in``, ``/samples_out``, ``/quarantined`` and ``/quarantine/{reason}``
-    for every configured source (a source with no records reports zeros), after checking that
-    each one's records in equal its samples out plus its quarantined records."""
-    n_in = collections.Counter(m["source"] for m in meta)
-    n_out = collections.Counter(r["source"] for r in written)
-    n_q = collections.Counter(q["source"] for q in rejects)
-    out: dict[str, float] = {}
-    for name in names:
-        if n_out[name] + n_q[name] != n_in[name]:
-            raise RuntimeError(f"source {name}: {n_out[name]} written + {n_q[name]} quarantined != {n_in[name]} records in")
-        out.update({f"source/{name}/records_in": n_in[name], f"source/{name}/samples_out": n_out[name], f"source/{name}/quarantined": n_q[name]})
-    for (name, reason), n in sorted(collections.Counter((q["source"], q["reason"]) for q in rejects).items()):
-        out[f"source/{name}/quarantine/{reason}"] = n
-    return out
 
 
 def _slots(cfg: CurationStageConfig) -> int:
@@ -368,96 +242,34 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
     meta = _rows(processing_dataset(units, sources, cfg, spool_dir)) if units else []
     t_process = time.perf_counter() - t0
 
-    first: dict[str, dict[str, Any]] = {}  # id -> its accepted row with the smallest order (decide's pick)
-    for m in meta:
-        if not m["reason"] and (m["id"] not in first or m["order"] < first[m["id"]]["order"]):
-            first[m["id"]] = m
-
-    def thumbs(ids: set[str]) -> dict[str, list[bytes]]:
-        got: dict[str, list[bytes]] = {}
-        by_spool: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-        for sid in ids:
-            by_spool[first[sid]["spool"]].append(first[sid])
-        for path, ms in by_spool.items():  # each spool opened once, read in offset order
-            with open(path, "rb") as f:
-                for m in sorted(ms, key=lambda m: m["offset"]):
-                    got[m["id"]] = _spooled_thumbs(f, m)
-        return got
-
     t_decide = time.perf_counter()
     dec = decide(
         meta,
         heldout_fraction=cfg.heldout_fraction,
         phash_max_distance=cfg.phash_max_distance,
         near_copy_max_diff=cfg.near_copy_max_diff,
-        thumbs=thumbs,
+        thumbs=thumbs_reader(first_accepted(meta)),
     )
-    max_bytes, max_samples = cfg.shard_max_mb * 2**20, cfg.shard_max_samples
-    shards = []  # (split, shard number, its samples, their bytes in the tar), train shards first
-    for split in ("train", "heldout"):
-        kept = sorted((m for m in meta if dec.keep.get((m["id"], m["order"])) == split), key=lambda m: m["id"])
-        sizes = [shard_bytes(m, split) for m in kept]
-        for k, (a, b) in enumerate(plan_shards(sizes, max_bytes, max_samples)):
-            shards.append((split, k, kept[a:b], sizes[a:b]))
-    # pieces of about 1/(2 x CPUs) of all the bytes (>= 4 MiB): a stage with fewer shards than
-    # CPUs still writes on every CPU; a big stage keeps one task per shard. Only on one node:
-    # disjoint writes into one file from several hosts are not safe on every shared file system
-    slots = _slots(cfg)
     one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1
-    target = max(4 * 2**20, sum(sum(z) for *_, z in shards) // (2 * slots)) if one_node else max_bytes + 1
-    jobs = []  # (split, shard number, piece offset, its samples, the shard's member bytes if last)
-    for split, k, ms, sizes in shards:
-        (out / shard_name(split, k)).write_bytes(b"")  # the pieces write into it, never truncate it
-        total, offset = sum(sizes), 0
-        for a, b in _pieces(sizes, target):
-            jobs.append((split, k, offset, ms[a:b], total if b == len(sizes) else None))
-            offset += sum(sizes[a:b])
+    names, jobs = plan_writes(meta, dec.keep, cfg.shard_max_mb * 2**20, cfg.shard_max_samples, _slots(cfg), one_node)
+    for name in names:
+        (out / name).write_bytes(b"")  # the pieces write into it, never truncate it
     t_write = time.perf_counter()
-    write = ray.remote(_write_piece).options(num_cpus=cfg.cpus_per_task)  # the processing slots: no extra workers to start
-    refs = [write.remote(str(out), split, k, offset, ms, total) for split, k, offset, ms, total in jobs]
-    results = ray.get(refs)
+    write = ray.remote(write_piece).options(num_cpus=cfg.cpus_per_task)  # the processing slots: no extra workers to start
+    results = ray.get([write.remote(str(out), split, k, offset, ms, total) for split, k, offset, ms, total in jobs])
     index_rows = [r for rows, _ in results for r in rows]
     hashes = pa.concat_tables([h for _, h in results]) if results else HASHES_SCHEMA.empty_table()
-    n_split = collections.Counter(r["split"] for r in index_rows)
     write_index(out, index_rows)
     for shard, n in collections.Counter(r["shard"] for r in index_rows).items():
         ctx.record_rows(f"{artifact}/{shard}", n)
-
-    with open(out / QUARANTINE_FILE, "w", encoding="utf-8") as f:
-        for q in dec.rejects:
-            f.write(json.dumps({k: q[k] for k in ("source", "id", "locator", "reason", "detail")}, ensure_ascii=False) + "\n")
+    write_quarantine(out / QUARANTINE_FILE, dec.rejects)
     ctx.record_rows(f"{artifact}/{QUARANTINE_FILE}", len(dec.rejects))
-
     pq.write_table(hashes, out / HASHES_FILE)
 
-    records_in = len(meta)
-    n_out = len(index_rows)
-    if n_out + len(dec.rejects) != records_in:  # every record is either written or quarantined
-        raise RuntimeError(f"{ctx.stage}: {n_out} written + {len(dec.rejects)} quarantined != {records_in} records in")
-    per_source = source_counts(meta, index_rows, dec.rejects, [s.name for s in sources])
     seconds = time.perf_counter() - t0
-    decoded = sum(m["n_decoded"] for m in meta)
-    stats: dict[str, float] = {
-        "records_in": records_in,
-        "samples_out": n_out,
-        "quarantined": len(dec.rejects),
-        "read_units": len(units),
-        "images_decoded": decoded,
-        "images_out": sum(r["n_images"] for r in index_rows),
-        "images_per_s": decoded / seconds if seconds > 0 else 0.0,
-        "seconds_process": t_process,  # read + decode + convert + spool, in parallel
-        "seconds_decide": t_write - t_decide,  # dedup, split, contamination, shard plan on the driver
-        "seconds_write": seconds - (t_write - t0),  # shards (parallel), index, hashes, quarantine
-        "seconds": seconds,
-        **dec.stats,
-    }
-    for split in ("train", "heldout"):
-        stats[f"split/{split}"] = n_split[split]
-    for task, n in sorted(collections.Counter(r["task"] for r in index_rows).items()):
-        stats[f"task/{task}"] = n
-    for reason, n in sorted(collections.Counter(q["reason"] for q in dec.rejects).items()):
-        stats[f"quarantine/{reason}"] = n
-    stats.update(per_source)
+    times = {"seconds_process": t_process, "seconds_decide": t_write - t_decide,
+             "seconds_write": seconds - (t_write - t0), "seconds": seconds}
+    stats = curation_stats(meta, index_rows, dec.rejects, dec.stats, [s.name for s in sources], len(units), times)
     if dec.rejects and (out / QUARANTINE_FILE).stat().st_size < 32 * 2**20:
         ctx.log_artifact(out / QUARANTINE_FILE)
     return stats
