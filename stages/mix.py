@@ -25,7 +25,7 @@ from metamorph.data.curate import ContaminationGuard
 from metamorph.data.mix import FAMILIES, FamilyMix, ShardReader, copies, interleave, plan_family
 from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, list_shards, read_index, write_index
 from pipelines.stage import Stage, StageConfig, StageContext
-from stages._curation import HASHES_FILE
+from metamorph.data.spool import HASHES_FILE
 
 
 def _families() -> dict[str, FamilyMix]:

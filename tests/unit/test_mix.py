@@ -19,7 +19,7 @@ from metamorph.data.mix import FAMILIES, FamilyMix, Pick, interleave, plan_famil
 from metamorph.data.schema import ImageRef, Sample, Turn
 from metamorph.data.shards import ShardWriter, iter_samples, read_index, write_index
 from pipelines.testing import run_stage
-from stages._curation import HASHES_FILE, HASHES_SCHEMA
+from metamorph.data.spool import HASHES_FILE, HASHES_SCHEMA
 from stages.mix import MixConfig, MixStage
 from tests.unit.curation_fixtures import png
 
