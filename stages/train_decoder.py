@@ -174,7 +174,6 @@ def _worker_body(job: DecoderJob) -> None:
         world_size=world,
         device=device,
         wrap=prepare_model if distributed else (lambda m: m),
-        barrier=dist.barrier if distributed else (lambda: None),
         all_reduce_mean=all_reduce_mean,
         on_log=on_log,
         on_sample=on_sample,

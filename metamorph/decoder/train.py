@@ -11,9 +11,10 @@ noise. AdamW with linear warmup; optional noise offset and EMA.
 Every random draw of step s (which items, timesteps, noise, condition drops) comes from
 generators seeded by (seed, s) and is made for the *global* batch, of which each rank takes its
 slice; so a resumed run sees exactly the batches an uninterrupted one would, whatever the worker
-count. Checkpoints (``{ckpt_dir}/step-{s:08d}/``) hold the trained weights, optimizer, LR
-scheduler, EMA, each rank's torch RNG and the step; ``COMPLETE`` is written last, and only such
-dirs are resumed from.
+count. Checkpoints are the LLM loop's (``metamorph.train.checkpoint``, DCP, under
+``{ckpt_dir}/step-{s:08d}/``): the trained weights and optimizer, the EMA weights as extra
+tensors, LR scheduler and EMA counters in ``state.json``, each rank's RNG; ``COMPLETE`` is written
+last, and only such dirs are resumed from. The LR schedule is ``metamorph.train.schedule``'s.
 
 Tensor names: B batch (per rank unless noted), N tokens, D token dim, C/H/W model space,
 S image side in px.
@@ -35,13 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metamorph.decoder.config import LR_SCHEDULES, DecoderTrainConfig  # noqa: F401  (light to import)
 from metamorph.decoder.pipeline import MetaMorphDecoderPipeline
+from metamorph.train import checkpoint as ckpt
+from metamorph.train.schedule import warmup_cosine_scheduler
 
-COMPLETE = "COMPLETE"  # marker file: a checkpoint / export dir is whole once this exists
+COMPLETE = ckpt.MARKER  # marker file: a checkpoint / export dir is whole once this exists
 
 
 @dataclass
@@ -191,88 +193,16 @@ def diffusion_loss(
     return (weight_B * mse_B).mean()
 
 
-# --- checkpoints --------------------------------------------------------------------------------
+# --- checkpoints: metamorph.train.checkpoint (DCP), as the LLM loop -------------------------------
 
 
-def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Nested state -> JSON skeleton with tensors pulled out into ``tensors`` (no pickle on disk)."""
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous().clone()
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        return {"__dict__": [[k, _flatten(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix!r}")
+def _ema_tensors(ema: Any) -> dict[str, torch.Tensor]:
+    """The EMA's shadow weights as named tensors for the checkpoint's ``extra`` (loaded in place)."""
+    return {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}
 
 
-def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
-    if isinstance(obj, list):
-        return [_unflatten(v, tensors) for v in obj]
-    return obj
-
-
-def save_state(path: Path, name: str, state: Any) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _flatten(state, "s", tensors)
-    save_file(tensors, str(path / f"{name}.safetensors"))
-    (path / f"{name}.json").write_text(json.dumps(skeleton))
-
-
-def load_state(path: Path, name: str) -> Any:
-    tensors = load_file(str(path / f"{name}.safetensors"))
-    return _unflatten(json.loads((path / f"{name}.json").read_text()), tensors)
-
-
-def step_dir(ckpt_dir: Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"step-{step:08d}"
-
-
-def complete_checkpoints(ckpt_dir: Optional[Path]) -> list[Path]:
-    """Complete checkpoint dirs, oldest first."""
-    if ckpt_dir is None or not Path(ckpt_dir).is_dir():
-        return []
-    return sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / COMPLETE).exists())
-
-
-def latest_checkpoint(ckpt_dir: Optional[Path]) -> Optional[Path]:
-    done = complete_checkpoints(ckpt_dir)
-    return done[-1] if done else None
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _trained_weights(pipe: MetaMorphDecoderPipeline) -> dict[str, torch.Tensor]:
-    """The weights that change in training (a frozen UNet is not re-saved every checkpoint)."""
-    out = {f"conditioner.{k}": v for k, v in pipe.conditioner.state_dict().items()}
-    if any(p.requires_grad for p in pipe.unet.parameters()):
-        out.update({f"unet.{k}": v for k, v in pipe.unet.state_dict().items()})
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
-
-def _load_trained_weights(pipe: MetaMorphDecoderPipeline, weights: dict[str, torch.Tensor]) -> None:
-    for name in ("conditioner", "unet"):
-        part = {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(name + ".")}
-        if part:
-            getattr(pipe, name).load_state_dict(part, strict=True)
+def _ema_scalars(ema: Any) -> dict[str, Any]:
+    return {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
 
 
 def write_export(pipe: MetaMorphDecoderPipeline, out_dir: Path, stats: dict[str, Any]) -> None:
@@ -296,17 +226,6 @@ def read_export_stats(out_dir: Path) -> Optional[dict[str, Any]]:
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def _lr_lambda(cfg: DecoderTrainConfig) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        if cfg.lr_schedule == "cosine":
-            progress = min(1.0, max(0, step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-            return warm * 0.5 * (1 + math.cos(math.pi * progress))
-        return warm
-
-    return f
-
-
 def train_loop(
     pipe: MetaMorphDecoderPipeline,
     data: DecoderData,
@@ -317,7 +236,6 @@ def train_loop(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
-    barrier: Callable[[], None] = lambda: None,
     all_reduce_mean: Callable[[float], float] = lambda x: x,
     on_log: Optional[Callable[[dict[str, float], int], None]] = None,
     on_sample: Optional[Callable[[MetaMorphDecoderPipeline, int], None]] = None,
@@ -325,7 +243,7 @@ def train_loop(
 ) -> TrainResult:
     """Train ``pipe`` in place up to ``cfg.max_steps``, resuming from ``ckpt_dir``'s latest checkpoint.
 
-    Distributed glue comes in as callables: ``wrap`` (DDP), ``barrier``, ``all_reduce_mean``
+    Distributed glue comes in as callables: ``wrap`` (DDP), ``all_reduce_mean``
     (the logged loss). ``on_log``/``on_sample`` run on rank 0; ``on_sample`` gets the pipeline
     with the EMA weights swapped in. ``stop_after`` ends the attempt early at that step (tests
     use it to simulate a crash). On return the pipeline holds the weights to export (EMA ones when
@@ -344,50 +262,30 @@ def train_loop(
     model = wrap(denoiser)
     model.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = warmup_cosine_scheduler(opt, cfg.max_steps, 0.0, warmup_steps=cfg.warmup_steps, shape=cfg.lr_schedule)
     ema = None
     if cfg.ema_decay > 0:
         ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=cfg.ema_power)
 
     step, first_loss, last_loss, resumed_from = 0, float("nan"), float("nan"), 0
-    ckpt = latest_checkpoint(ckpt_dir)
-    if ckpt is not None:
-        _load_trained_weights(pipe, load_file(str(ckpt / "weights.safetensors")))
-        opt.load_state_dict(load_state(ckpt, "optimizer"))
-        sched.load_state_dict(load_state(ckpt, "lr_scheduler"))
-        if ema is not None and (ckpt / "ema.json").exists():
-            ema.load_state_dict(load_state(ckpt, "ema"))
-        rng = ckpt / f"rng-rank{rank:05d}.safetensors"
-        if rng.exists():  # absent when the worker count changed: the step streams still match
-            _set_rng_state(load_file(str(rng)))
-        meta = json.loads((ckpt / "state.json").read_text())
+    latest = ckpt.latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if latest is not None:
+        # the RNG file of a rank is absent when the worker count changed: the step streams still match
+        meta = ckpt.load_checkpoint(latest, model, opt, extra=_ema_tensors(ema) if ema is not None else None)
+        sched.load_state_dict(meta["scheduler"])
+        if ema is not None:
+            ema.load_state_dict({**meta["ema"], "shadow_params": ema.shadow_params})
         step = resumed_from = int(meta["step"])
         first_loss, last_loss = float(meta["first_loss"]), float(meta["last_loss"])
 
     def checkpoint(at: int) -> None:
         if ckpt_dir is None:
             return
-        d = step_dir(ckpt_dir, at)
-        if rank == 0:
-            if d.exists():  # a half-written dir from a crashed attempt
-                shutil.rmtree(d)
-            d.mkdir(parents=True)
-            save_file(_trained_weights(pipe), str(d / "weights.safetensors"))
-            save_state(d, "optimizer", opt.state_dict())
-            save_state(d, "lr_scheduler", sched.state_dict())
-            if ema is not None:
-                save_state(d, "ema", ema.state_dict())
-            (d / "state.json").write_text(json.dumps({"step": at, "first_loss": first_loss, "last_loss": last_loss}))
-        barrier()  # the dir exists before other ranks write into it
-        save_file(_rng_state(), str(d / f"rng-rank{rank:05d}.safetensors"))
-        barrier()  # every rank's part is on disk before the marker says so
-        if rank == 0:
-            (d / COMPLETE).write_text("")
-            for old in complete_checkpoints(ckpt_dir)[: -cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in Path(ckpt_dir).glob("step-*"):
-                if not (stale / COMPLETE).exists() and stale.name < d.name:
-                    shutil.rmtree(stale, ignore_errors=True)
+        state = {"step": at, "first_loss": first_loss, "last_loss": last_loss, "scheduler": sched.state_dict()}
+        if ema is not None:
+            state["ema"] = _ema_scalars(ema)
+        ckpt.save_checkpoint(ckpt_dir, at, model, opt, state, cfg.keep_last,
+                             extra=_ema_tensors(ema) if ema is not None else None)
 
     def sample(at: int) -> None:
         if on_sample is None or rank != 0:

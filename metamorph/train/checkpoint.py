@@ -1,12 +1,14 @@
-"""Training checkpoints: save every N steps, keep the last K, resume from the latest complete one.
+"""Training checkpoints for every training loop here (the LLM stages and the decoder): save every N
+steps, keep the last K, resume from the latest complete one.
 
     python -m metamorph.train.checkpoint runs/train_connector/<key>.ckpt/loop   # list checkpoints
 
 Layout of one checkpoint, ``{root}/step-{NNNNNNNN}/``:
 
-    dcp/              model + optimizer, torch.distributed.checkpoint (each rank writes what it
-                      owns: a DDP replica is written once, an FSDP2 shard by its owner). Frozen
-                      parameters are left out: they are rebuilt exactly from the model's source.
+    dcp/              model + optimizer (+ any extra tensors, e.g. EMA weights),
+                      torch.distributed.checkpoint (each rank writes what it owns: a DDP replica
+                      is written once, an FSDP2 shard by its owner). Frozen parameters are left
+                      out: they are rebuilt exactly from the model's source.
     rng-rank{r}.pt    that rank's RNG states (torch CPU/CUDA, python), torch.save of tensors and
                       tuples only, so ``torch.load(weights_only=True)`` reads it (no pickle code).
     state.json        rank 0: step, data-reader position, LR-scheduler state, run counters.
@@ -101,8 +103,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. ``state`` (JSON-serialisable) is taken from rank 0."""
+    """Collective: every rank calls it. ``state`` (JSON-serialisable: step, scheduler, counters) is
+    taken from rank 0; ``extra``: more tensors saved with the model (the same on every rank)."""
     path = step_dir(root, step)
     rank = _rank()
     if rank == 0:
@@ -112,8 +116,11 @@ def save_checkpoint(
     _barrier()
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    sd = {"model": model_sd, "optim": optim_sd}
+    if extra:
+        sd["extra"] = extra
     with _single_process_quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"), no_dist=not dist.is_initialized())
+        dcp.save(sd, checkpoint_id=str(path / "dcp"), no_dist=not dist.is_initialized())
     torch.save(_rng_state(), path / f"rng-rank{rank}.pt")
     if rank == 0:
         _write_atomic(path / "state.json", json.dumps(state, indent=1, sort_keys=True))
@@ -125,13 +132,18 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Collective: load model/optimizer/RNG into this rank; return the saved ``state`` dict."""
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Collective: load model/optimizer/RNG (and ``extra``'s tensors, in place: pass tensors of
+    the saved names and shapes) into this rank; return the saved ``state`` dict."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     sd = {"model": model_sd, "optim": optim_sd}
+    if extra:
+        sd["extra"] = extra
     with _single_process_quiet():
         dcp.load(sd, checkpoint_id=str(path / "dcp"), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=_LOAD_OPTIONS)

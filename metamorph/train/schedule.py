@@ -1,4 +1,5 @@
-"""Learning-rate schedule (linear warmup, cosine decay), the paper's sqrt batch-scaling rule, and
+"""Learning-rate schedule for every training loop here, LLM and decoder (linear warmup, then
+cosine decay or constant), the paper's sqrt batch-scaling rule, and
 optimizer steps counted in samples over packed rows.
 
     python -c "from metamorph.train.schedule import sqrt_scaled_lr; print(sqrt_scaled_lr(512, 448, 3.74e-5))"
@@ -80,13 +81,29 @@ def cosine_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class WarmupCosine:
-    """A picklable LR lambda (LambdaLR keeps it out of its state_dict; the step count is in it)."""
+SHAPES = ("cosine", "constant")  # after the warmup: half a cosine down to min_ratio, or flat at 1
 
-    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
-        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
+
+def constant_factor(step: int, warmup_steps: int) -> float:
+    """LR multiplier with a linear warmup (as ``cosine_factor``'s) and then a constant 1."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 1.0
+
+
+class WarmupCosine:
+    """A picklable LR lambda (LambdaLR keeps its attributes in its state_dict; the step count is
+    the scheduler's). ``shape``: "cosine" (the LLM stages, the paper) or "constant" (SD-style
+    decoder fine-tuning)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float = 0.0, shape: str = "cosine"):
+        if shape not in SHAPES:
+            raise ValueError(f"LR schedule shape must be one of {SHAPES}, got {shape!r}")
+        self.total_steps, self.warmup_steps, self.min_ratio, self.shape = total_steps, warmup_steps, min_ratio, shape
 
     def __call__(self, step: int) -> float:
+        if self.shape == "constant":
+            return constant_factor(step, self.warmup_steps)
         return cosine_factor(step, self.total_steps, self.warmup_steps, self.min_ratio)
 
 
@@ -96,8 +113,10 @@ def warmup_cosine_scheduler(
     warmup_ratio: float,
     min_ratio: float = 0.0,
     warmup_steps: int | None = None,
+    shape: str = "cosine",
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """``warmup_steps`` (e.g. from ``warmup_steps_in_samples``) overrides ceil(ratio x steps)."""
+    """``warmup_steps`` (e.g. from ``warmup_steps_in_samples``, or a decoder's fixed count)
+    overrides ceil(ratio x steps)."""
     if warmup_steps is None:
         warmup_steps = warmup_steps_for(total_steps, warmup_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps, min_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps, min_ratio, shape))

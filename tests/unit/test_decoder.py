@@ -18,16 +18,15 @@ from metamorph.decoder.conditioning import VisionConditioner
 from metamorph.decoder.config import DecoderConfig, SamplingConfig
 from metamorph.decoder.metrics import image_grid, pair_rows, reconstruction_agreement
 from metamorph.decoder.pipeline import MetaMorphDecoderPipeline, make_sampler
+from metamorph.train.checkpoint import list_checkpoints as complete_checkpoints, step_dir
 from metamorph.decoder.train import (
     COMPLETE,
     DecoderData,
     DecoderTrainConfig,
     Denoiser,
     batch_indices,
-    complete_checkpoints,
     diffusion_loss,
     set_trainable,
-    step_dir,
     step_draws,
     to_unit_range,
     train_loop,
@@ -269,7 +268,7 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
     assert [p.name for p in complete_checkpoints(ckpt)] == ["step-00000002", "step-00000004"]
     # a checkpoint cut short (no marker) must be ignored and cleaned up
     step_dir(ckpt, 5).mkdir()
-    (step_dir(ckpt, 5) / "weights.safetensors").write_bytes(b"partial")
+    (step_dir(ckpt, 5) / "state.json").write_bytes(b"partial")
 
     resumed = tiny_pipe(seed=99)  # a fresh process: different init, everything comes from the checkpoint
     set_trainable(resumed)
