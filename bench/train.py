@@ -7,7 +7,7 @@ Both sides run ``metamorph.train.loop.train_loop`` with one intra-op thread, eac
 of its own (the plain one a fresh Python without Ray in it), on the same
 synthetic tokenized shards (written with the tokenize stage's packer and writer) and the
 tiny preset's model in stage-2 mode (everything trains, visual loss on). The Ray side goes
-through the stage glue (``stages._training.fit``: TorchTrainer, 1 worker, gloo, a metrics report
+through the stage glue (``stages._training.fit_llm``: TorchTrainer, 1 worker, gloo, a metrics report
 every log window). Steady-state steps/s excludes the first log window (warm-up) and checkpoint
 time; the end-to-end figure adds worker start-up, model build, the final checkpoint and export.
 Plain and Ray runs alternate ``--repeats`` times and the best of each is compared (the box is
@@ -103,12 +103,13 @@ def plain_child(spec: dict) -> None:
 
 def run_ray(cfg: TrainConfig, shards: Path, work: Path, max_length: int) -> dict[str, float]:
     from pipelines.stage import StageContext
-    from stages._training import fit
+    from stages._training import Scaling, fit_llm
 
     ctx = StageContext(stage="bench_train", key=work.name, cfg=None, seed=0, inputs={}, work_dir=work,
                        checkpoint_dir=work / "ckpt", run_root=work)
     t0 = time.perf_counter()
-    stats = fit(ctx, cfg, build_model, shards, feature_dim=FEAT, seq_len=max_length, export_dir=work / "export")
+    scaling = Scaling(num_workers=1, cpus_per_worker=1.0, max_failures=0)
+    stats = fit_llm(ctx, cfg, scaling, build_model, shards, feature_dim=FEAT, seq_len=max_length, export_dir=work / "export")
     stats["wall_s"] = time.perf_counter() - t0
     return stats
 
@@ -128,8 +129,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     shards = write_data(root / "tokenized", n_samples=2000, max_length=args.max_length)
-    cfg = TrainConfig(num_workers=1, cpus_per_worker=1.0, micro_batch_size=args.micro_batch, max_steps=args.steps,
-                      lr=1e-3, log_every=10, checkpoint_every=0, max_failures=0)
+    cfg = TrainConfig(micro_batch_size=args.micro_batch, max_steps=args.steps, lr=1e-3, log_every=10, checkpoint_every=0)
     # our own local cluster (never one another process on this box started)
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
              log_to_driver=False)

@@ -34,16 +34,18 @@ MANIFEST = "_SUCCESS.json"
 KEY_LEN = 16  # hex chars of sha256: 64 bits, collision-free for any realistic number of runs
 
 
-def cache_config(cfg: Any, operational: frozenset[str]) -> Any:
-    """The stage config as plain data with operational (result-neutral) fields removed."""
+def cache_config(cfg: Any) -> Any:
+    """The stage config as plain data with operational (result-neutral) fields removed: those
+    declared with ``metamorph.fields.operational()`` field metadata, at any depth."""
+    from metamorph.fields import operational_paths
+
     plain = to_plain(cfg)
-    for path in operational:
+    for path in sorted(operational_paths(cfg)):
         parts = path.split(".")
         node = plain
         for p in parts[:-1]:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(parts[-1], None)
+            node = node[p]
+        del node[parts[-1]]  # a KeyError here would be a bug in to_plain, not a config mistake
     return plain
 
 

@@ -327,6 +327,7 @@ def plan(
 @app.command()
 def stages(pipeline: str = PIPELINE) -> None:
     """List every stage: version, inputs, outputs, config fields with defaults."""
+    from metamorph.fields import operational_paths
     from pipelines.definitions import get_pipeline
 
     p = get_pipeline(pipeline)
@@ -338,11 +339,12 @@ def stages(pipeline: str = PIPELINE) -> None:
         doc = (s.__doc__ or "").strip().splitlines()
         if doc:
             out.print(f"  {doc[0]}")
+        ops = operational_paths(cfg)
         for f in dataclasses.fields(cfg):
             val = json.dumps(to_plain(getattr(cfg, f.name)), default=str)
             if len(val) > 100:
                 val = val[:97] + "..."
-            op = " (operational)" if f.name in s.operational else ""
+            op = " (operational)" if f.name in ops else ""
             out.print(f"    {f.name}: {val}{op}")
 
 

@@ -194,8 +194,8 @@ def check_tracking(uri: str | None, n_hosts: int) -> tuple[list[str], list[str]]
 
 def worker_bundles(cfg: Any) -> list[tuple[int, dict[str, float]]]:
     """(count, per-worker resources) of every Ray Train worker group a stage config describes:
-    any nested config with ``num_workers`` and ``cpus_per_worker`` (metamorph.train TrainConfig
-    and configs shaped like it)."""
+    any nested config with ``num_workers`` and ``cpus_per_worker`` (a training stage's
+    ``scaling``, and configs shaped like it)."""
     out = []
     todo = [cfg]
     while todo:
@@ -351,10 +351,10 @@ TRAIN_COLUMNS = ("stage", "samples/step", "rows/step", "tokens/step", "steps/epo
                  "peak LR", "GB/GPU params/grads/optim/act", "GB/GPU total")
 
 
-def memory_per_gpu(shape: LLMShape, params: int, trainable: int, train: Any, seq_len: int) -> dict[str, float]:
+def memory_per_gpu(shape: LLMShape, params: int, trainable: int, train: Any, seq_len: int, scaling: Any) -> dict[str, float]:
     """Estimated bytes per GPU (in GB) of one training worker.
 
-    FSDP2 (``fully_shard`` per decoder block, then the root) over ``num_workers``: fp32 master
+    FSDP2 (``fully_shard`` per decoder block, then the root) over ``scaling.num_workers``: fp32 master
     parameters, fp32 gradients (reduce fp32) and AdamW's two fp32 moments sharded 1/N; plus the
     bf16 copies gathered for compute (two blocks, the current and the prefetched one, and the root
     module's own weights: embeddings, LM head, projector, vision head). DDP: all of it replicated.
@@ -364,8 +364,8 @@ def memory_per_gpu(shape: LLMShape, params: int, trainable: int, train: Any, seq
     with activation checkpointing only each block's input (d) is kept plus one block recomputed.
     The logits add V values per position three times (bf16 logits, fp32 for the loss, fp32 grad).
     """
-    shard = train.num_workers if train.strategy == "fsdp2" else 1
-    act = 2 if (train.precision == "bf16" and train.use_gpu) else 4
+    shard = scaling.num_workers if train.strategy == "fsdp2" else 1
+    act = 2 if (train.precision == "bf16" and scaling.use_gpu) else 4
     p_bytes = 4 * params / shard
     if train.strategy == "fsdp2" and act == 2:
         root = params - shape.layers * shape.block_params
@@ -379,7 +379,7 @@ def memory_per_gpu(shape: LLMShape, params: int, trainable: int, train: Any, seq
     else:
         a_bytes = tokens * shape.layers * per_layer
     a_bytes += tokens * shape.vocab * (act + 4 + 4)
-    overhead = RUNTIME_OVERHEAD_GB * GB if train.use_gpu else 0.0
+    overhead = RUNTIME_OVERHEAD_GB * GB if scaling.use_gpu else 0.0
     mem = {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes, "activations": a_bytes, "overhead": overhead}
     mem = {k: v / GB for k, v in mem.items()}
     mem["total"] = sum(mem.values())
@@ -405,7 +405,7 @@ def training_estimates(engine, plan) -> tuple[list[TrainEstimate], list[str]]:
         if it.name not in TRAIN_STAGES or it.action != "run":
             continue
         cfg = engine.stage_cfgs[it.name]
-        train, model_cfg = cfg.train, _model_cfg(engine, it.name)
+        train, scaling, model_cfg = cfg.train, cfg.scaling, _model_cfg(engine, it.name)
         if model_cfg is None:
             continue
         shape = llm_shape(model_cfg)
@@ -415,7 +415,7 @@ def training_estimates(engine, plan) -> tuple[list[TrainEstimate], list[str]]:
             samples = float(train.global_batch_samples)
             rows = samples / spr if spr else float("nan")
         else:
-            rows = float(train.global_batch)
+            rows = float(train.global_batch_rows(scaling.num_workers))
             samples = rows * spr if spr else float("nan")
         steps_epoch = total = warmup = None
         if train.expected_samples and spr:
@@ -423,11 +423,11 @@ def training_estimates(engine, plan) -> tuple[list[TrainEstimate], list[str]]:
             total = train.max_steps or int(train.expected_samples * train.epochs // samples)
             warmup = math.ceil(train.warmup_ratio * total)
         params, trainable = param_counts(model_cfg, shape, TRAIN_STAGES[it.name])
-        mem = memory_per_gpu(shape, params, trainable, train, seq_len)
+        mem = memory_per_gpu(shape, params, trainable, train, seq_len, scaling)
         est = TrainEstimate(
             stage=it.name, samples_per_step=samples, rows_per_step=rows, tokens_per_step=rows * seq_len,
-            steps_per_epoch=steps_epoch, total_steps=total, warmup_steps=warmup, peak_lr=train.peak_lr(),
-            memory_gb=mem, gpu_memory_gb=train.gpu_memory_gb if train.use_gpu else None,
+            steps_per_epoch=steps_epoch, total_steps=total, warmup_steps=warmup, peak_lr=train.peak_lr(scaling.num_workers),
+            memory_gb=mem, gpu_memory_gb=train.gpu_memory_gb if scaling.use_gpu else None,
             params=params, trainable=trainable,
         )
         estimates.append(est)
@@ -436,11 +436,11 @@ def training_estimates(engine, plan) -> tuple[list[TrainEstimate], list[str]]:
                 f"stage {it.name!r}: estimated {mem['total']:.1f} GB per GPU > stages.{it.name}.train.gpu_memory_gb="
                 f"{train.gpu_memory_gb:g} (params {mem['params']:.1f}, grads {mem['grads']:.1f}, optimizer "
                 f"{mem['optimizer']:.1f}, activations {mem['activations']:.1f}): lower train.micro_batch_size, "
-                "turn on train.grad_checkpointing, or shard over more train.num_workers"
+                "turn on train.grad_checkpointing, or shard over more scaling.num_workers"
             )
-        if train.counts_samples and spr and train.micro_batch_size * train.num_workers * spr > samples:
+        if train.counts_samples and spr and train.global_batch_rows(scaling.num_workers) * spr > samples:
             problems.append(
-                f"stage {it.name!r}: one round of micro-batches ({train.micro_batch_size} rows x {train.num_workers} "
+                f"stage {it.name!r}: one round of micro-batches ({train.micro_batch_size} rows x {scaling.num_workers} "
                 f"workers x ~{spr:g} samples/row) holds more than train.global_batch_samples={samples:.0f}"
             )
     return estimates, problems

@@ -111,7 +111,7 @@ class Engine:
             self.keys[n] = cache.cache_key(
                 n,
                 stage.version,
-                cache.cache_config(cfg, stage.operational),
+                cache.cache_config(cfg),
                 upstream,
                 self.external[n],
             )

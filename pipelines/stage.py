@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
+from metamorph.fields import is_operational, operational  # noqa: F401  (re-exported for stage configs)
+
 
 @dataclass(kw_only=True)
 class StageConfig:
@@ -151,8 +153,8 @@ class Stage:
     outputs: ClassVar[tuple[str, ...]] = ()  # artifact names produced (each a subdir of the output)
     config_cls: ClassVar[type] = StageConfig
     # Config fields that do not change the result (worker counts, throughput batch sizes, log
-    # intervals): excluded from the cache key. Dotted paths reach into nested configs.
-    operational: ClassVar[frozenset[str]] = frozenset()
+    # intervals) are excluded from the cache key where they are declared, by field metadata:
+    # ``field(default=..., metadata=operational())`` (metamorph.fields), not listed here.
     # Training stages: keep ctx.checkpoint_dir between attempts of the same key and resume from it.
     resumable: ClassVar[bool] = False
     description: ClassVar[str] = ""
@@ -178,6 +180,14 @@ class Stage:
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "operational" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__}.operational: cache-excluded fields are declared on the config dataclass, "
+                "as field(default=..., metadata=operational()) from pipelines.stage / metamorph.fields"
+            )
 
     def __repr__(self) -> str:
         return f"<Stage {self.name} v{self.version}>"

@@ -50,7 +50,7 @@ from metamorph.data.shards import QUARANTINE_FILE, write_index
 from metamorph.data.spool import (HASHES_FILE, HASHES_SCHEMA, META_SCHEMA, SPOOL_DIR, curation_stats, first_accepted,  # noqa: F401
                                   plan_writes, process, source_counts, thumbs_reader, write_piece, write_quarantine)
 from metamorph.data.video import VideoConfig
-from pipelines.stage import Stage, StageConfig, StageContext
+from pipelines.stage import Stage, StageConfig, StageContext, operational
 
 WORLD = "world"
 WORLD_PREFIX = "world:"
@@ -64,8 +64,8 @@ class CurationStageConfig(StageConfig, CurateConfig):
     shard_max_mb: int = 64  # shard size bound (MiB): big enough to stream, small enough to retry
     shard_max_samples: int = 10_000  # and a sample-count bound, whichever comes first
     # --- operational (outside the cache key)
-    records_per_task: int = 256  # records per Ray task: the readers cut files into units of about this many
-    cpus_per_task: float = 1.0  # Ray CPUs per processing task; < 1 packs more tasks per core
+    records_per_task: int = field(default=256, metadata=operational())  # records per Ray task: the readers cut files into units of about this many
+    cpus_per_task: float = field(default=1.0, metadata=operational())  # Ray CPUs per processing task; < 1 packs more tasks per core
 
     def __post_init__(self) -> None:
         CurateConfig.__post_init__(self)
@@ -143,7 +143,6 @@ class CurationStage(Stage):
 
     family: ClassVar[str]
     inputs = (WORLD,)  # only when a source says "world:..." (see input_artifacts)
-    operational = frozenset({"records_per_task", "cpus_per_task"})
 
     @property
     def artifact(self) -> str:

@@ -1,17 +1,22 @@
-"""Ray Train glue shared by the LLM training stages (train_connector, train_vpit).
+"""The one Ray Train launcher (every training stage: train_connector, train_vpit, train_decoder)
+and the LLM stages' worker.
 
     python -m pytest tests/integration/test_training_stages.py -q -m integration
 
-``fit`` runs ``metamorph.train.loop.train_loop`` in a ``TorchTrainer`` worker group (gloo on
-CPU, nccl on GPU). Restarts are the loop's business: it resumes from the newest complete
-checkpoint under ``{ctx.checkpoint_dir}/loop``, a path that is the same for every worker-group
-restart (``FailureConfig.max_failures``) and, because the engine keeps the checkpoint dir of a
-``resumable`` stage whose key did not change, for a rerun of the stage too. Ray Train gets each
-log window's metrics through ``ray.train.report`` (metrics only: the checkpoints already live on
-storage every worker sees, so Ray need not copy them) and the run's stats in a last report
-(with a tiny checkpoint holding them: Ray hands metrics to the driver only with a checkpoint).
+``fit(ctx, worker_fn, job, scaling)`` runs ``worker_fn(job)`` on every worker of a
+``TorchTrainer`` group (gloo on CPU, nccl on GPU) with the worker's output sent to the stage's
+log, and returns Ray's ``Result``. Restarts are the loop's business: it resumes from the newest
+complete checkpoint under ``{ctx.checkpoint_dir}/loop``, a path that is the same for every
+worker-group restart (``FailureConfig.max_failures``) and, because the engine keeps the
+checkpoint dir of a ``resumable`` stage whose key did not change, for a rerun of the stage too.
+``Scaling`` (the worker group's shape) is a field of each training stage's config.
 
-Every worker records ``{pid, hostname, rank, attempt start}`` in ``{ctx.checkpoint_dir}/workers/``
+The LLM worker (``llm_worker``) runs ``metamorph.train.loop.train_loop``; Ray Train gets each log
+window's metrics through ``ray.train.report`` (metrics only: the checkpoints already live on
+storage every worker sees, so Ray need not copy them) and the run's stats in a last report (with
+a tiny checkpoint holding them: Ray hands metrics to the driver only with a checkpoint).
+
+Every LLM worker records ``{pid, hostname, rank, attempt start}`` in ``{ctx.checkpoint_dir}/workers/``
 so an operator (or a test) can find the training processes.
 """
 
@@ -23,18 +28,83 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from metamorph.train.config import OPERATIONAL_FIELDS, TrainConfig
+from metamorph.train.config import TrainConfig
 from pipelines.logs import capture_output, write_progress
-from pipelines.stage import StageContext, TrackingHandle
+from pipelines.stage import StageContext, TrackingHandle, operational
 
 log = logging.getLogger(__name__)
 
-# Stage-config paths (``train.<field>``) that do not change the trained weights: outside the key.
-TRAIN_OPERATIONAL = frozenset(f"train.{f}" for f in OPERATIONAL_FIELDS)
+
+@dataclass(kw_only=True)
+class Scaling:
+    """The Ray Train worker group of a training stage (``stages.<stage>.scaling``)."""
+
+    num_workers: int = 2  # Ray Train workers (one process each; one GPU each when use_gpu)
+    # CPUs reserved per worker, also its torch thread count (min 1). Fractional on purpose: on a
+    # 2-core box two workers at 1.0 would take every CPU and starve the Ray driver/Data tasks
+    # (Ray Train then hangs waiting for them).
+    cpus_per_worker: float = field(default=0.5, metadata=operational())
+    use_gpu: bool = False  # nccl + one device per worker (bf16 there); False: CPU with gloo
+    gpus_per_worker: float = field(default=1.0, metadata=operational())  # only read when use_gpu
+    max_failures: int = field(default=2, metadata=operational())  # worker-group restarts before the stage fails
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ValueError("scaling.gpus_per_worker must be > 0 when scaling.use_gpu is true")
+        if self.max_failures < -1:
+            raise ValueError("scaling.max_failures must be >= 0, or -1 for unlimited restarts")
+
+    def resources(self) -> dict[str, float]:
+        """Peak Ray resources of the worker group (for ``metamorph run --dry-run``)."""
+        need = {"CPU": self.num_workers * self.cpus_per_worker}
+        if self.use_gpu:
+            need["GPU"] = self.num_workers * self.gpus_per_worker
+        return need
+
+
+def fit(ctx: StageContext, worker_fn: Callable[[Any], None], job: Any, scaling: Scaling) -> Any:
+    """Run ``worker_fn(job)`` on every worker of a TorchTrainer group until it finishes (each
+    restart resumes from the job's checkpoints); return Ray Train's ``Result``. ``worker_fn`` must
+    be a module-level function; ``job`` a small picklable dataclass with a ``log_path``."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.tracking import system_metrics
+
+    ckpt_dir = Path(ctx.checkpoint_dir).resolve()
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"fn": worker_fn, "job": job},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"{ctx.stage}-{ctx.key}",
+            storage_path=str(ckpt_dir / "ray"),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+        ),
+    )
+    with system_metrics(ctx.tracking):  # this host's CPU/memory (and GPU) while the workers train
+        return trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker (the process group is up): its output goes to the stage's log."""
+    job = config["job"]
+    with capture_output(job.log_path):
+        config["fn"](job)
 
 
 @dataclass
@@ -50,18 +120,14 @@ class WorkerJob:
     export_dir: str
     tracking: TrackingHandle
     flops_seq_len: int  # sequence length for the MFU attention term
+    cpus_per_worker: float = 1.0  # the worker's CPU reservation: its torch thread count
+    loss_args: dict[str, Any] = field(default_factory=dict)  # the loss's arguments (train_vpit: vision_coef)
     log_path: str = ""  # the stage's log file: every worker's stdout/stderr/logging goes there
     progress_path: str = ""  # rank 0 writes steps done / total here for the console
 
 
-def worker_fn(config: dict[str, Any]) -> None:
-    """Body of every Ray Train worker (the process group is already up)."""
-    job: WorkerJob = config["job"]
-    with capture_output(job.log_path):
-        _worker_body(job)
-
-
-def _worker_body(job: "WorkerJob") -> None:
+def llm_worker(job: WorkerJob) -> None:
+    """An LLM training worker: ``train_loop`` over this rank's slice of the tokenized shards."""
     import functools
 
     import torch
@@ -76,7 +142,7 @@ def _worker_body(job: "WorkerJob") -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = TrainConfig(**job.train)
     # one intra-op thread per reserved CPU: more would oversubscribe the cores other workers hold
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     _record_worker(Path(job.workers_dir), rank)
 
     model = job.build_model()
@@ -117,6 +183,7 @@ def _worker_body(job: "WorkerJob") -> None:
         device=get_device(),
         on_log=on_log,
         flops_per_tok=fpt,
+        loss_args=job.loss_args,
     )
     # Ray attaches metrics to the driver's Result only with a checkpoint: rank 0 reports a tiny
     # one holding the stats (the model itself is the export, the resumable state is in
@@ -145,19 +212,19 @@ def _record_worker(workers_dir: Path, rank: int) -> None:
     os.replace(tmp, workers_dir / f"rank{rank}.json")
 
 
-def fit(
+def fit_llm(
     ctx: StageContext,
     train: TrainConfig,
+    scaling: Scaling,
     build_model: Callable[[], Any],
     shards: Path,
     feature_dim: int,
     seq_len: int,
     export_dir: Path,
+    loss_args: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Run the worker group to completion (resuming from any checkpoint); return the loop's stats."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    """Train an LLM stage with ``fit`` and ``llm_worker`` (resuming from any checkpoint); return
+    the loop's stats. ``loss_args``: the loss's arguments set by the stage (``vision_coef``)."""
     ckpt_dir = Path(ctx.checkpoint_dir).resolve()
     job = WorkerJob(
         build_model=build_model,
@@ -169,43 +236,18 @@ def fit(
         export_dir=str(Path(export_dir).resolve()),
         tracking=ctx.tracking,
         flops_seq_len=seq_len,
+        cpus_per_worker=scaling.cpus_per_worker,
+        loss_args=dict(loss_args or {}),
         log_path=str(ctx.log_path or ""),
         progress_path=str(ctx.progress_path or ""),
     )
-    resources = {"CPU": train.cpus_per_worker}
-    if train.use_gpu:
-        resources["GPU"] = train.gpus_per_worker
-    trainer = TorchTrainer(
-        worker_fn,
-        train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=f"{ctx.stage}-{ctx.key}",
-            storage_path=str(ckpt_dir / "ray"),
-            failure_config=FailureConfig(max_failures=train.max_failures),
-        ),
-    )
-    from pipelines.tracking import system_metrics
-
     t0 = time.perf_counter()
-    with system_metrics(ctx.tracking):  # this host's CPU/memory (and GPU) while the workers train
-        result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
+    result = fit(ctx, llm_worker, job, scaling)
     stats = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and k != "done"}
     if not (result.metrics or {}).get("done"):
         raise RuntimeError(f"{ctx.stage}: Ray Train finished without the workers' final report: {result.metrics}")
     stats["fit_seconds"] = time.perf_counter() - t0
     return stats
-
-
-def train_resources(train: TrainConfig) -> dict[str, float]:
-    """Peak Ray resources of the worker group (for ``metamorph run --dry-run``)."""
-    need = {"CPU": train.num_workers * train.cpus_per_worker}
-    if train.use_gpu:
-        need["GPU"] = train.num_workers * train.gpus_per_worker
-    return need
 
 
 def publish(ctx: StageContext, export_dir: Path, tokenizer, artifact: str) -> None:

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from metamorph.eval.run import GALLERY_FILE, EvalConfig, evaluate_all
-from pipelines.stage import Stage, StageConfig, StageContext
+from pipelines.stage import Stage, StageConfig, StageContext, operational
 
 
 @dataclass(kw_only=True)
@@ -39,12 +39,12 @@ class EvaluateConfig(StageConfig, EvalConfig):
     # --- operational
     # Register the evaluated VPiT model (its MLflow logged model) under this name in the MLflow
     # model registry, with the headline metrics as the version's tags and description. None: don't.
-    register_as: Optional[str] = None
-    use_gpu: bool = False  # run the evaluation as a Ray task with one GPU
+    register_as: Optional[str] = field(default=None, metadata=operational())
+    use_gpu: bool = field(default=False, metadata=operational())  # run the evaluation as a Ray task with one GPU
     # CPUs that task reserves; on CPU also evaluate's torch thread count, pinned so a run's
     # figures do not depend on where the driver runs (a `ray job submit` entrypoint and a
     # terminal start torch with different thread counts, and float sums follow them)
-    cpus: float = 1.0
+    cpus: float = field(default=1.0, metadata=operational())
 
     def __post_init__(self) -> None:
         EvalConfig.__post_init__(self)
@@ -62,7 +62,6 @@ class EvaluateStage(Stage):
     inputs = ("vpit_model", "decoder", "vision_encoder", "tokenizer", "mixture")
     outputs = ("eval_report",)
     config_cls = EvaluateConfig
-    operational = frozenset({"use_gpu", "cpus", "report_samples", "register_as"})
     description = "held-out QA + generation (judged), TSV benchmarks, FID/CLIP; report.html"
 
     def fingerprint(self, cfg: EvaluateConfig) -> dict[str, Any]:

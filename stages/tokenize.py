@@ -7,8 +7,9 @@ Ray Data plan (library code does the work; this module is glue):
 1. driver: train the BPE on the mixture's text (or load the checkpoint's tokenizer), save it;
 2. one task per mixture shard (fractional CPU): read samples, render them with the chat
    template, truncate over-long ones (never inside an image);
-3. an actor pool runs the frozen vision encoder once per kept image (on GPUs when the cluster
-   has them) and attaches each sample's N normalised tokens per image as fp16 bytes;
+3. an actor pool (``stages._encoders``, shared with train_decoder) runs the frozen vision
+   encoder once per kept image (on GPUs when the cluster has them) and attaches each sample's N
+   normalised tokens per image as fp16 bytes;
 4. driver: streams the samples back in input order (``preserve_order``), packs them
    (first-fit over a window) and writes ``tokenized/part-NNNNN.parquet`` with fixed-size row
    groups. Same input -> byte-identical output.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from pipelines.stage import Stage, StageConfig, StageContext
+from pipelines.stage import Stage, StageConfig, StageContext, operational
 
 from metamorph.data.tokenizer import TokenizerConfig
 
@@ -54,12 +54,12 @@ class TokenizeConfig(StageConfig):
     # Rows per part file (a multiple of row_group_size). Bigger files mean fewer opens.
     rows_per_part: int = 1024
     # ---- operational (outside the cache key)
-    render_batch_size: int = 256  # samples per tokenizer call inside a shard task
-    render_cpus: float = 0.5  # CPUs per shard task (fractional: the encoder pool needs some too)
-    num_encoders: int = 1  # vision-encoder actors (one per GPU on a cluster)
-    encoder_cpus: float = 0.5  # CPUs per encoder actor; also its torch thread count (min 1)
-    encoder_gpus: float = 1.0  # GPUs per encoder actor, used only when the cluster has GPUs
-    encode_batch_size: int = 32  # samples per encoder actor call
+    render_batch_size: int = field(default=256, metadata=operational())  # samples per tokenizer call inside a shard task
+    render_cpus: float = field(default=0.5, metadata=operational())  # CPUs per shard task (fractional: the encoder pool needs some too)
+    num_encoders: int = field(default=1, metadata=operational())  # vision-encoder actors (one per GPU on a cluster)
+    encoder_cpus: float = field(default=0.5, metadata=operational())  # CPUs per encoder actor; also its torch thread count (min 1)
+    encoder_gpus: float = field(default=1.0, metadata=operational())  # GPUs per encoder actor, used only when the cluster has GPUs
+    encode_batch_size: int = field(default=32, metadata=operational())  # samples per encoder actor call
 
     def __post_init__(self) -> None:
         if self.max_length < 32:
@@ -152,36 +152,6 @@ def _render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_le
     return pa.Table.from_pylist([{**empty, **r} for r in out], schema=RENDERED_SCHEMA)
 
 
-class _EncodeImages:
-    """Actor: the frozen vision encoder; adds ``vision_feats`` (fp16 bytes) and drops the image bytes."""
-
-    def __init__(self, encoder_dir: str, threads: int):
-        import torch
-
-        from metamorph.model.vision import VisionEncoder
-
-        torch.set_num_threads(max(1, threads))
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = VisionEncoder.from_pretrained(encoder_dir).to(self.device)
-
-    def __call__(self, batch):
-        import torch
-        from PIL import Image
-
-        per_sample = batch.column("images").to_pylist()
-        flat = [Image.open(io.BytesIO(b)) for imgs in per_sample for b in imgs]
-        if flat:
-            # fp16 storage halves the rows; on unit-norm 1152-d tokens the round trip keeps
-            # cosine > 0.9999 to the fp32 feature (measured), invisible to the cosine loss
-            feats = self.encoder.encode_images(flat).to("cpu", dtype=torch.float16).numpy()
-        out, i = [], 0
-        for imgs in per_sample:
-            n = len(imgs)
-            out.append(feats[i : i + n].tobytes() if n else b"")
-            i += n
-        return batch.drop_columns(["images"]).append_column("vision_feats", pa.array(out, type=pa.binary()))
-
-
 # ---- the stage -------------------------------------------------------------------------------
 
 
@@ -215,9 +185,6 @@ class TokenizeStage(Stage):
     inputs = ("mixture", "vision_encoder")
     outputs = ("tokenizer", "tokenized")
     config_cls = TokenizeConfig
-    operational = frozenset(
-        {"render_batch_size", "render_cpus", "num_encoders", "encoder_cpus", "encoder_gpus", "encode_batch_size"}
-    )
     description = "tokenizer + chat template + packed Parquet rows with precomputed fp16 vision features"
 
     def fingerprint(self, cfg: TokenizeConfig) -> dict[str, Any]:
@@ -245,6 +212,7 @@ class TokenizeStage(Stage):
         import ray.data
 
         from metamorph.data.shards import list_shards
+        from stages._encoders import encode_with_pool
 
         cfg: TokenizeConfig = ctx.cfg
         mixture = ctx.input("mixture")
@@ -279,15 +247,8 @@ class TokenizeStage(Stage):
             ),
             num_cpus=cfg.render_cpus,
         )
-        ds = ds.map_batches(
-            _EncodeImages,
-            fn_constructor_kwargs=dict(encoder_dir=str(encoder_dir), threads=int(cfg.encoder_cpus)),
-            batch_size=cfg.encode_batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_encoders),
-            num_cpus=cfg.encoder_cpus,
-            num_gpus=gpus,
-        )
+        ds = encode_with_pool(ds, str(encoder_dir), num_encoders=cfg.num_encoders, cpus=cfg.encoder_cpus,
+                              gpus=gpus, batch_size=cfg.encode_batch_size)
 
         out_dir = ctx.output("tokenized")
         meta = {

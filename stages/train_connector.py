@@ -31,6 +31,7 @@ class TrainConnectorConfig(StageConfig):
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=2e-3, epochs=1.0, checkpoint_every=25, log_every=5)
     )
+    scaling: _training.Scaling = field(default_factory=_training.Scaling)
 
 
 def build_connector_model(model_cfg: MetaMorphConfig, seed: int):
@@ -53,7 +54,6 @@ class TrainConnector(Stage):
     inputs = ("tokenized", "tokenizer")
     outputs = ("connector_model",)
     config_cls = TrainConnectorConfig
-    operational = _training.TRAIN_OPERATIONAL
     resumable = True
     description = "stage 1: train the projector (+ <image_start>/<image_end> rows) on Ray Train"
 
@@ -67,7 +67,7 @@ class TrainConnector(Stage):
             )
 
     def resources(self, cfg: TrainConnectorConfig) -> dict[str, float]:
-        return _training.train_resources(cfg.train)
+        return cfg.scaling.resources()
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         from metamorph.data.packing import read_metadata
@@ -92,9 +92,10 @@ class TrainConnector(Stage):
         )
         train = dataclasses.replace(cfg.train, seed=cfg.train.seed + ctx.seed)
         out = ctx.output("connector_model")
-        stats = _training.fit(
+        stats = _training.fit_llm(
             ctx,
             train,
+            cfg.scaling,
             functools.partial(build_connector_model, model_cfg, train.seed),
             shards,
             feature_dim=model_cfg.vision_dim,

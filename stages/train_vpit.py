@@ -4,7 +4,8 @@
 
 Starts from ``train_connector``'s export (weights, config, tokenizer: one dir),
 ``set_trainable("vpit")``, adds the visual loss (``vision_coef`` x -cosine on response-image
-tokens) and trains with ``metamorph.train.loop`` in a TorchTrainer worker group. Output
+tokens: this stage's knob, passed to the loss as an argument) and trains with
+``metamorph.train.loop`` in a TorchTrainer worker group (``_training.fit``). Output
 ``vpit_model``: a ``save_pretrained`` dir with the tokenizer beside it.
 """
 
@@ -22,8 +23,10 @@ from stages import _training
 
 @dataclass(kw_only=True)
 class TrainVPiTConfig(StageConfig):
-    # Weight of the visual term (-mean cosine) against text CE; the paper uses 1.0.
+    # Weight of the visual term (-mean cosine) against text CE; the paper uses 1.0. The one home
+    # of this value: it reaches the model's loss as an argument (train_loop's loss_args).
     vision_coef: float = 1.0
+    scaling: _training.Scaling = field(default_factory=_training.Scaling)
     # Everything trains from a random-init LLM in `tiny`, so several epochs (paper: 1 epoch of a
     # pretrained 8B): ~4 x 80 steps, a few minutes on 2 CPU workers.
     train: TrainConfig = field(
@@ -35,14 +38,13 @@ class TrainVPiTConfig(StageConfig):
             raise ValueError(f"train_vpit.vision_coef={self.vision_coef} must be >= 0")
 
 
-def build_vpit_model(connector_dir: str, vision_coef: float):
+def build_vpit_model(connector_dir: str):
     """Runs in each Ray Train worker: load the connector export, train everything."""
     import torch
 
     from metamorph.model.modeling import MetaMorphForCausalLM
 
     model = MetaMorphForCausalLM.from_pretrained(connector_dir, dtype=torch.float32)  # fp32 master weights
-    model.config.vision_coef = vision_coef
     model.set_trainable("vpit")
     return model
 
@@ -53,12 +55,11 @@ class TrainVPiT(Stage):
     inputs = ("tokenized", "connector_model")
     outputs = ("vpit_model",)
     config_cls = TrainVPiTConfig
-    operational = _training.TRAIN_OPERATIONAL
     resumable = True
     description = "stage 2: VPiT, LLM + projector + vision head with the visual loss, on Ray Train"
 
     def resources(self, cfg: TrainVPiTConfig) -> dict[str, float]:
-        return _training.train_resources(cfg.train)
+        return cfg.scaling.resources()
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         from metamorph.data.packing import read_metadata
@@ -77,14 +78,16 @@ class TrainVPiT(Stage):
             )
         train = dataclasses.replace(cfg.train, seed=cfg.train.seed + ctx.seed)
         out = ctx.output("vpit_model")
-        stats = _training.fit(
+        stats = _training.fit_llm(
             ctx,
             train,
-            functools.partial(build_vpit_model, str(connector.resolve()), cfg.vision_coef),
+            cfg.scaling,
+            functools.partial(build_vpit_model, str(connector.resolve())),
             shards,
             feature_dim=int(info["feature_dim"]),
             seq_len=int(info["max_length"]),
             export_dir=out,
+            loss_args={"vision_coef": cfg.vision_coef},
         )
         _training.publish(ctx, out, tok, "vpit_model")
         return stats

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from metamorph.eval.config import FIDConfig, JudgeConfig
+from metamorph.fields import operational
 
 QA_TASKS = ("image_qa", "video_qa", "visual_thinking")
 HEADLINE_PREFIX = "eval/"
@@ -55,7 +56,7 @@ class EvalConfig:
     tsv_paths: list[str] = field(default_factory=list)
     tsv_limit: int = 0  # rows per file (0 = all)
     fid: FIDConfig = field(default_factory=FIDConfig)
-    report_samples: int = 12  # rows per sample grid in the report
+    report_samples: int = field(default=12, metadata=operational())  # rows per sample grid in the report
     seed: int = 0  # held-out sampling and decoder noise (combined with the pipeline seed)
 
     def __post_init__(self) -> None:

@@ -61,9 +61,6 @@ class MetaMorphConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision_dim: int = 64  # D_v, the vision encoder's feature dim (1152 for SigLIP so400m)
     n_tokens: int = 16  # N visual positions per image (64 at paper scale); a square
-    # Weight of the visual term (-mean cosine) in stage 2; the paper uses 1.0. Stage 1
-    # (set_trainable("connector")) never adds the visual term whatever this says.
-    vision_coef: float = 1.0
     # Token ids, from the tokenizer (-1 = not set yet). pad_id fills visual positions in
     # input_ids (their embeddings come from the projector) and padding.
     image_start_id: int = -1
@@ -80,8 +77,6 @@ class MetaMorphConfig:
         r = int(round(self.n_tokens**0.5)) if self.n_tokens > 0 else 0
         if r * r != self.n_tokens or self.n_tokens <= 0:
             raise ValueError(f"model.n_tokens={self.n_tokens} must be a positive perfect square")
-        if self.vision_coef < 0:
-            raise ValueError(f"model.vision_coef={self.vision_coef} must be >= 0")
 
     def check_buildable(self) -> None:
         """Raise unless the tokenizer-derived fields are filled in (called by from_config)."""

@@ -162,7 +162,6 @@ class MetaMorphForCausalLM(nn.Module):
             text_config=text,
             vision_dim=c.vision_dim,
             n_tokens=c.n_tokens,
-            vision_coef=c.vision_coef,
             image_start_token_id=c.image_start_id,
             image_end_token_id=c.image_end_id,
             tie_word_embeddings=bool(getattr(self.llm.config, "tie_word_embeddings", False)),
@@ -289,8 +288,13 @@ class MetaMorphForCausalLM(nn.Module):
         vision_feats: Optional[torch.Tensor] = None,
         num_tokens: Optional[torch.Tensor] = None,  # a collate column; unused here
         return_logits: bool = True,
+        vision_coef: float = 1.0,
     ) -> MetaMorphOutput:
-        """One teacher-forced pass over the batch dict of docs/CONTRACTS.md ("Tokenized rows")."""
+        """One teacher-forced pass over the batch dict of docs/CONTRACTS.md ("Tokenized rows").
+
+        ``vision_coef``: weight of the visual term (-mean cosine) in the loss, passed by the stage
+        that trains with it (train_vpit; the paper uses 1.0). In stage 1
+        (``set_trainable("connector")``) the visual term is never added, whatever it says."""
         B, L = input_ids.shape
         dev = input_ids.device
         if segment_ids is None:
@@ -344,7 +348,7 @@ class MetaMorphForCausalLM(nn.Module):
         vis_sel_BL[:, :-1] = response_visual_mask[:, 1:]
         vis_sel_BL &= same_next_BL
         n_vis = int(vis_sel_BL.sum())
-        coef = 0.0 if self.train_stage == "connector" else float(self.config.vision_coef)
+        coef = 0.0 if self.train_stage == "connector" else float(vision_coef)
         h_vis_Td = h_BLd[vis_sel_BL]
         if coef == 0.0:
             h_vis_Td = h_vis_Td.detach()  # reported only: keep it out of the graph

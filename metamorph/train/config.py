@@ -3,8 +3,10 @@
     python -c "from metamorph.train.config import TrainConfig; print(TrainConfig())"
 
 Defaults suit the `tiny` preset (2 CPU workers, a few minutes); conf/presets/*.yaml override them
-under `stages.<train stage>.train`. A step is either ``grad_accum`` rounds of one micro-batch
-per worker (global batch = micro_batch_size x grad_accum x num_workers packed rows), or, with
+under `stages.<train stage>.train`. The worker group (how many, CPUs/GPUs each, restarts) is the
+stage's ``scaling`` (stages/_training.py), not a library knob: the loop reads its world size from
+the process group. A step is either ``grad_accum`` rounds of one micro-batch per worker (global
+batch = micro_batch_size x grad_accum x world size packed rows: ``global_batch_rows``), or, with
 ``global_batch_samples`` > 0 (the paper's units), as many rounds as it takes to hold that many
 samples (metamorph.train.schedule.steps_from_samples).
 """
@@ -12,7 +14,9 @@ samples (metamorph.train.schedule.steps_from_samples).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from metamorph.fields import operational
 
 STRATEGIES = ("ddp", "fsdp2")
 PRECISIONS = ("bf16", "fp32")
@@ -20,13 +24,7 @@ PRECISIONS = ("bf16", "fp32")
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    # --- scaling (operational: they change speed, not the math, given the same global batch)
-    num_workers: int = 2  # Ray Train workers (one process each; one GPU each when use_gpu)
-    # CPUs reserved per worker. Fractional on purpose: on a 2-core box two workers at 1.0 would
-    # take every CPU and starve the Ray driver/Data tasks (Ray Train then hangs waiting for them).
-    cpus_per_worker: float = 0.5
-    use_gpu: bool = False  # nccl + one device per worker; False: CPU with gloo
-    gpus_per_worker: float = 1.0  # only read when use_gpu
+    # --- parallelism and numerics
     strategy: str = "ddp"  # "ddp" (replicate) | "fsdp2" (fully_shard per decoder block; >1B params)
     # "bf16": on GPU, FSDP2 MixedPrecisionPolicy(param bf16, reduce fp32) / autocast for DDP.
     # CPU trains in fp32 (bf16 matmuls are slower than fp32 on most CPUs) unless bf16_on_cpu.
@@ -34,7 +32,6 @@ class TrainConfig:
     # Run the bf16 policy on CPU too (FSDP2 bf16 all-gathers over gloo, or CPU autocast for DDP):
     # slower than fp32 there, but the cluster's numerics and code path (the rehearsal preset).
     bf16_on_cpu: bool = False
-    max_failures: int = 2  # Ray Train worker-group restarts before the stage fails
     # DDP only: tolerate trainable parameters without a gradient in a step (an extra autograd
     # traversal per step). MetaMorph touches every parameter in every forward, so off.
     find_unused_parameters: bool = False
@@ -66,36 +63,28 @@ class TrainConfig:
     seed: int = 0  # model init (stage 1), dropout and data order
     shuffle: bool = True  # seeded shuffle of row groups and of rows inside a group, per epoch
     # Recompute decoder-block activations in backward: ~30% slower, far less activation memory.
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = field(default=False, metadata=operational())
 
-    # --- checkpoints and logging (operational)
-    checkpoint_every: int = 50  # optimizer steps between checkpoints (0: only the final one)
-    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
-    log_every: int = 10  # optimizer steps between metric logs (each is one all-reduce + report)
+    # --- checkpoints and logging (operational: outside the cache key)
+    checkpoint_every: int = field(default=50, metadata=operational())  # optimizer steps between checkpoints (0: only the final one)
+    keep_last: int = field(default=2, metadata=operational())  # complete checkpoints kept; older ones are deleted
+    log_every: int = field(default=10, metadata=operational())  # optimizer steps between metric logs (each is one all-reduce + report)
     # Peak FLOP/s of ONE worker's device, for the MFU estimate (H100 bf16 dense: 989e12; one
     # modern CPU core ~5e10-1e11 fp32). 0 disables MFU.
-    peak_flops: float = 1e11
+    peak_flops: float = field(default=1e11, metadata=operational())
 
     # --- the dry run's estimate (operational: only `metamorph run --dry-run` reads them; the real
     # run counts the tokenized rows). Expected samples in the tokenized data and samples per
     # packed row (e.g. 4096-position rows of ~110-position t2i and ~300-position QA samples: ~20).
-    expected_samples: int = 0
-    expected_samples_per_row: float = 0.0
-    gpu_memory_gb: float = 80.0  # per-GPU memory the dry run's estimate must fit (use_gpu only)
+    expected_samples: int = field(default=0, metadata=operational())
+    expected_samples_per_row: float = field(default=0.0, metadata=operational())
+    gpu_memory_gb: float = field(default=80.0, metadata=operational())  # per-GPU memory the dry run's estimate must fit (GPU only)
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"train.num_workers must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker <= 0:
-            raise ValueError(f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.use_gpu and self.gpus_per_worker <= 0:
-            raise ValueError("train.gpus_per_worker must be > 0 when train.use_gpu is true")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.max_failures < -1:
-            raise ValueError("train.max_failures must be >= 0, or -1 for unlimited restarts")
         for key in ("micro_batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -137,40 +126,21 @@ class TrainConfig:
         if self.peak_flops < 0:
             raise ValueError(f"train.peak_flops must be >= 0 (0 disables MFU), got {self.peak_flops}")
 
-    @property
-    def global_batch(self) -> int:
-        """Packed rows per optimizer step under the row rule, summed over workers."""
-        return self.micro_batch_size * self.grad_accum * self.num_workers
+    def global_batch_rows(self, world_size: int) -> int:
+        """Packed rows per optimizer step under the row rule, summed over ``world_size`` workers
+        (the one place this product is formed)."""
+        return self.micro_batch_size * self.grad_accum * world_size
 
     @property
     def counts_samples(self) -> bool:
         return self.global_batch_samples > 0
 
-    def peak_lr(self, world_size: int | None = None) -> float:
+    def peak_lr(self, world_size: int) -> float:
         """``lr``, or ``lr x sqrt(batch / lr_base_batch)`` with the batch in the rule's unit
         (samples with global_batch_samples, else rows over ``world_size`` workers)."""
         if self.lr_base_batch <= 0:
             return self.lr
         from metamorph.train.schedule import sqrt_scaled_lr
 
-        if self.counts_samples:
-            batch = self.global_batch_samples
-        else:
-            batch = self.micro_batch_size * self.grad_accum * (world_size or self.num_workers)
+        batch = self.global_batch_samples if self.counts_samples else self.global_batch_rows(world_size)
         return sqrt_scaled_lr(batch, self.lr_base_batch, self.lr)
-
-
-# Fields that change speed or bookkeeping but not the trained weights: outside the cache key.
-OPERATIONAL_FIELDS = (
-    "cpus_per_worker",
-    "gpus_per_worker",
-    "max_failures",
-    "grad_checkpointing",
-    "checkpoint_every",
-    "keep_last",
-    "log_every",
-    "peak_flops",
-    "expected_samples",
-    "expected_samples_per_row",
-    "gpu_memory_gb",
-)

@@ -149,11 +149,13 @@ def train_loop(
     device: torch.device | str = "cpu",
     on_log: LogFn | None = None,
     flops_per_tok: float = 0.0,
+    loss_args: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` (trainable flags already set) on ``reader``'s batches; return run stats.
 
-    ``model(**batch)`` must return an object with ``loss`` (and optionally ``text_loss``,
-    ``vision_loss``). ``export_dir``: rank 0 writes the final weights there
+    ``model(**batch, **loss_args)`` must return an object with ``loss`` (and optionally
+    ``text_loss``, ``vision_loss``); ``loss_args`` are the loss's own arguments, set by the stage
+    that trains (train_vpit's ``vision_coef``). ``export_dir``: rank 0 writes the final weights there
     (``save_pretrained`` when the model has it, else safetensors).
     """
     t_start = time.perf_counter()
@@ -248,7 +250,7 @@ def train_loop(
             has_vision = bool(cpu_batch["response_visual_mask"].any()) if "response_visual_mask" in cpu_batch else True
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in cpu_batch.items()}
             with _grad_sync(train_model, cfg.strategy, enabled=micro == n_micro - 1), _autocast(device, bf16):
-                out = train_model(**batch)
+                out = train_model(**batch, **(loss_args or {}))
                 (out.loss * weight).backward()
             loss_sum[0] += out.loss.detach().float()
             counts[0] += 1
@@ -312,7 +314,7 @@ def train_loop(
         "seconds": time.perf_counter() - t_start,
         "steps_per_s": steady_steps / steady_seconds if steady_seconds else 0.0,
         "peak_lr": peak_lr,
-        "global_batch": float(cfg.micro_batch_size * cfg.grad_accum * world),
+        "global_batch": float(cfg.global_batch_rows(world)),
         "warmup_steps": float(plan.warmup_steps),
     }
     if plan.samples is not None:

@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, port: int, shards: str, out: str, steps: int)
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world)
     try:
-        cfg = TrainConfig(num_workers=world, use_gpu=True, strategy="fsdp2", precision="bf16", grad_checkpointing=True,
+        cfg = TrainConfig(strategy="fsdp2", precision="bf16", grad_checkpointing=True,
                           micro_batch_size=4, max_steps=steps, lr=1e-2, warmup_ratio=0.1, checkpoint_every=2,
                           log_every=1)
         reader = ShardReader(shards, rank=rank, world_size=world, micro_batch_size=4,
@@ -88,10 +88,10 @@ def test_smoke_dag_on_gpu_with_fsdp2_and_bf16(ray_gpu, tmp_path):
     from pipelines.definitions import get_pipeline
 
     n = torch.cuda.device_count()
-    train = [f"stages.{s}.train.{k}={v}" for s in ("train_connector", "train_vpit")
-             for k, v in (("use_gpu", "true"), ("strategy", "fsdp2"), ("precision", "bf16"), ("num_workers", n),
-                          ("gpus_per_worker", 1.0), ("cpus_per_worker", 1.0))]
-    overrides = [f"run_root={tmp_path}", *train, "stages.train_decoder.use_gpu=true",
+    train = [f"stages.{s}.{k}={v}" for s in ("train_connector", "train_vpit")
+             for k, v in (("scaling.use_gpu", "true"), ("train.strategy", "fsdp2"), ("train.precision", "bf16"),
+                          ("scaling.num_workers", n), ("scaling.gpus_per_worker", 1.0), ("scaling.cpus_per_worker", 1.0))]
+    overrides = [f"run_root={tmp_path}", *train, "stages.train_decoder.scaling.use_gpu=true",
                  "stages.train_decoder.train.bf16=true", "stages.evaluate.use_gpu=true"]
     pipeline = get_pipeline("vpit")
     summary = execute(pipeline, load_config(pipeline.stages, preset="smoke", overrides=overrides), name="smoke-gpu")

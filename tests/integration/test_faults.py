@@ -188,9 +188,9 @@ TRAIN_ARGS = (
     "stages.train_vpit.train.max_steps=60",
     "stages.train_vpit.train.checkpoint_every=5",
     "stages.train_vpit.train.log_every=5",
-    "stages.train_vpit.train.num_workers=2",
-    "stages.train_vpit.train.cpus_per_worker=0.5",
-    "stages.train_vpit.train.max_failures=3",
+    "stages.train_vpit.scaling.num_workers=2",
+    "stages.train_vpit.scaling.cpus_per_worker=0.5",
+    "stages.train_vpit.scaling.max_failures=3",
 )
 
 
@@ -269,7 +269,7 @@ def _encoder_actors(cluster) -> list[int]:
     pids = []
     for node in cluster.live_nodes():
         for pid in descendants(node.proc.pid):
-            if cmdline(pid).startswith("ray::MapWorker") and "_EncodeImages" in cmdline(pid) and alive(pid):
+            if cmdline(pid).startswith("ray::MapWorker") and "EncodeImages" in cmdline(pid) and alive(pid):
                 pids.append(pid)
     return pids
 

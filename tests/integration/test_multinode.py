@@ -80,9 +80,9 @@ def _local(root: Path, tmp: Path) -> list[str]:
 
 # GPU asks of the cluster preset, turned off for a machine without GPUs
 CPU_ONLY = [
-    "stages.train_connector.train.use_gpu=false",
-    "stages.train_vpit.train.use_gpu=false",
-    "stages.train_decoder.use_gpu=false",
+    "stages.train_connector.scaling.use_gpu=false",
+    "stages.train_vpit.scaling.use_gpu=false",
+    "stages.train_decoder.scaling.use_gpu=false",
     "stages.train_decoder.encoder_gpus=0",
     "stages.evaluate.use_gpu=false",
 ]

@@ -32,6 +32,7 @@ from metamorph.train import checkpoint as ckpt
 from metamorph.train.config import TrainConfig
 from pipelines.testing import run_stage
 from stages.train_connector import TrainConnector, TrainConnectorConfig
+from stages._training import Scaling
 from stages.train_vpit import TrainVPiT, TrainVPiTConfig
 
 N_VIS, FEAT, MAX_LEN = 4, 16, 64
@@ -81,11 +82,11 @@ def data(tmp_path_factory):
     return {"tokenized": root / "tokenized", "tokenizer": root / "tokenizer"}
 
 
-def _connector_cfg(**train) -> TrainConnectorConfig:
+def _connector_cfg(max_failures: int = 2, **train) -> TrainConnectorConfig:
     model = MetaMorphConfig(llm=LLMConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64))
-    base = dict(num_workers=2, cpus_per_worker=0.5, micro_batch_size=2, max_steps=STEPS, lr=1e-2,
-                checkpoint_every=CKPT_EVERY, keep_last=2, log_every=5, max_failures=2)
-    return TrainConnectorConfig(model=model, train=TrainConfig(**{**base, **train}))
+    base = dict(micro_batch_size=2, max_steps=STEPS, lr=1e-2, checkpoint_every=CKPT_EVERY, keep_last=2, log_every=5)
+    return TrainConnectorConfig(model=model, train=TrainConfig(**{**base, **train}),
+                                scaling=Scaling(num_workers=2, cpus_per_worker=0.5, max_failures=max_failures))
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -118,8 +118,7 @@ def test_loss_positions_and_value_by_hand():
 
 def test_vision_coef_scales_visual_term():
     model = _model()
-    model.config = dataclasses.replace(model.config, vision_coef=0.25)
-    out = model(**_example())
+    out = model(**_example(), vision_coef=0.25)
     assert torch.allclose(out.loss, out.text_loss + 0.25 * out.vision_loss, atol=1e-6)
 
 

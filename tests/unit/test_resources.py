@@ -15,6 +15,7 @@ from typing import Optional
 import pytest
 
 from metamorph.train.config import TrainConfig
+from stages._training import Scaling
 from pipelines import resources as R
 from pipelines.runner import PlanItem
 from pipelines.stage import Stage, StageConfig
@@ -37,7 +38,8 @@ class _Cfg(StageConfig):
     model: _Model = field(default_factory=_Model)
     sources: list[_Src] = field(default_factory=lambda: [_Src()])
     extra_path: Optional[str] = None
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(num_workers=2, cpus_per_worker=1.0))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: Scaling = field(default_factory=lambda: Scaling(num_workers=2, cpus_per_worker=1.0))
 
 
 class _Train(Stage):
@@ -49,10 +51,7 @@ class _Train(Stage):
             raise ValueError("t.extra_path='bad' is rejected by the stage")
 
     def resources(self, cfg):
-        need = {"CPU": cfg.train.num_workers * cfg.train.cpus_per_worker}
-        if cfg.train.use_gpu:
-            need["GPU"] = cfg.train.num_workers * cfg.train.gpus_per_worker
-        return need
+        return cfg.scaling.resources()
 
 
 def _engine(cfg: _Cfg):
@@ -83,13 +82,13 @@ def test_stage_validate_problems_are_collected_not_raised(tmp_path):
 
 
 def test_resources_total_and_per_node():
-    engine, plan = _engine(_Cfg(train=TrainConfig(num_workers=4, use_gpu=True, gpus_per_worker=2.0, cpus_per_worker=8.0)))
+    engine, plan = _engine(_Cfg(scaling=Scaling(num_workers=4, use_gpu=True, gpus_per_worker=2.0, cpus_per_worker=8.0)))
     nodes = [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}]
     assert R.check_resources(engine, plan, {"CPU": 32.0, "GPU": 8.0}, nodes) == []
     # enough GPUs in total, but a 3-GPU worker fits only once on each 4-GPU node
-    engine, plan = _engine(_Cfg(train=TrainConfig(num_workers=2, use_gpu=True, gpus_per_worker=3.0, cpus_per_worker=1.0)))
+    engine, plan = _engine(_Cfg(scaling=Scaling(num_workers=2, use_gpu=True, gpus_per_worker=3.0, cpus_per_worker=1.0)))
     assert R.check_resources(engine, plan, {"CPU": 32.0, "GPU": 8.0}, nodes) == []
-    engine, plan = _engine(_Cfg(train=TrainConfig(num_workers=3, use_gpu=True, gpus_per_worker=3.0, cpus_per_worker=1.0)))
+    engine, plan = _engine(_Cfg(scaling=Scaling(num_workers=3, use_gpu=True, gpus_per_worker=3.0, cpus_per_worker=1.0)))
     problems = R.check_resources(engine, plan, {"CPU": 32.0, "GPU": 9.0}, nodes + [{"CPU": 4.0, "GPU": 1.0}])
     assert len(problems) == 1 and "do not fit the cluster's nodes" in problems[0] and "only 2" in problems[0]
     # no GPUs at all
@@ -127,7 +126,7 @@ def test_tracking_server_must_answer():
 
 
 def test_worker_bundles_found_in_nested_configs():
-    cfg = _Cfg(train=TrainConfig(num_workers=8, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=4.0))
+    cfg = _Cfg(scaling=Scaling(num_workers=8, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=4.0))
     assert R.worker_bundles(cfg) == [(8, {"CPU": 4.0, "GPU": 1.0})]
 
 
@@ -139,13 +138,14 @@ def _train_engine(**train_kw):
 
     model = MetaMorphConfig(llm=LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                           intermediate_size=176, vocab_size=100), vision_dim=32, n_tokens=16)
-    base = dict(num_workers=4, strategy="fsdp2", use_gpu=True, precision="bf16", micro_batch_size=2,
+    base = dict(strategy="fsdp2", precision="bf16", micro_batch_size=2,
                 global_batch_samples=64, expected_samples=1000, expected_samples_per_row=4.0, epochs=2.0,
                 warmup_ratio=0.03, lr=1e-3, lr_base_batch=16, grad_checkpointing=True, gpu_memory_gb=80.0)
     train = TrainConfig(**{**base, **train_kw})
+    scaling = Scaling(num_workers=4, use_gpu=True)
     cfgs = {"tokenize": SimpleNamespace(max_length=128),
-            "train_connector": SimpleNamespace(model=model, train=train),
-            "train_vpit": SimpleNamespace(train=train)}
+            "train_connector": SimpleNamespace(model=model, train=train, scaling=scaling),
+            "train_vpit": SimpleNamespace(train=train, scaling=scaling)}
     engine = SimpleNamespace(stage_cfgs=cfgs)
     plan = [PlanItem(n, "k", "run", "", Path("/nonexistent")) for n in ("train_connector", "train_vpit")]
     return engine, plan, model

@@ -32,7 +32,7 @@ def shards(tmp_path_factory):
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(num_workers=1, micro_batch_size=4, grad_accum=2, max_steps=12, lr=1e-2, warmup_ratio=0.1,
+    base = dict(micro_batch_size=4, grad_accum=2, max_steps=12, lr=1e-2, warmup_ratio=0.1,
                 checkpoint_every=4, keep_last=2, log_every=1, seed=0)
     return TrainConfig(**{**base, **kw})
 
@@ -142,7 +142,7 @@ def _worker(rank: int, world: int, port: int, strategy: str, shards: str, out: s
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg = _cfg(num_workers=world, strategy=strategy, max_steps=4, checkpoint_every=2, log_every=2)
+        cfg = _cfg(strategy=strategy, max_steps=4, checkpoint_every=2, log_every=2)
         _run_metamorph(Path(shards), cfg, Path(out), rank=rank, world=world)
     finally:
         dist.destroy_process_group()

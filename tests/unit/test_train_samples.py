@@ -78,10 +78,10 @@ def test_warmup_in_samples():
 
 
 def test_lr_scales_with_the_sample_batch():
-    cfg = TrainConfig(global_batch_samples=4 * 448, lr=3.74e-5, lr_base_batch=448, micro_batch_size=2, num_workers=4)
-    assert cfg.peak_lr() == pytest.approx(2 * 3.74e-5)  # samples, not the 8 rows of a round
-    rows = TrainConfig(lr=1.0, lr_base_batch=2, micro_batch_size=2, grad_accum=2, num_workers=2)
-    assert rows.peak_lr() == pytest.approx(2.0)  # the row rule: 8 rows vs 2
+    cfg = TrainConfig(global_batch_samples=4 * 448, lr=3.74e-5, lr_base_batch=448, micro_batch_size=2)
+    assert cfg.peak_lr(4) == pytest.approx(2 * 3.74e-5)  # samples, not the 8 rows of a round
+    rows = TrainConfig(lr=1.0, lr_base_batch=2, micro_batch_size=2, grad_accum=2)
+    assert rows.peak_lr(2) == pytest.approx(2.0)  # the row rule: 8 rows vs 2
     with pytest.raises(ValueError, match="train.grad_accum"):
         TrainConfig(global_batch_samples=64, grad_accum=2)
 
@@ -100,7 +100,7 @@ def test_samples_per_step_and_steps_per_epoch_from_packed_rows(packed, world):
     for r, reader in enumerate(readers):
         got = [int(b["segment_ids"].amax(dim=1).sum()) for _, b in zip(range(len(rounds)), reader)]
         assert got == readers[0].batch_samples(0)[r].tolist()
-    cfg = TrainConfig(global_batch_samples=16, micro_batch_size=2, num_workers=world, epochs=1.0, warmup_ratio=0.1)
+    cfg = TrainConfig(global_batch_samples=16, micro_batch_size=2, epochs=1.0, warmup_ratio=0.1)
     plan = plan_steps(cfg, readers[0])
     # one epoch of 160 samples at 16 per step: 10 steps, every step within one round of 16
     assert plan.total_steps == total // 16
@@ -110,18 +110,18 @@ def test_samples_per_step_and_steps_per_epoch_from_packed_rows(packed, world):
     assert sum(plan.rounds) <= len(rounds)
     assert plan.warmup_steps == 1  # 10% of 160 samples = 16: the first step
     # two epochs: twice the steps (the shuffle differs per epoch, the totals do not)
-    plan2 = plan_steps(TrainConfig(global_batch_samples=16, micro_batch_size=2, num_workers=world, epochs=2.0), readers[0])
+    plan2 = plan_steps(TrainConfig(global_batch_samples=16, micro_batch_size=2, epochs=2.0), readers[0])
     assert plan2.total_steps == 2 * total // 16
 
 
 def test_rounds_bigger_than_the_batch_are_refused(packed):
     reader = ShardReader(packed[0], micro_batch_size=8, collate=collate)
     with pytest.raises(ValueError, match="train.global_batch_samples=8.*micro_batch_size"):
-        plan_steps(TrainConfig(global_batch_samples=8, micro_batch_size=8, num_workers=1), reader)
+        plan_steps(TrainConfig(global_batch_samples=8, micro_batch_size=8), reader)
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(num_workers=1, micro_batch_size=2, global_batch_samples=12, max_steps=0, epochs=1.0, lr=1e-2,
+    base = dict(micro_batch_size=2, global_batch_samples=12, max_steps=0, epochs=1.0, lr=1e-2,
                 warmup_ratio=0.1, checkpoint_every=4, keep_last=2, log_every=1, seed=0)
     return TrainConfig(**{**base, **kw})
 

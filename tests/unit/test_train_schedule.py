@@ -55,7 +55,7 @@ def test_scheduler_state_is_json_and_resumes():
 
 
 def test_config_rejects_bad_values_by_name():
-    assert TrainConfig(micro_batch_size=2, grad_accum=3, num_workers=4).global_batch == 24
+    assert TrainConfig(micro_batch_size=2, grad_accum=3).global_batch_rows(4) == 24
     for bad, key in [({"strategy": "zero3"}, "train.strategy"), ({"keep_last": 0}, "train.keep_last"),
                      ({"warmup_ratio": 1.5}, "train.warmup_ratio"), ({"max_steps": 0, "epochs": math.inf}, "train.epochs")]:
         with pytest.raises(ValueError, match=key):

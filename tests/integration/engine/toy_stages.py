@@ -8,17 +8,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.graph import Pipeline
-from pipelines.stage import Stage, StageConfig
+from pipelines.stage import Stage, StageConfig, operational
 
 
 @dataclass(kw_only=True)
 class NumbersConfig(StageConfig):
     n: int = 20  # how many numbers to write
-    workers: int = 1  # operational: does not change the output
+    workers: int = field(default=1, metadata=operational())  # does not change the output
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -31,7 +31,6 @@ class Numbers(Stage):
     name = "numbers"
     outputs = ("numbers",)
     config_cls = NumbersConfig
-    operational = frozenset({"workers"})
 
     def run(self, ctx):
         out = ctx.output("numbers") / "values.jsonl"
