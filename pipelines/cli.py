@@ -94,21 +94,6 @@ def make_engine(pipeline: Pipeline, loaded: LoadedConfig):
         _fail(str(e))
 
 
-def make_tracker(loaded: LoadedConfig):
-    from pipelines.tracking import Tracker, resolve_uri
-
-    t = loaded.typed.tracking
-    uri, default_art = resolve_uri(t.uri, loaded.run_root)  # config key > $MLFLOW_TRACKING_URI > embedded
-    art = t.artifact_root or default_art
-    loaded.run_root.mkdir(parents=True, exist_ok=True)
-    from pipelines.lock import StageLock
-
-    # two runs starting on one run root would both create (migrate) the sqlite store and the
-    # experiment; MLflow's migration is not safe against that, so the first one does it alone
-    with StageLock(loaded.run_root / "mlflow.db.lock", timeout_s=60, heartbeat_s=5):
-        return Tracker(uri, loaded.typed.experiment, art)
-
-
 def print_plan(plan) -> None:
     table = Table(title="plan", show_lines=False)
     for col in ("#", "stage", "key", "action", "why"):
@@ -141,6 +126,7 @@ def execute(
     from pipelines.console import NORMAL, LiveView
     from pipelines.logs import DRIVER_LOG, RunLogs, redirect_fds
     from pipelines.runner import StageFailed, default_run_name, init_ray
+    from pipelines.tracking import make_tracker
 
     verbosity = NORMAL if verbosity is None else verbosity
     engine = make_engine(pipeline, loaded)
@@ -364,7 +350,8 @@ def sweep(
     if pipeline not in PIPELINES:
         _fail(f"unknown pipeline {pipeline!r}")
     try:
-        out = run_sweep(PIPELINES[pipeline], file, preset=preset, overrides=_with_run_root(overrides, run_root), address=address)
+        out = run_sweep(PIPELINES[pipeline], file, execute_fn=execute, preset=preset,
+                        overrides=_with_run_root(overrides, run_root), address=address, say=console.print)
     except (ConfigError, GraphError) as e:
         _fail(str(e))
     for c in out["cells"]:

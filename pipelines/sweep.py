@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipelines.config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
 
 
 def read_sweep(path: Path) -> dict[str, Any]:
@@ -62,12 +65,14 @@ def run_sweep(
     preset: str | None = None,
     overrides: list[str] | None = None,
     address: str | None = None,
-    execute_fn=None,
+    *,
+    execute_fn,
+    say=log.info,
 ) -> dict[str, Any]:
-    """Validate every cell's config first, then run the cells in order; return a summary."""
-    from pipelines.cli import console, execute, make_tracker
-
-    execute_fn = execute_fn or execute
+    """Validate every cell's config first, then run the cells in order with ``execute_fn``
+    (``pipelines.cli.execute``: plan, validate, run with the live view); return a summary.
+    ``say`` prints a line per cell (the CLI's console)."""
+    from pipelines.tracking import make_tracker
     sweep = read_sweep(path)
     preset = preset or sweep.get("preset")
     name = sweep.get("name") or path.stem
@@ -80,7 +85,7 @@ def run_sweep(
     results = []
     for i, (cell, loaded) in enumerate(zip(grid_cells, loaded_cells)):
         label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.items())
-        console.print(f"[bold]sweep {name}: cell {i + 1}/{len(grid_cells)}[/] {label}")
+        say(f"sweep {name}: cell {i + 1}/{len(grid_cells)} {label}")
         status, run_id = "finished", None
         try:
             summary = execute_fn(pipeline_factory(), loaded, address=address, name=f"{name}[{i}] {label}")

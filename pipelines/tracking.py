@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from pipelines.stage import TrackingHandle
+
+if TYPE_CHECKING:
+    from pipelines.config import LoadedConfig
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (3.x)
 
@@ -392,3 +395,17 @@ def register_model(handle: TrackingHandle, model_id: str, name: str, metrics: Ma
     versions.append({"name": name, "version": str(mv.version)})
     client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(versions)})
     return str(mv.version)
+
+
+def make_tracker(loaded: "LoadedConfig") -> "Tracker":
+    """The run root's tracker for a loaded config: its tracking URI, experiment and artifact root."""
+    t = loaded.typed.tracking
+    uri, default_art = resolve_uri(t.uri, loaded.run_root)  # config key > $MLFLOW_TRACKING_URI > embedded
+    art = t.artifact_root or default_art
+    loaded.run_root.mkdir(parents=True, exist_ok=True)
+    from pipelines.lock import StageLock
+
+    # two runs starting on one run root would both create (migrate) the sqlite store and the
+    # experiment; MLflow's migration is not safe against that, so the first one does it alone
+    with StageLock(loaded.run_root / "mlflow.db.lock", timeout_s=60, heartbeat_s=5):
+        return Tracker(uri, loaded.typed.experiment, art)

@@ -168,7 +168,7 @@ def _encoder_dims(encoder_dir: Path) -> tuple[int, int]:
 
 
 def _train_texts(mixture: Path, limit: int, system_prompt: Optional[str]):
-    from metamorph.data.chat import corpus_texts
+    from metamorph.data.tokenizer import corpus_texts
     from metamorph.data.shards import iter_samples
 
     for i, (sample, _) in enumerate(iter_samples(mixture, split="train")):

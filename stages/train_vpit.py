@@ -42,9 +42,9 @@ def build_vpit_model(connector_dir: str):
     """Runs in each Ray Train worker: load the connector export, train everything."""
     import torch
 
-    from metamorph.model.modeling import MetaMorphForCausalLM
+    from metamorph.model.modeling_metamorph import load_vpit
 
-    model = MetaMorphForCausalLM.from_pretrained(connector_dir, dtype=torch.float32)  # fp32 master weights
+    model = load_vpit(connector_dir, dtype=torch.float32)  # fp32 master weights
     model.set_trainable("vpit")
     return model
 

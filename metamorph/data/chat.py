@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from metamorph.data.schema import IMAGE_PLACEHOLDER
+from metamorph.data.schema import IMAGE_PLACEHOLDER, role_content
 from metamorph.data.tokenizer import SpecialIds, special_ids
 
 IGNORE = -100  # label of a position without CE (torch's cross_entropy ignore_index)
@@ -58,12 +58,6 @@ class Rendered:
         self.labels.extend(ids if labelled else [IGNORE] * len(ids))
         self.visual_mask.extend([False] * len(ids))
         self.response_visual_mask.extend([False] * len(ids))
-
-
-def _role_content(turn: Any) -> tuple[str, str]:
-    if isinstance(turn, dict):
-        return turn["role"], turn["content"]
-    return turn.role, turn.content
 
 
 class ChatTemplate:
@@ -110,7 +104,7 @@ class ChatTemplate:
         """
         if isinstance(conversation, str):
             conversation = [{"role": "user", "content": conversation}]
-        if not conversation or _role_content(conversation[-1])[0] != "user":
+        if not conversation or role_content(conversation[-1])[0] != "user":
             raise ValueError("render_prompt needs a conversation that ends with a user turn (drop the answer)")
         return self._render_many([conversation], prompt=True)[0]
 
@@ -121,7 +115,7 @@ class ChatTemplate:
         plans: list[list[tuple]] = []
         for conv in conversations:
             plan: list[tuple] = [("ids", [self.ids.bos], False)]
-            turns = [_role_content(t) for t in conv]
+            turns = [role_content(t) for t in conv]
             if self.system_prompt:
                 turns.insert(0, ("system", self.system_prompt))
             for role, content in turns:
@@ -200,21 +194,6 @@ def jinja_chat_template(tokenizer, n_visual: int, system_prompt: str | None = No
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '" + esc(header("assistant")) + "' -}}{%- endif -%}"
     )
-
-
-def corpus_texts(conversation: Sequence[Any]) -> Iterator[str]:
-    """The text a rendered conversation contains, piece by piece: the BPE training corpus.
-
-    Role names and the header's "\\n\\n" come once per turn, as often as rendering uses them, so
-    the BPE merges them in proportion to their real frequency (two headers per sample).
-    """
-    for turn in conversation:
-        role, content = _role_content(turn)
-        yield role
-        yield "\n\n"
-        for piece in content.split(IMAGE_PLACEHOLDER):
-            if piece:
-                yield piece
 
 
 def render_prompt(tokenizer, conversation: Sequence[Any] | str, n_visual: int, system_prompt: str | None = None) -> Rendered:

@@ -106,6 +106,13 @@ class Sample:
                 i += 1
 
 
+def role_content(turn: Any) -> tuple[str, str]:
+    """(role, content) of a conversation turn, a ``Turn`` or its JSON dict."""
+    if isinstance(turn, dict):
+        return turn["role"], turn["content"]
+    return turn.role, turn.content
+
+
 def sample_key(sample_id: str) -> str:
     """A webdataset-safe key for an id; a short hash keeps distinct ids distinct after escaping."""
     safe = _KEY_OK.sub("_", sample_id)[:80]

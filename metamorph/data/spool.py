@@ -27,7 +27,7 @@ import pyarrow as pa
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, process_record
 from metamorph.data.readers.base import RawRecord
 from metamorph.data.schema import sample_key
-from metamorph.data.shards import QUARANTINE_FILE, Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_shard_piece
+from metamorph.data.shards import Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_shard_piece
 from metamorph.data.video import VideoConfig
 
 

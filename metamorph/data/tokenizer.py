@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
+
+from metamorph.data.schema import IMAGE_PLACEHOLDER, role_content
 
 if TYPE_CHECKING:  # tokenizers/transformers load inside the functions: configs import fast
     from transformers import PreTrainedTokenizerFast
@@ -181,8 +183,22 @@ def special_ids(tok) -> SpecialIds:
     )
 
 
+def corpus_texts(conversation: Sequence[Any]) -> Iterator[str]:
+    """The text a rendered conversation contains, piece by piece: the BPE training corpus.
+
+    Role names and the header's "\\n\\n" come once per turn, as often as rendering uses them, so
+    the BPE merges them in proportion to their real frequency (two headers per sample).
+    """
+    for turn in conversation:
+        role, content = role_content(turn)
+        yield role
+        yield "\n\n"
+        for piece in content.split(IMAGE_PLACEHOLDER):
+            if piece:
+                yield piece
+
+
 def main() -> None:
-    from metamorph.data.chat import corpus_texts
     from metamorph.data.shards import iter_samples
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

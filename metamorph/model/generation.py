@@ -1,6 +1,6 @@
 """Generation for MetaMorph: text tokens, and continuous visual tokens after ``<image_start>``.
 
-    python -m metamorph.model.generation    # tiny random model: generate, with and without KV cache
+    python -m metamorph.model.modeling      # tiny random model: loss, then generate with and without KV cache
 
 Text is greedy or sampled from the LM head. When the model emits ``<image_start>``, exactly N
 continuous steps follow: the vision head's output at the last position is L2-normalised, kept as
@@ -210,18 +210,3 @@ def generate(
         return out
     finally:
         model.train(was_training)
-
-
-if __name__ == "__main__":
-    import time
-
-    from .config import LLMConfig, MetaMorphConfig  # relative: this file is also saved as remote code
-    from .modeling import MetaMorphForCausalLM
-
-    m = MetaMorphForCausalLM.from_config(MetaMorphConfig(llm=LLMConfig(vocab_size=100), image_start_id=98, image_end_id=99))
-    for use_cache in (True, False):
-        t = time.perf_counter()
-        # the prompt ends in <image_start>: an image first, then text
-        o = m.generate(Prompt(input_ids=[1, 2, 3, 98]), GenerationConfig(max_new_tokens=8, use_cache=use_cache))
-        print(f"use_cache={use_cache}: ids {o.token_ids} images {[tuple(i.shape) for i in o.images]} "
-              f"{time.perf_counter() - t:.3f}s")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -37,7 +36,6 @@ from .config import LLMConfig, MetaMorphConfig  # relative: saved as remote code
 
 IGNORE_INDEX = -100
 TRAIN_STAGES = ("connector", "vpit")
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HF_PREFIX = "vpit."  # the weights' prefix under MetaMorphVPiTForCausalLM
 HF_ARCHITECTURE = "MetaMorphVPiTForCausalLM"
@@ -108,22 +106,6 @@ class MetaMorphForCausalLM(nn.Module):
                 model.projector.to(dtype)
                 model.vision_head.to(dtype)
         return model
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: Optional[torch.dtype] = None) -> "MetaMorphForCausalLM":
-        """Reload an export (``save_pretrained``) through ``MetaMorphVPiTForCausalLM``, the class
-        ``AutoModelForCausalLM`` uses for it, so the library reads exactly what users load."""
-        path = Path(path)
-        if not (path / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a MetaMorph save_pretrained dir")
-        raw = json.loads((path / CONFIG_FILE).read_text())
-        if raw.get("model_type") != "metamorph":
-            raise ValueError(f"{path / CONFIG_FILE} has model_type {raw.get('model_type')!r}, not 'metamorph': "
-                             "re-export it with this version (MetaMorphForCausalLM.save_pretrained)")
-        from .modeling_metamorph import MetaMorphVPiTForCausalLM
-
-        kw = {"dtype": dtype} if dtype is not None else {}
-        return MetaMorphVPiTForCausalLM.from_pretrained(str(path), **kw).vpit
 
     def save_pretrained(self, path: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Write a transformers model dir: ``config.json`` (model_type ``metamorph``, ``auto_map``),
@@ -443,3 +425,13 @@ if __name__ == "__main__":
             vision_feats=F.normalize(torch.randn(16, 64), dim=-1))
     print(f"params {n/1e6:.2f}M loss {out.loss.item():.3f} text {out.text_loss.item():.3f} "
           f"vision {out.vision_loss.item():.3f} n_text {out.n_text_tokens} n_vis {out.n_visual_targets}")
+    import time
+
+    from .generation import GenerationConfig, Prompt
+
+    for use_cache in (True, False):
+        t = time.perf_counter()
+        # the prompt ends in <image_start>: an image first, then text
+        o = m.generate(Prompt(input_ids=[1, 2, 3, 98]), GenerationConfig(max_new_tokens=8, use_cache=use_cache))
+        print(f"generate use_cache={use_cache}: ids {o.token_ids} images {[tuple(i.shape) for i in o.images]} "
+              f"{time.perf_counter() - t:.3f}s")

@@ -218,6 +218,24 @@ class MetaMorphVPiTForCausalLM(MetaMorphVPiTPreTrainedModel, GenerationMixin):
 __all__ = ["MetaMorphVPiTForCausalLM", "MetaMorphVPiTPreTrainedModel", "MetaMorphGenerateOutput"]
 
 
+def load_vpit(path, dtype: Optional[torch.dtype] = None) -> MetaMorphForCausalLM:
+    """Reload an export (``MetaMorphForCausalLM.save_pretrained``) as the library model, through
+    ``MetaMorphVPiTForCausalLM``, the class ``AutoModelForCausalLM`` uses for it, so the library
+    reads exactly what users load."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a MetaMorph save_pretrained dir")
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("model_type") != "metamorph":
+        raise ValueError(f"{path / 'config.json'} has model_type {raw.get('model_type')!r}, not 'metamorph': "
+                         "re-export it with this version (MetaMorphForCausalLM.save_pretrained)")
+    kw = {"dtype": dtype} if dtype is not None else {}
+    return MetaMorphVPiTForCausalLM.from_pretrained(str(path), **kw).vpit
+
+
 if __name__ == "__main__":
     import tempfile
 

@@ -122,10 +122,10 @@ def test_rehearsal_end_to_end_with_a_killed_worker(ray_session, checkpoints, tmp
 
     # the exports load; the LLM started from the checkpoint's tokenizer (+ the 2 image tokens)
     from metamorph.data.tokenizer import load_tokenizer
-    from metamorph.model.modeling import MetaMorphForCausalLM
+    from metamorph.model.modeling_metamorph import load_vpit
 
     out = summary.out_dirs["train_vpit"] / "vpit_model"
-    model = MetaMorphForCausalLM.from_pretrained(out)
+    model = load_vpit(out)
     tok = load_tokenizer(out)
     assert model.config.llm.vocab_size == len(tok) == len(load_tokenizer_base(checkpoints)) + 2
     assert model.config.n_tokens == 64

@@ -6,6 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.config import ConfigError
+from pipelines.cli import execute
 from pipelines.sweep import read_sweep, run_sweep
 from pipelines.tracking import default_uri
 from tests.integration.engine.toy_stages import toy_pipeline
@@ -26,7 +27,7 @@ sweep:
   plot: {{x: stages.numbers.n, y: stages_ran, series: stages.letters.text}}
 """
     )
-    out = run_sweep(toy_pipeline, f, preset=None)
+    out = run_sweep(toy_pipeline, f, preset=None, execute_fn=execute)
     assert [c["status"] for c in out["cells"]] == ["finished"] * 4
     assert (tmp_path / "root" / "sweeps" / "sw" / "plot.png").stat().st_size > 1000
     client = MlflowClient(default_uri(tmp_path / "root"))
@@ -47,4 +48,4 @@ def test_bad_sweep_file(tmp_path):
         read_sweep(f)
     f.write_text("sweep:\n  grid:\n    stages.numbers.nope: [1]\n")
     with pytest.raises(ConfigError, match="stages.numbers.nope"):
-        run_sweep(toy_pipeline, f)
+        run_sweep(toy_pipeline, f, execute_fn=execute)

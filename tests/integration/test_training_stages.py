@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from metamorph.data.packing import PackSample, PartWriter, pack
 from metamorph.data.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer, special_ids
 from metamorph.model.config import LLMConfig, MetaMorphConfig
-from metamorph.model.modeling import MetaMorphForCausalLM
+from metamorph.model.modeling_metamorph import load_vpit
 from metamorph.train import checkpoint as ckpt
 from metamorph.train.config import TrainConfig
 from pipelines.testing import run_stage
@@ -131,7 +131,7 @@ def test_connector_trains_and_exports_one_dir(reference):
     out, stats = reference
     assert stats["steps"] == STEPS and stats["start_step"] == 0 and stats["tokens"] > 0
     assert stats["final_text_loss"] < stats["first_text_loss"]  # only the connector learns
-    model = MetaMorphForCausalLM.from_pretrained(out)  # weights + config
+    model = load_vpit(out)  # weights + config
     assert load_tokenizer(out) is not None  # the tokenizer beside them
     assert model.config.vision_dim == FEAT and model.config.n_tokens == N_VIS
 
@@ -174,8 +174,8 @@ def test_vpit_starts_from_connector_and_learns_visual_tokens(ray_session, data, 
                            root=tmp_path)
     assert stats["final_text_loss"] < stats["first_text_loss"]
     assert stats["final_vision_loss"] < stats["first_vision_loss"]  # -cosine: lower is better
-    model = MetaMorphForCausalLM.from_pretrained(out / "vpit_model")
-    connector = MetaMorphForCausalLM.from_pretrained(reference[0])
+    model = load_vpit(out / "vpit_model")
+    connector = load_vpit(reference[0])
     # stage 2 moved the LLM itself (stage 1 had frozen it)
     w2, w1 = dict(model.named_parameters()), dict(connector.named_parameters())
     assert not torch.equal(w2["llm.model.layers.0.mlp.up_proj.weight"], w1["llm.model.layers.0.mlp.up_proj.weight"])

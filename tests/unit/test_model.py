@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from metamorph.model.config import LLMConfig, MetaMorphConfig
 from metamorph.model.modeling import MetaMorphForCausalLM
+from metamorph.model.modeling_metamorph import load_vpit
 
 V, D, N = 40, 8, 4
 BOS, USER, ASSIST, EOT, PAD = 1, 5, 6, 2, 0
@@ -250,7 +251,7 @@ def test_save_load_round_trip(tmp_path, tie):
     batch = _example()
     model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").exists()  # one HF checkpoint (see test_hf_export)
-    back = MetaMorphForCausalLM.from_pretrained(tmp_path / "m")
+    back = load_vpit(tmp_path / "m")
     assert back.config == model.config
     with torch.no_grad():
         a, b = model(**batch), back(**batch)

@@ -118,7 +118,7 @@ def test_config_rejects_bad_values():
 
 def test_corpus_texts_make_headers_single_tokens():
     """Fed what rendering really contains, even a small vocab merges the header words first."""
-    from metamorph.data.chat import corpus_texts
+    from metamorph.data.tokenizer import corpus_texts
 
     convs = [
         [{"role": "user", "content": f"<image>\nWhat colour is shape {i}?"}, {"role": "assistant", "content": "Red."}]

@@ -42,7 +42,7 @@ def test_uri_precedence_config_then_env_then_embedded(tmp_path, monkeypatch):
 
 
 def test_every_preset_honours_the_environment(tmp_path, monkeypatch):
-    from pipelines.cli import make_tracker
+    from pipelines.tracking import make_tracker
     from pipelines.config import load_config
     from pipelines.definitions import get_pipeline
 
