@@ -107,7 +107,7 @@ def resolve_source(src: SourceConfig, world: Optional[Path]) -> SourceConfig:
     )
 
 
-def library_config(cfg: Any, cls: type) -> Any:
+def library_part(cfg: Any, cls: type) -> Any:
     """The library part of a stage config (a plain dataclass the workers can unpickle)."""
     if not isinstance(cfg, cls):
         return None
@@ -211,8 +211,8 @@ def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig],
     return ds.map_batches(
         _read_process, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task,
         compute=ray.data.TaskPoolStrategy(size=max(1, min(4 * slots, len(units)))),
-        fn_kwargs={"sources": [dataclasses.asdict(s) for s in sources], "cfg": library_config(cfg, CurateConfig),
-                   "video": library_config(cfg, VideoConfig), "frames": library_config(cfg, FramePredictionConfig),
+        fn_kwargs={"sources": [dataclasses.asdict(s) for s in sources], "cfg": library_part(cfg, CurateConfig),
+                   "video": library_part(cfg, VideoConfig), "frames": library_part(cfg, FramePredictionConfig),
                    "spool_dir": str(spool_dir)},
     )
 

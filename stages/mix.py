@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from metamorph.data.curate import ContaminationGuard
-from metamorph.data.mix import FAMILIES, FamilyMix, ShardReader, copies, interleave, plan_family
+from metamorph.data.mix import FAMILIES, FamilyMix, SampleIndex, copies, interleave, plan_family
 from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, list_shards, read_index, write_index
 from pipelines.stage import Stage, StageConfig, StageContext
 from metamorph.data.spool import HASHES_FILE
@@ -125,7 +125,7 @@ class MixStage(Stage):
             stats[f"dropped/{f}"] = train.num_rows - len(ids)
         order = interleave(picks, seed)
 
-        readers = {f: ShardReader(list_shards(src[f], "train")) for f in FAMILIES}
+        readers = {f: SampleIndex(list_shards(src[f], "train")) for f in FAMILIES}
         tasks: collections.Counter = collections.Counter()
         with ShardWriter(out, "train", max_bytes=cfg.shard_max_mb * 2**20, max_samples=cfg.shard_max_samples) as w:
             for sample, images in copies(order, readers, keys):
@@ -178,7 +178,7 @@ def _copy_heldout(src: dict[str, Path], held_dir: Path, cfg: MixConfig) -> list[
         for f in FAMILIES:
             index = read_index(src[f])
             keys = index.filter(pc.equal(index["split"], "heldout"))["key"].to_pylist()
-            with ShardReader(list_shards(src[f], "heldout")) as reader:
+            with SampleIndex(list_shards(src[f], "heldout")) as reader:
                 for key in keys:  # index order: sorted by id, as the curation stage wrote them
                     w.write(*reader.get(key))
     write_index(held_dir, w.rows)

@@ -104,7 +104,30 @@ _WS = re.compile(r"\s+")
 VIDEO_PLACEHOLDER = "<video>"
 
 EDIT_SIZE_MISMATCH = ("resize", "quarantine")
-FAMILY_OF_KIND = {"llava": "understanding", "videoqa": "understanding", "t2i": "generation", "clip": "video", "viscot": "visual_thinking", "edit": "image_edit"}
+
+
+@dataclass(frozen=True)
+class Converter:
+    """Turns raw records of one kind (a reader's ``KIND``) into samples of one family."""
+
+    fn: Callable[..., Any]  # (raw, cfg, video, frames, sid) -> _Work; raises Reject
+    family: str
+
+
+# record kind -> converter, filled by ``@converter`` where each converter is defined (below)
+CONVERTERS: dict[str, Converter] = {}
+
+
+def converter(kind: str, family: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated function as the converter of records of ``kind``."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if kind in CONVERTERS:
+            raise ValueError(f"two converters for record kind {kind!r}")
+        CONVERTERS[kind] = Converter(fn, family)
+        return fn
+
+    return register
 
 
 @dataclass(kw_only=True)
@@ -312,7 +335,8 @@ def _check_turn_text(turns: list[Turn]) -> None:
             raise Reject("empty_text", f"an empty {t.role} turn")
 
 
-def _llava(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
+@converter("llava", family="understanding")
+def _llava(raw: RawRecord, cfg: CurateConfig, video: VideoConfig, frames: FramePredictionConfig, sid: str) -> _Work:
     p = raw.payload
     turns = _chat(p["conversations"], cfg)
     if any(VIDEO_PLACEHOLDER in t.content for t in turns):
@@ -333,7 +357,8 @@ def _llava(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
     return _Work(sample, images, len(images), json.dumps([[t.role, t.content] for t in turns], ensure_ascii=False))
 
 
-def _videoqa(raw: RawRecord, cfg: CurateConfig, vcfg: VideoConfig, sid: str) -> _Work:
+@converter("videoqa", family="understanding")
+def _videoqa(raw: RawRecord, cfg: CurateConfig, vcfg: VideoConfig, frames: FramePredictionConfig, sid: str) -> _Work:
     """A LLaVA-layout conversation about a video: its one ``<video>`` (or ``<image>``) placeholder
     becomes one ``<image>`` per sampled frame (none: the frames go before the first question)."""
     p = raw.payload
@@ -365,7 +390,8 @@ def _caption_ok(text: str, cfg: CurateConfig, what: str) -> str:
     return text
 
 
-def _t2i(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
+@converter("t2i", family="generation")
+def _t2i(raw: RawRecord, cfg: CurateConfig, video: VideoConfig, frames: FramePredictionConfig, sid: str) -> _Work:
     p = raw.payload
     caption = _caption_ok(clean_caption(_utf8(p["caption"], "caption")), cfg, "caption")
     img = resize(_image(_load(p["image"], raw.blobs, "image", cfg), cfg), cfg.image_size, cfg.resize)
@@ -378,6 +404,7 @@ def _t2i(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
     return _Work(sample, [img], 1, caption)
 
 
+@converter("clip", family="video")
 def _clip(raw: RawRecord, cfg: CurateConfig, vcfg: VideoConfig, fp: FramePredictionConfig, sid: str) -> _Work:
     p = raw.payload
     label = _nonempty(p["label"], "label", cfg.max_text_chars)
@@ -440,7 +467,8 @@ def unsquare_box(norm: list[float], width: int, height: int) -> list[float]:
     return [x1 - shift, y1, x2 - shift, y2]
 
 
-def _viscot(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
+@converter("viscot", family="visual_thinking")
+def _viscot(raw: RawRecord, cfg: CurateConfig, video: VideoConfig, frames: FramePredictionConfig, sid: str) -> _Work:
     p = raw.payload
     question = _nonempty(p["question"], "question", cfg.max_text_chars)
     answer = _nonempty(p["answer"], "answer", cfg.max_text_chars)
@@ -469,7 +497,8 @@ def _viscot(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
     return _Work(sample, images, 1, json.dumps([question, answer, [x1, y1, x2, y2]], ensure_ascii=False))
 
 
-def _edit(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
+@converter("edit", family="image_edit")
+def _edit(raw: RawRecord, cfg: CurateConfig, video: VideoConfig, frames: FramePredictionConfig, sid: str) -> _Work:
     """Source and target get one geometric transform: the crop box and resize are computed once,
     from the source's size, and applied to both, so a pixel of one lands where it does in the other."""
     p = raw.payload
@@ -492,19 +521,10 @@ def _edit(raw: RawRecord, cfg: CurateConfig, sid: str) -> _Work:
 
 
 def _convert(raw: RawRecord, cfg: CurateConfig, video: VideoConfig, frames: FramePredictionConfig, sid: str) -> _Work:
-    if raw.kind == "llava":
-        return _llava(raw, cfg, sid)
-    if raw.kind == "videoqa":
-        return _videoqa(raw, cfg, video, sid)
-    if raw.kind == "t2i":
-        return _t2i(raw, cfg, sid)
-    if raw.kind == "clip":
-        return _clip(raw, cfg, video, frames, sid)
-    if raw.kind == "viscot":
-        return _viscot(raw, cfg, sid)
-    if raw.kind == "edit":
-        return _edit(raw, cfg, sid)
-    raise ValueError(f"no converter for record kind {raw.kind!r}")
+    conv = CONVERTERS.get(raw.kind)
+    if conv is None:
+        raise ValueError(f"no converter for record kind {raw.kind!r} (known: {sorted(CONVERTERS)})")
+    return conv.fn(raw, cfg, video, frames, sid)
 
 
 def process_record(
@@ -517,7 +537,7 @@ def process_record(
     sid = sample_id(raw.source, raw.rid, raw.locator)
     row: dict[str, Any] = {
         "id": sid, "source": raw.source, "rid": raw.rid, "locator": raw.locator, "order": raw.order,
-        "reason": raw.reason, "detail": raw.detail, "family": FAMILY_OF_KIND.get(raw.kind, ""), "task": "",
+        "reason": raw.reason, "detail": raw.detail, "family": CONVERTERS[raw.kind].family if raw.kind in CONVERTERS else "", "task": "",
         "sample": "", "sample_heldout": "", "images": [], "sha": [], "phash": [], "thumb": [], "content_hash": "", "nbytes": 0, "n_decoded": 0,
     }
     if raw.reason:

@@ -78,7 +78,7 @@ def interleave(picks: list[Pick], seed: int) -> list[Pick]:
     return [picks[i] for i in perm]
 
 
-class ShardReader:
+class SampleIndex:
     """Random access to the samples of curated shards by key, via the tar headers' offsets
     (one header scan, no extraction; the mixture reads samples in a shuffled order)."""
 
@@ -115,14 +115,14 @@ class ShardReader:
             f.close()  # type: ignore[attr-defined]
         self._files.clear()
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> "SampleIndex":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def copies(picks: list[Pick], readers: dict[str, ShardReader], keys: dict[tuple[str, str], str]) -> Iterator[tuple[Sample, list[bytes]]]:
+def copies(picks: list[Pick], readers: dict[str, SampleIndex], keys: dict[tuple[str, str], str]) -> Iterator[tuple[Sample, list[bytes]]]:
     """The picked samples in order; repeats get their own id (and so their own shard key)."""
     for p in picks:
         sample, images = readers[p.family].get(keys[(p.family, p.id)])

@@ -37,7 +37,8 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+def tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    """A regular-file member header with deterministic bytes (the world's and curation's tars)."""
     ti = tarfile.TarInfo(name)
     ti.size = size
     ti.mtime = 0  # deterministic bytes across reruns
@@ -66,12 +67,12 @@ def tar_member_parts(name: str, payload: bytes) -> tuple[bytes, bytes, bytes]:
         head[148:156] = b"%06o\0 " % (_HEADER_SUM + sum(raw) + sum(size))  # the checksum field counts as 8 spaces
         header = bytes(head)
     else:
-        header = _tarinfo(name, len(payload)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        header = tarinfo(name, len(payload)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
     return header, payload, b"\0" * (-len(payload) % tarfile.BLOCKSIZE)
 
 
 # a member header with an empty name, size 0 and the checksum field as 8 spaces
-_HEADER = bytearray(_tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+_HEADER = bytearray(tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
 _HEADER[148:156] = b" " * 8
 _HEADER_SUM = sum(_HEADER) - sum(_HEADER[124:136])  # all but the name (empty here) and the size
 

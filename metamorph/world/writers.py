@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from metamorph.data.shards import tarinfo
+
 
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
@@ -51,15 +53,6 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size = size
-    ti.mtime = 0
-    ti.mode = 0o644
-    ti.uname = ti.gname = ""
-    return ti
-
-
 class TarShards:
     """img2dataset-style shards ``{NNNNN}.tar`` of ``shard_size`` keys each (the last may be short).
 
@@ -90,7 +83,7 @@ class TarShards:
             self.paths.append(path)
         assert self._tar is not None
         for name, data in files:
-            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            self._tar.addfile(tarinfo(name, len(data)), io.BytesIO(data))
         self.n_keys += 1
 
     def close(self) -> None:

@@ -7,16 +7,16 @@ lists work), ``read(src, unit, unit_idx) -> RawRecord...`` (runs in a worker), a
 ``KIND`` (the converter in ``metamorph.data.curate``), ``FAMILY`` (the curation stage that reads
 it), ``SUFFIXES`` (the annotation/shard files a directory source holds) and ``FIELDS`` (record
 keys a source may rename with ``fields``, and their defaults). Adding a format is that module and
-one line in ``READERS`` (see docs/CONTRACTS.md, "Adding a format").
+one line in ``FORMATS`` (see docs/CONTRACTS.md, "Adding a format").
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from metamorph.data.readers import edit_jsonl, howto100m, img2dataset, instructpix2pix, llava, parquet, ssv2, viscot
 from metamorph.data.readers.base import RAW_SCHEMA, RawRecord, Reject, SourceConfig, raw_table
 
 
@@ -34,16 +34,22 @@ class Reader:
         return cls(name=name, plan=mod.plan, read=mod.read, family=mod.FAMILY, suffixes=mod.SUFFIXES, fields=dict(mod.FIELDS))
 
 
+# The one table of formats: format name (a source's ``format``) -> its reader module in this
+# package. A new format is its module plus one line here.
+FORMATS: dict[str, str] = {
+    "llava": "llava",  # LLaVA / Cambrian image and video conversations
+    "videoqa": "llava",  # the same reader, for configs that name video QA apart
+    "img2dataset": "img2dataset",
+    "parquet": "parquet",
+    "ssv2": "ssv2",
+    "howto100m": "howto100m",
+    "viscot": "viscot",
+    "instructpix2pix": "instructpix2pix",
+    "edit_jsonl": "edit_jsonl",
+}
+
 READERS: dict[str, Reader] = {
-    "llava": Reader.of("llava", llava),  # LLaVA / Cambrian image and video conversations
-    "videoqa": Reader.of("videoqa", llava),  # the same reader, for configs that name video QA apart
-    "img2dataset": Reader.of("img2dataset", img2dataset),
-    "parquet": Reader.of("parquet", parquet),
-    "ssv2": Reader.of("ssv2", ssv2),
-    "howto100m": Reader.of("howto100m", howto100m),
-    "viscot": Reader.of("viscot", viscot),
-    "instructpix2pix": Reader.of("instructpix2pix", instructpix2pix),
-    "edit_jsonl": Reader.of("edit_jsonl", edit_jsonl),
+    name: Reader.of(name, importlib.import_module(f"{__name__}.{module}")) for name, module in FORMATS.items()
 }
 
 FAMILY_FORMATS: dict[str, tuple[str, ...]] = {
@@ -69,4 +75,4 @@ def read_source(src: SourceConfig, records_per_unit: int = 256) -> Iterator[RawR
         yield from reader.read(src, unit, i)
 
 
-__all__ = ["READERS", "FAMILY_FORMATS", "Reader", "RawRecord", "Reject", "SourceConfig", "RAW_SCHEMA", "raw_table", "read_source", "check_source"]
+__all__ = ["FORMATS", "READERS", "FAMILY_FORMATS", "Reader", "RawRecord", "Reject", "SourceConfig", "RAW_SCHEMA", "raw_table", "read_source", "check_source"]
