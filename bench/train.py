@@ -7,7 +7,7 @@ Both sides run ``metamorph.train.loop.train_loop`` with one intra-op thread, eac
 of its own (the plain one a fresh Python without Ray in it), on the same
 synthetic tokenized shards (written with the tokenize stage's packer and writer) and the
 tiny preset's model in stage-2 mode (everything trains, visual loss on). The Ray side goes
-through the stage glue (``stages._training.fit_llm``: TorchTrainer, 1 worker, gloo, a metrics report
+through the stage glue (``stages._llm.fit_llm``: TorchTrainer, 1 worker, gloo, a metrics report
 every log window). Steady-state steps/s excludes the first log window (warm-up) and checkpoint
 time; the end-to-end figure adds worker start-up, model build, the final checkpoint and export.
 Plain and Ray runs alternate ``--repeats`` times and the best of each is compared (the box is
@@ -103,7 +103,8 @@ def plain_child(spec: dict) -> None:
 
 def run_ray(cfg: TrainConfig, shards: Path, work: Path, max_length: int) -> dict[str, float]:
     from pipelines.stage import StageContext
-    from stages._training import Scaling, fit_llm
+    from stages._llm import fit_llm
+    from stages._training import Scaling
 
     ctx = StageContext(stage="bench_train", key=work.name, cfg=None, seed=0, inputs={}, work_dir=work,
                        checkpoint_dir=work / "ckpt", run_root=work)

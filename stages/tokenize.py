@@ -2,7 +2,7 @@
 
     metamorph run --preset smoke --only tokenize
 
-Ray Data plan (library code does the work; this module is glue):
+Ray Data plan (library code does the work: ``metamorph.data.render``; this module is glue):
 
 1. driver: train the BPE on the mixture's text (or load the checkpoint's tokenizer), save it;
 2. one task per mixture shard (fractional CPU): read samples, render them with the chat
@@ -21,20 +21,15 @@ hundreds of MB/s, far below the encoder's cost on the same images.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import pyarrow as pa
-
+from metamorph.data.tokenizer import TokenizerConfig
 from pipelines.stage import Stage, StageConfig, StageContext, operational
 
-from metamorph.data.tokenizer import TokenizerConfig
-
-SAMPLE_OK = ("ok", "truncated")
 
 
 @dataclass(kw_only=True)
@@ -78,107 +73,6 @@ class TokenizeConfig(StageConfig):
             raise ValueError(f"tokenize.encoder_gpus={self.encoder_gpus} must be >= 0")
 
 
-# ---- Ray workers -----------------------------------------------------------------------------
-
-
-def _iter_shard(path: str):
-    """(Sample, image payloads) of one curated-sample tar, in file order (as shards.iter_samples)."""
-    import webdataset as wds
-
-    from metamorph.data.schema import Sample
-
-    for rec in wds.WebDataset([path], shardshuffle=False, empty_check=False):
-        sample = Sample.from_json(json.loads(rec["json"]))
-        yield sample, [rec[f"{i}.{ref.ext}"] for i, ref in enumerate(sample.images)]
-
-
-@functools.lru_cache(maxsize=4)
-def _template(tokenizer_dir: str, n_visual: int, system_prompt: Optional[str]):
-    """One ChatTemplate per worker process (loading a tokenizer costs ~50 ms)."""
-    from metamorph.data.chat import ChatTemplate
-    from metamorph.data.tokenizer import load_tokenizer
-
-    return ChatTemplate(load_tokenizer(tokenizer_dir), n_visual, system_prompt)
-
-
-# One row per sample between the Ray operators; explicit so a block of only dropped samples
-# (empty lists) has the same Arrow types as any other block.
-RENDERED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("status", pa.string()),  # ok | truncated | dropped_too_long | dropped_no_targets
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("visual_mask", pa.list_(pa.bool_())),
-        ("response_visual_mask", pa.list_(pa.bool_())),
-        ("images", pa.list_(pa.binary())),  # encoded bytes of the kept images, in order
-    ]
-)
-
-
-def _render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_length: int,
-                   system_prompt: Optional[str], batch_size: int) -> pa.Table:
-    """Mixture shard paths -> one row per sample (dropped samples kept as rows so they are counted)."""
-    from metamorph.data.packing import truncate
-
-    tpl = _template(tokenizer_dir, n_visual, system_prompt)
-    out: list[dict[str, Any]] = []
-    pending: list[tuple[Any, list[bytes]]] = []
-
-    def flush() -> None:
-        rendered = tpl.render_batch([s.conversation for s, _ in pending])
-        for (sample, images), r in zip(pending, rendered):
-            kept, status = truncate(r, max_length)
-            row = {"id": sample.id, "status": status}
-            if kept is not None:
-                row.update(
-                    input_ids=kept.input_ids,
-                    labels=kept.labels,
-                    visual_mask=kept.visual_mask,
-                    response_visual_mask=kept.response_visual_mask,
-                    images=images[: len(kept.image_starts)],  # images past a truncation are gone
-                )
-            out.append(row)
-        pending.clear()
-
-    for path in batch.column("shard").to_pylist():
-        for sample, images in _iter_shard(path):
-            pending.append((sample, images))
-            if len(pending) >= batch_size:
-                flush()
-    if pending:
-        flush()
-    empty = {"input_ids": [], "labels": [], "visual_mask": [], "response_visual_mask": [], "images": []}
-    return pa.Table.from_pylist([{**empty, **r} for r in out], schema=RENDERED_SCHEMA)
-
-
-# ---- the stage -------------------------------------------------------------------------------
-
-
-def _encoder_dims(encoder_dir: Path) -> tuple[int, int]:
-    """(N tokens per image, feature dim D) from the saved encoder's config, without its weights."""
-    from metamorph.model.vision import CONFIG_FILE, VisionEncoder
-
-    meta = encoder_dir / CONFIG_FILE
-    if meta.exists():
-        d = json.loads(meta.read_text())
-        return int(d["n_tokens"]), int(d["hidden_size"])
-    enc = VisionEncoder.from_pretrained(encoder_dir)
-    return enc.n_tokens, enc.feature_dim
-
-
-def _train_texts(mixture: Path, limit: int, system_prompt: Optional[str]):
-    from metamorph.data.tokenizer import corpus_texts
-    from metamorph.data.shards import iter_samples
-
-    for i, (sample, _) in enumerate(iter_samples(mixture, split="train")):
-        if limit and i >= limit:
-            return
-        if system_prompt:
-            yield from corpus_texts([{"role": "system", "content": system_prompt}])
-        yield from corpus_texts(sample.conversation)
-
-
 class TokenizeStage(Stage):
     name = "tokenize"
     version = "1"
@@ -205,7 +99,7 @@ class TokenizeStage(Stage):
         return {"CPU": cfg.render_cpus + cfg.num_encoders * cfg.encoder_cpus}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
-        from metamorph.data.packing import Packer, PackingStats, PackSample, PartWriter
+        from metamorph.data.render import encoder_dims, pack_parts, render_shards, train_texts
         from metamorph.data.tokenizer import build_tokenizer, special_ids
 
         import ray
@@ -217,7 +111,7 @@ class TokenizeStage(Stage):
         cfg: TokenizeConfig = ctx.cfg
         mixture = ctx.input("mixture")
         encoder_dir = ctx.input("vision_encoder")
-        n_visual, feature_dim = _encoder_dims(encoder_dir)
+        n_visual, feature_dim = encoder_dims(encoder_dir)
         if cfg.max_length < n_visual + 16:
             raise ValueError(f"tokenize.max_length={cfg.max_length} cannot hold one image of {n_visual} tokens plus a turn")
         shards = list_shards(mixture, split="train")
@@ -225,7 +119,7 @@ class TokenizeStage(Stage):
             raise ValueError(f"no shard-train-*.tar under the mixture dir {mixture}")
 
         tok_dir = ctx.output("tokenizer")
-        texts = None if cfg.tokenizer.path else _train_texts(mixture, cfg.tokenizer.max_train_samples, cfg.system_prompt)
+        texts = None if cfg.tokenizer.path else train_texts(mixture, cfg.tokenizer.max_train_samples, cfg.system_prompt)
         tok = build_tokenizer(cfg.tokenizer, texts)
         tok.save_pretrained(tok_dir)
         ids = special_ids(tok)
@@ -235,7 +129,7 @@ class TokenizeStage(Stage):
         # (from_items has started Ray if nobody had) GPUs only where the cluster has them
         gpus = cfg.encoder_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
         ds = ds.map_batches(
-            _render_shards,
+            render_shards,
             batch_size=1,  # one shard per call
             batch_format="pyarrow",
             fn_kwargs=dict(
@@ -263,34 +157,15 @@ class TokenizeStage(Stage):
             "bos_id": ids.bos,
             "row_group_size": cfg.row_group_size,
         }
-        stats = PackingStats(max_length=cfg.max_length)
-        packer = Packer(cfg.max_length, ids.pad, cfg.pack_window)
-        with PartWriter(out_dir, cfg.row_group_size, cfg.rows_per_part, metadata=meta) as writer:
-            for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
-                for s in batch.to_pylist():
-                    stats.add_sample(s["status"])
-                    if s["status"] not in SAMPLE_OK:
-                        continue
-                    sample = PackSample(
-                        id=s["id"],
-                        input_ids=s["input_ids"],
-                        labels=s["labels"],
-                        visual_mask=s["visual_mask"],
-                        response_visual_mask=s["response_visual_mask"],
-                        vision_feats=s["vision_feats"],
-                    )
-                    for row in packer.add(sample):
-                        writer.write(row)
-                        stats.add_row(row)
-            for row in packer.flush():
-                writer.write(row)
-                stats.add_row(row)
+        rows = (s for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow") for s in batch.to_pylist())
+        stats, parts = pack_parts(rows, out_dir, max_length=cfg.max_length, pad_id=ids.pad, pack_window=cfg.pack_window,
+                                  row_group_size=cfg.row_group_size, rows_per_part=cfg.rows_per_part, meta=meta)
         if stats.n_rows == 0:
             raise ValueError(f"tokenize produced no rows from {stats.n_samples} samples (all dropped?)")
-        for name, n in writer.parts:
+        for name, n in parts:
             ctx.record_rows(f"tokenized/{name}", n)
 
         result = stats.as_dict(n_visual=n_visual)
-        result.update(n_parts=len(writer.parts), vocab_size=len(tok), n_visual=n_visual, feature_dim=feature_dim)
+        result.update(n_parts=len(parts), vocab_size=len(tok), n_visual=n_visual, feature_dim=feature_dim)
         (out_dir / "info.json").write_text(json.dumps({**meta, "stats": result}, indent=2, sort_keys=True))
         return result

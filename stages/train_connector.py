@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from metamorph.model.config import MetaMorphConfig
 from metamorph.train.config import TrainConfig
 from pipelines.stage import Stage, StageConfig, StageContext
-from stages import _training
+from stages import _llm, _training
 
 
 @dataclass(kw_only=True)
@@ -92,7 +92,7 @@ class TrainConnector(Stage):
         )
         train = dataclasses.replace(cfg.train, seed=cfg.train.seed + ctx.seed)
         out = ctx.output("connector_model")
-        stats = _training.fit_llm(
+        stats = _llm.fit_llm(
             ctx,
             train,
             cfg.scaling,
@@ -102,5 +102,5 @@ class TrainConnector(Stage):
             seq_len=int(info["max_length"]),
             export_dir=out,
         )
-        _training.publish(ctx, out, tok, "connector_model")
+        _llm.publish(ctx, out, tok, "connector_model")
         return stats

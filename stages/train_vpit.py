@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from metamorph.train.config import TrainConfig
 from pipelines.stage import Stage, StageConfig, StageContext
-from stages import _training
+from stages import _llm, _training
 
 
 @dataclass(kw_only=True)
@@ -78,7 +78,7 @@ class TrainVPiT(Stage):
             )
         train = dataclasses.replace(cfg.train, seed=cfg.train.seed + ctx.seed)
         out = ctx.output("vpit_model")
-        stats = _training.fit_llm(
+        stats = _llm.fit_llm(
             ctx,
             train,
             cfg.scaling,
@@ -89,5 +89,5 @@ class TrainVPiT(Stage):
             export_dir=out,
             loss_args={"vision_coef": cfg.vision_coef},
         )
-        _training.publish(ctx, out, tok, "vpit_model")
+        _llm.publish(ctx, out, tok, "vpit_model")
         return stats
