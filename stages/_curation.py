@@ -37,23 +37,21 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide
-from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, check_source
-from metamorph.data.readers.base import RawRecord, list_files
+from metamorph.data.readers.base import WORLD_PREFIX, list_files, resolve_source, uses_world
 from metamorph.data.shards import QUARANTINE_FILE, write_index
-from metamorph.data.spool import (HASHES_FILE, HASHES_SCHEMA, META_SCHEMA, SPOOL_DIR, curation_stats, first_accepted,  # noqa: F401
-                                  plan_writes, process, source_counts, thumbs_reader, write_piece, write_quarantine)
+from metamorph.data.spool import (HASHES_FILE, HASHES_SCHEMA, SPOOL_DIR, curation_stats, first_accepted, plan_writes,
+                                  read_process, thumbs_reader, write_piece, write_quarantine)
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext, operational
 
 WORLD = "world"
-WORLD_PREFIX = "world:"
 
 
 @dataclass(kw_only=True)
@@ -82,53 +80,11 @@ class CurationStageConfig(StageConfig, CurateConfig):
             raise ValueError(f"cpus_per_task={self.cpus_per_task}: use (0, 64]")
 
 
-def uses_world(src: SourceConfig) -> bool:
-    return any(v is not None and v.startswith(WORLD_PREFIX) for v in (src.path, src.image_root, src.video_root))
-
-
-def resolve_path(value: Optional[str], world: Optional[Path]) -> Optional[str]:
-    """``world:rel`` -> inside the world artifact; anything else -> an absolute local path."""
-    if value is None:
-        return None
-    if value.startswith(WORLD_PREFIX):
-        if world is None:
-            raise ValueError(f"{value!r} needs the 'world' artifact, which this run did not provide")
-        rel = value[len(WORLD_PREFIX) :].lstrip("/")
-        return str(Path(world) / rel)
-    return str(Path(value).expanduser().absolute())
-
-
-def resolve_source(src: SourceConfig, world: Optional[Path]) -> SourceConfig:
-    return dataclasses.replace(
-        src,
-        path=resolve_path(src.path, world),
-        image_root=resolve_path(src.image_root, world),
-        video_root=resolve_path(src.video_root, world),
-    )
-
-
 def library_part(cfg: Any, cls: type) -> Any:
     """The library part of a stage config (a plain dataclass the workers can unpickle)."""
     if not isinstance(cfg, cls):
         return None
     return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
-
-
-# --- Ray task bodies (module-level: pickled by reference) ----------------------------------------------
-
-
-def _read_process(batch: pa.Table, sources: list[dict[str, Any]], cfg: CurateConfig, video: Optional[VideoConfig],
-                  frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
-    """Read the batch's units (one per batch) and process their records, as they are read, in this task."""
-
-    keep_image_buffers()
-
-    def records() -> Iterator[RawRecord]:
-        for row in batch.to_pylist():
-            src = SourceConfig(**sources[row["source"]])
-            yield from READERS[src.format].read(src, json.loads(row["unit"]), row["unit_idx"])
-
-    return process(records(), cfg, video, frames, spool_dir)
 
 
 def _rows(ds: Any) -> list[dict[str, Any]]:
@@ -209,7 +165,7 @@ def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig],
     # one task per unit (at most ``records_per_task`` records, see the readers' ``plan``): read,
     # decode, convert and spool in the same task, so raw bytes never travel between tasks
     return ds.map_batches(
-        _read_process, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task,
+        read_process, batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_task,
         compute=ray.data.TaskPoolStrategy(size=max(1, min(4 * slots, len(units)))),
         fn_kwargs={"sources": [dataclasses.asdict(s) for s in sources], "cfg": library_part(cfg, CurateConfig),
                    "video": library_part(cfg, VideoConfig), "frames": library_part(cfg, FramePredictionConfig),

@@ -45,6 +45,22 @@ class EncodeImages:
         return batch.drop_columns(["images"]).append_column("vision_feats", pa.array(out, type=pa.binary()))
 
 
+def encode_images_on_pool(images: list[bytes], encoder_dir: str, *, n_tokens: int, feature_dim: int, num_encoders: int,
+                          cpus: float, gpus: float, batch_size: int):
+    """[M, N, D] fp16 tokens of single encoded ``images``, from the pool, in input order."""
+    import numpy as np
+    import ray
+
+    ds = ray.data.from_items([{"i": i, "images": [b]} for i, b in enumerate(images)])
+    ds = encode_with_pool(ds, encoder_dir, num_encoders=num_encoders, cpus=cpus, gpus=gpus, batch_size=batch_size)
+    order, rows = [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        order.append(batch["i"])
+        rows.extend(batch["vision_feats"])
+    tokens = np.stack([np.frombuffer(b, dtype=np.float16).reshape(n_tokens, feature_dim) for b in rows])
+    return tokens[np.argsort(np.concatenate(order))]
+
+
 def encode_with_pool(ds: Any, encoder_dir: str, *, num_encoders: int, cpus: float, gpus: float, batch_size: int) -> Any:
     """``ds`` (rows with an ``images`` list column) mapped through ``num_encoders`` encoder actors
     of ``cpus`` CPUs (also their torch threads, min 1) and ``gpus`` GPUs each."""

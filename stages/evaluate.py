@@ -88,14 +88,10 @@ class EvaluateStage(Stage):
             task = ray.remote(num_gpus=1, num_cpus=cfg.cpus)(evaluate_all)
             metrics, headline, params = ray.get(task.remote(paths, cfg.library(), str(out), ctx.seed, "cuda"))
         else:
-            import torch
+            from metamorph.threads import torch_threads
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, int(cfg.cpus)))
-            try:
+            with torch_threads(int(cfg.cpus)):
                 metrics, headline, params = evaluate_all(paths, cfg.library(), str(out), ctx.seed, "cpu")
-            finally:
-                torch.set_num_threads(threads)
         return publish(ctx, out, metrics, headline, params)
 
 

@@ -8,7 +8,8 @@
    the driver for small sets, on the shared Ray Data encoder pool (``stages._encoders``, GPUs on
    a cluster) when ``num_encoders > 0``.
 2. Trains with the one Ray Train launcher (``_training.fit``; fractional CPUs per worker, so it
-   runs beside the LLM stages on a small box) running ``metamorph.decoder.train.train_loop``,
+   runs beside the LLM stages on a small box): each worker (``stages._decoder.decoder_worker``)
+   runs ``metamorph.decoder.train.train_loop``,
    which resumes from the newest complete checkpoint under ``{ctx.checkpoint_dir}/loop``: the
    same path for every worker-group restart and every rerun of this key (``resumable``). The
    training set travels to the workers through the object store.
@@ -21,17 +22,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from metamorph.decoder.config import DecoderConfig, DecoderTrainConfig, SamplingConfig
-from pipelines.stage import Stage, StageConfig, StageContext, TrackingHandle, operational
+from pipelines.stage import Stage, StageConfig, StageContext, operational
 from stages import _training
+from stages._decoder import DecoderJob, decoder_worker
 
 
 @dataclass(kw_only=True)
@@ -73,122 +73,6 @@ class TrainDecoderConfig(StageConfig):
                              "encoder_gpus >= 0 are required")
 
 
-@dataclass
-class DecoderJob:
-    """What each Ray Train worker needs (pickled to the workers; the data rides as an ObjectRef)."""
-
-    decoder: dict[str, Any]
-    train: dict[str, Any]
-    sampling: dict[str, Any]
-    feature_dim: int
-    n_tokens: int
-    init_seed: int
-    data_ref: Any  # ray.ObjectRef -> {"images", "tokens", "grid_images", "grid_tokens"}
-    ckpt_dir: str
-    export_dir: str
-    samples_dir: str
-    tracking: TrackingHandle
-    torch_threads: int
-    log_path: str = ""  # the stage's log file: every worker's stdout/stderr/logging goes there
-    progress_path: str = ""  # rank 0 writes steps done / total here for the console
-
-
-def decoder_worker(job: DecoderJob) -> None:
-    """Train on every worker (the process group is up when world size > 1); rank 0 exports."""
-    import json
-    import logging
-
-    import ray
-    import torch
-    import torch.distributed as dist
-    from ray.train.torch import get_device, prepare_model
-
-    from metamorph.decoder.metrics import image_grid, pair_rows
-    from metamorph.decoder.pipeline import MetaMorphDecoderPipeline
-    from metamorph.decoder.train import DecoderData, set_trainable, train_loop, write_export
-    from pipelines.logs import write_progress
-
-    log = logging.getLogger("stages.train_decoder")
-    torch.set_num_threads(job.torch_threads)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    train_cfg = DecoderTrainConfig(**job.train)
-    blob = ray.get(job.data_ref)
-    data = DecoderData(images=blob["images"], tokens_BND=torch.from_numpy(blob["tokens"].copy()))  # object-store arrays are read-only
-    dec_cfg = DecoderConfig(**job.decoder)
-    pipe = MetaMorphDecoderPipeline.from_decoder_config(dec_cfg, feature_dim=job.feature_dim, n_tokens=job.n_tokens,
-                                                        sampling=SamplingConfig(**job.sampling), seed=job.init_seed)
-    set_trainable(pipe, dec_cfg.train_unet)
-    device = get_device()
-
-    def all_reduce_mean(x: float) -> float:
-        if not distributed:
-            return x
-        t = torch.tensor([x], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t) / world
-
-    def on_log(metrics: dict[str, float], step: int) -> None:
-        job.tracking.log_metrics(metrics, step=step)
-        log.info("step %d/%d %s", step, train_cfg.max_steps, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        metric = f"loss={metrics['loss']:.3g}" if "loss" in metrics else ""
-        write_progress(job.progress_path, done=step, total=train_cfg.max_steps, unit="steps", metric=metric)
-
-    grid_tokens = torch.from_numpy(blob["grid_tokens"].copy()) if len(blob["grid_images"]) else None
-
-    def on_sample(p: MetaMorphDecoderPipeline, step: int) -> None:
-        if grid_tokens is None:
-            return
-        from PIL import Image
-
-        truths = [Image.open(io.BytesIO(b)).convert("RGB") for b in blob["grid_images"]]
-        recons = p(grid_tokens, generator=torch.Generator().manual_seed(0)).images
-        path = Path(job.samples_dir) / f"step-{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(pair_rows(truths, recons)).save(path)
-        job.tracking.log_artifact(path, "samples")
-
-    res = train_loop(pipe, data, train_cfg, ckpt_dir=Path(job.ckpt_dir), rank=rank, world_size=world, device=device,
-                     wrap=prepare_model if distributed else (lambda m: m), all_reduce_mean=all_reduce_mean,
-                     on_log=on_log, on_sample=on_sample)
-    if rank == 0:
-        stats = {"first_loss": res.first_loss, "final_loss": res.final_loss, "steps": res.steps, "resumed_from": res.resumed_from,
-                 "train_seconds": res.seconds, "s_per_step": res.seconds / max(1, res.steps - res.resumed_from)}
-        write_export(pipe.to("cpu"), Path(job.export_dir), stats)
-        log.info("export written: %s", json.dumps(stats))
-
-
-def _encode_on_pool(encoder_dir: Path, images: list[bytes], cfg: TrainDecoderConfig):
-    """[M, N, D] fp16 tokens of ``images`` from the shared encoder actor pool, in input order."""
-    import numpy as np
-    import ray
-
-    from stages._encoders import encode_with_pool
-
-    ds = ray.data.from_items([{"i": i, "images": [b]} for i, b in enumerate(images)])
-    ds = encode_with_pool(ds, str(encoder_dir), num_encoders=cfg.num_encoders, cpus=cfg.encoder_cpus,
-                          gpus=cfg.encoder_gpus, batch_size=cfg.encode_batch_size)
-    order, rows = [], []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        order.append(batch["i"])
-        rows.extend(batch["vision_feats"])
-    tokens = np.stack([np.frombuffer(b, dtype=np.float16) for b in rows])
-    return tokens[np.argsort(np.concatenate(order))]
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run the driver-side torch work (encoding, evaluation) on ``n`` threads, then restore."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class TrainDecoder(Stage):
     name = "train_decoder"
     version = "1"
@@ -218,21 +102,23 @@ class TrainDecoder(Stage):
     def run(self, ctx: StageContext) -> dict[str, float]:
         import ray
 
-        from metamorph.decoder.heldout import encode_tokens, heldout_metrics, train_and_heldout
-        from metamorph.decoder.metrics import image_grid, pair_rows
+        from metamorph.decoder.heldout import encode_tokens, heldout_metrics, reconstruction_grid, train_and_heldout
         from metamorph.decoder.pipeline import MetaMorphDecoderPipeline
         from metamorph.decoder.train import read_export_stats
         from metamorph.model.vision import VisionEncoder
+        from metamorph.threads import torch_threads
         from pipelines.tracking import log_model
+        from stages._encoders import encode_images_on_pool
 
         cfg: TrainDecoderConfig = ctx.cfg
         t_start = time.perf_counter()
         encoder = VisionEncoder.from_pretrained(ctx.input("vision_encoder"))
         train_imgs, _, held_imgs, held_metas = train_and_heldout(ctx.input("curated_generation"), cfg.max_train_images, cfg.n_eval)
-        with _torch_threads(cfg.torch_threads):
+        with torch_threads(cfg.torch_threads):
             if cfg.num_encoders:
-                both = _encode_on_pool(ctx.input("vision_encoder"), train_imgs + held_imgs, cfg)
-                both = both.reshape(len(both), encoder.n_tokens, encoder.feature_dim)
+                both = encode_images_on_pool(train_imgs + held_imgs, str(ctx.input("vision_encoder")), n_tokens=encoder.n_tokens,
+                                             feature_dim=encoder.feature_dim, num_encoders=cfg.num_encoders, cpus=cfg.encoder_cpus,
+                                             gpus=cfg.encoder_gpus, batch_size=cfg.encode_batch_size)
                 train_tok, held_tok = both[: len(train_imgs)], both[len(train_imgs) :]
             else:
                 train_tok = encode_tokens(encoder, train_imgs, cfg.encode_batch_size)
@@ -275,11 +161,11 @@ class TrainDecoder(Stage):
                   tags={"stage": ctx.stage, "cache_key": ctx.key, "format": "diffusers DiffusionPipeline"})
 
         t_eval = time.perf_counter()
-        with _torch_threads(cfg.torch_threads):
+        with torch_threads(cfg.torch_threads):
             agree, truths, recons = heldout_metrics(pipe, encoder, held_imgs, held_metas, held_tok, cfg.encode_batch_size, ctx.seed)
         samples = ckpt_dir / "samples"
         samples.mkdir(parents=True, exist_ok=True)
-        image_grid(pair_rows(truths[:32], recons[:32])).save(samples / "heldout_final.png")
+        reconstruction_grid(truths[:32], recons[:32]).save(samples / "heldout_final.png")
         ctx.log_artifact(samples / "heldout_final.png", "samples")
 
         result = {k: float(v) for k, v in stats.items()} | agree

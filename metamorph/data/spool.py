@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import pyarrow as pa
 
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, process_record
+from metamorph.data.imageproc import keep_image_buffers
+from metamorph.data.readers import READERS, SourceConfig
 from metamorph.data.readers.base import RawRecord
 from metamorph.data.schema import sample_key
 from metamorph.data.shards import Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_shard_piece
@@ -50,6 +52,21 @@ META_SCHEMA = pa.schema(
 )
 
 
+
+
+def read_process(batch: pa.Table, sources: list[dict[str, Any]], cfg: CurateConfig, video: Optional[VideoConfig],
+                 frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
+    """A processing task's body (one Ray Data batch: one planned read unit): read the unit's
+    records and process them as they are read, spooling the accepted ones; the ``META_SCHEMA`` rows."""
+
+    keep_image_buffers()
+
+    def records() -> Iterator[RawRecord]:
+        for row in batch.to_pylist():
+            src = SourceConfig(**sources[row["source"]])
+            yield from READERS[src.format].read(src, json.loads(row["unit"]), row["unit_idx"])
+
+    return process(records(), cfg, video, frames, spool_dir)
 
 
 def process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[VideoConfig], frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:

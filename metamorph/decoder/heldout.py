@@ -63,6 +63,13 @@ def encode_tokens(encoder, images: list[bytes], batch_size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, encoder.n_tokens, encoder.feature_dim), np.float16)
 
 
+def reconstruction_grid(truths: list[Any], recons: list[Any]):
+    """Held-out images (odd rows) above their reconstructions from their own tokens (even rows)."""
+    from metamorph.decoder.metrics import image_grid, pair_rows
+
+    return image_grid(pair_rows(truths, recons))
+
+
 def heldout_metrics(pipe, encoder, held_imgs: list[bytes], held_metas: list[dict], held_tok: np.ndarray,
                     batch_size: int, seed: int) -> tuple[dict[str, float], list[Any], list[Any]]:
     """Reconstruct each held-out image from its own tokens; return (scores, truths, recons).

@@ -89,6 +89,12 @@ class TrainResult:
     resumed_from: int  # step of the checkpoint resumed from (0: fresh)
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, window mean) this attempt
 
+    def stats(self) -> dict[str, float]:
+        """What the export records (``train_stats.json``) and the stage reports."""
+        return {"first_loss": self.first_loss, "final_loss": self.final_loss, "steps": self.steps,
+                "resumed_from": self.resumed_from, "train_seconds": self.seconds,
+                "s_per_step": self.seconds / max(1, self.steps - self.resumed_from)}
+
 
 class Denoiser(nn.Module):
     """conditioner + UNet as one module, so DDP wraps (and all-reduces) both together."""
@@ -232,25 +238,26 @@ def train_loop(
     cfg: DecoderTrainConfig,
     *,
     ckpt_dir: Optional[Path] = None,
-    rank: int = 0,
-    world_size: int = 1,
     device: torch.device | str = "cpu",
-    wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
-    all_reduce_mean: Callable[[float], float] = lambda x: x,
     on_log: Optional[Callable[[dict[str, float], int], None]] = None,
     on_sample: Optional[Callable[[MetaMorphDecoderPipeline, int], None]] = None,
     stop_after: Optional[int] = None,
 ) -> TrainResult:
     """Train ``pipe`` in place up to ``cfg.max_steps``, resuming from ``ckpt_dir``'s latest checkpoint.
 
-    Distributed glue comes in as callables: ``wrap`` (DDP), ``all_reduce_mean``
-    (the logged loss). ``on_log``/``on_sample`` run on rank 0; ``on_sample`` gets the pipeline
+    With a process group up (a Ray Train worker), each rank trains its slice of every global
+    batch under DDP (when there is more than one rank; as the LLM loop does it) and the logged
+    loss is the mean over ranks. ``on_log``/``on_sample`` run on rank 0; ``on_sample`` gets the pipeline
     with the EMA weights swapped in. ``stop_after`` ends the attempt early at that step (tests
     use it to simulate a crash). On return the pipeline holds the weights to export (EMA ones when
     EMA is on).
     """
     from diffusers.training_utils import EMAModel
 
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if cfg.batch_size % world_size:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the worker count {world_size}")
     device = torch.device(device)
@@ -259,7 +266,11 @@ def train_loop(
     lo = rank * B_local
     denoiser = Denoiser(pipe.unet, pipe.conditioner)
     params = [p for p in denoiser.parameters() if p.requires_grad]
-    model = wrap(denoiser)
+    model = denoiser
+    if world_size > 1:  # DDP all-reduces the gradients of the conditioner and UNet together
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(denoiser, device_ids=[device] if device.type == "cuda" else None)
     model.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     sched = warmup_cosine_scheduler(opt, cfg.max_steps, 0.0, warmup_steps=cfg.warmup_steps, shape=cfg.lr_schedule)
@@ -331,7 +342,11 @@ def train_loop(
         step += 1
         window.append(float(loss.detach()))
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            mean = all_reduce_mean(sum(window) / len(window))
+            mean = sum(window) / len(window)
+            if distributed:
+                t = torch.tensor([mean], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                mean = float(t) / world_size
             window.clear()
             if math.isnan(first_loss):
                 first_loss = mean

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -602,3 +603,33 @@ def read_media(ref: dict[str, Any], max_bytes: int, what: str, missing: str = "i
     if len(data) > max_bytes:
         raise Reject("file_too_large", f"{what}: {os.path.basename(path)} has more than {max_bytes} bytes")
     return data
+
+
+# --- source paths: ``world:rel`` names a file inside the toy world's artifact --------------------
+
+WORLD_PREFIX = "world:"
+
+
+def uses_world(src: SourceConfig) -> bool:
+    return any(v is not None and v.startswith(WORLD_PREFIX) for v in (src.path, src.image_root, src.video_root))
+
+
+def resolve_path(value: Optional[str], world: Optional[Path]) -> Optional[str]:
+    """``world:rel`` -> inside the world artifact; anything else -> an absolute local path."""
+    if value is None:
+        return None
+    if value.startswith(WORLD_PREFIX):
+        if world is None:
+            raise ValueError(f"{value!r} needs the 'world' artifact, which this run did not provide")
+        rel = value[len(WORLD_PREFIX) :].lstrip("/")
+        return str(Path(world) / rel)
+    return str(Path(value).expanduser().absolute())
+
+
+def resolve_source(src: SourceConfig, world: Optional[Path]) -> SourceConfig:
+    return dataclasses.replace(
+        src,
+        path=resolve_path(src.path, world),
+        image_root=resolve_path(src.image_root, world),
+        video_root=resolve_path(src.video_root, world),
+    )
