@@ -34,15 +34,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONPATH": str(REPO),
-    "COLUMNS": "200",
-}
+sys.path.insert(0, str(REPO / "bench"))
+from chaos import ENV  # noqa: E402  (the same environment as the chaos bench's smoke runs)
 TIMED = ("report.html",)
 
 

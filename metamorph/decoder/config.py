@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from metamorph.fields import operational
+# ``metamorph.fields.operational()`` spelled out: this file is also saved into every decoder export
+# as remote code, which imports nothing of metamorph (metamorph.fields checks the key's spelling)
+_OPERATIONAL = {"operational": True}
 
 SAMPLERS = ("ddim", "dpm")  # DDIMScheduler, DPMSolverMultistepScheduler
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -222,10 +224,10 @@ class DecoderTrainConfig:
     ema_decay: float = 0.999
     ema_power: float = 0.75
     bf16: bool = False  # bf16 autocast for the UNet on CUDA (ignored on CPU)
-    checkpoint_every: int = field(default=200, metadata=operational())  # steps between checkpoints (0: only at the end)
-    keep_last: int = field(default=2, metadata=operational())  # complete checkpoints kept (older ones are deleted)
-    log_every: int = field(default=20, metadata=operational())  # steps between loss logs
-    sample_every: int = field(default=0, metadata=operational())  # steps between sample grids (0: only at the end); costs one sampling run
+    checkpoint_every: int = field(default=200, metadata=_OPERATIONAL)  # steps between checkpoints (0: only at the end)
+    keep_last: int = field(default=2, metadata=_OPERATIONAL)  # complete checkpoints kept (older ones are deleted)
+    log_every: int = field(default=20, metadata=_OPERATIONAL)  # steps between loss logs
+    sample_every: int = field(default=0, metadata=_OPERATIONAL)  # steps between sample grids (0: only at the end); costs one sampling run
     seed: int = 0  # data order, noise, condition drops (the UNet init uses the stage seed)
 
     def __post_init__(self) -> None:

@@ -96,6 +96,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """What DCP saves and loads (in place): the trainable model state, the optimizer, ``extra``."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    sd = {"model": model_sd, "optim": optim_sd}
+    if extra:
+        sd["extra"] = extra
+    return sd
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -115,10 +124,7 @@ def save_checkpoint(
         path.mkdir(parents=True)
     _barrier()
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-    sd = {"model": model_sd, "optim": optim_sd}
-    if extra:
-        sd["extra"] = extra
+    sd = _dcp_state(model, optimizer, extra)
     with _single_process_quiet():
         dcp.save(sd, checkpoint_id=str(path / "dcp"), no_dist=not dist.is_initialized())
     torch.save(_rng_state(), path / f"rng-rank{rank}.pt")
@@ -140,10 +146,7 @@ def load_checkpoint(
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-    sd = {"model": model_sd, "optim": optim_sd}
-    if extra:
-        sd["extra"] = extra
+    sd = _dcp_state(model, optimizer, extra)
     with _single_process_quiet():
         dcp.load(sd, checkpoint_id=str(path / "dcp"), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=_LOAD_OPTIONS)

@@ -180,3 +180,17 @@ def test_a_misspelt_cache_exclusion_fails():
         operational_paths(Cfg())
     with pytest.raises(TypeError, match="declared on the config dataclass"):
         type("Old", (Stage,), {"operational": frozenset({"workers"})})  # the retired string list
+
+
+def test_remote_code_files_import_nothing_of_metamorph():
+    # exports carry copies of these files and load in a venv without metamorph
+    files = [ROOT / "metamorph" / "model" / f for f in ("configuration_metamorph.py", "modeling_metamorph.py",
+                                                       "modeling.py", "config.py", "generation.py")]
+    files += [ROOT / "metamorph" / "decoder" / f for f in ("pipeline.py", "conditioning.py", "config.py")]
+    bad = [f"{p.relative_to(ROOT)} imports {mod}" for p in files for mod, _ in _imports("x", p)
+           if mod.split(".")[0] in ("metamorph", "stages", "pipelines")]
+    assert bad == []
+    from metamorph.decoder.config import DecoderTrainConfig
+    from metamorph.fields import operational_paths
+
+    assert {"log_every", "sample_every", "checkpoint_every", "keep_last"} == operational_paths(DecoderTrainConfig())
