@@ -131,7 +131,7 @@ def test_one_big_file_is_processed_by_many_tasks(ray_session, tmp_path, capsys):
     ds.explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     # read and process fused in one operator: raw image bytes never travel between tasks
-    assert "TaskPoolMapOperator[MapBatches(_read_process)]" in optimized
+    assert "TaskPoolMapOperator[MapBatches(read_process)]" in optimized
 
 
 @pytest.mark.integration
