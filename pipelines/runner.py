@@ -495,6 +495,7 @@ class Engine:
                     "seed": self.loaded.typed.seed,
                 },
                 ctx.row_counts,
+                ctx.digests,
             )
             if ckpt.exists():  # the promoted export supersedes the checkpoints
                 import shutil

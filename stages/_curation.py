@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -48,7 +49,8 @@ from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, check_source
 from metamorph.data.readers.base import RawRecord, list_files
 from metamorph.data.schema import sample_key
-from metamorph.data.shards import QUARANTINE_FILE, Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_index, write_shard_piece
+from metamorph.data.digest import hashing_open, sha256_file
+from metamorph.data.shards import INDEX_FILE, QUARANTINE_FILE, Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_index, write_jsonl, write_shard_piece
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
@@ -198,10 +200,11 @@ def shard_bytes(m: dict[str, Any], split: str) -> int:
     return m["parts"][0 if split == "train" else 1] + sum(m["parts"][2 : 2 + n])
 
 
-def _write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[str, Any]], total: int | None) -> tuple[list[dict[str, Any]], pa.Table]:
+def _write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[str, Any]], total: int | None) -> tuple[list[dict[str, Any]], pa.Table, Optional[str]]:
     """Samples ``metas`` (in id order) of one planned shard, from byte ``offset`` of it: their
     spooled members copied into the tar (``total``: the shard's member bytes, for its last
-    piece), and their index and image-hash rows."""
+    piece), their index and image-hash rows, and the shard's sha256 when this piece is the whole
+    shard (else None: see ``_write_shards``)."""
     files: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     hashes: list[dict[str, Any]] = []
@@ -218,12 +221,13 @@ def _write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict
             yield train_rec if split == "train" else held_rec
             yield from images
 
+    whole = hashlib.sha256() if offset == 0 and total is not None else None
     try:
-        write_shard_piece(Path(out) / name, offset, members(), total)
+        write_shard_piece(Path(out) / name, offset, members(), total, hasher=whole)
     finally:
         for f in files.values():
             f.close()
-    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
+    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA), whole.hexdigest() if whole else None
 
 
 def _pieces(sizes: list[int], target: int) -> list[tuple[int, int]]:
@@ -246,6 +250,40 @@ def _rows(ds: Any) -> list[dict[str, Any]]:
     for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
         out.extend(b.to_pylist())
     return out
+
+
+def _write_shards(ctx: StageContext, artifact: str, cfg: CurationStageConfig, out: Path,
+                  jobs: list[tuple[str, int, int, list[dict[str, Any]], Optional[int]]]) -> list[tuple[list[dict[str, Any]], pa.Table]]:
+    """Run the piece writers; return their (index rows, image-hash rows) in job order, and record
+    each shard's sha256 for the manifest.
+
+    A shard written by one task is hashed by that task as it writes. SHA-256 runs strictly in
+    byte order and its state cannot be combined from parts, so a shard split into byte ranges
+    written at once has no whole-file digest in any one task: the driver reads it back as soon as
+    its last piece is done, while the other shards are still being written (the pages are still
+    in the page cache). Only a shard larger than a piece (1/(2 x CPUs) of the stage's bytes, on
+    one node) is split, so at most 2 x CPUs shards are read back this way; a big stage writes one
+    piece per shard and reads nothing back."""
+    import ray
+
+    write = ray.remote(_write_piece).options(num_cpus=cfg.cpus_per_task)  # the processing slots: no extra workers to start
+    pending = {write.remote(str(out), split, k, offset, ms, total): j for j, (split, k, offset, ms, total) in enumerate(jobs)}
+    left = collections.Counter((split, k) for split, k, *_ in jobs)
+    split_shards = {s for s, n in left.items() if n > 1}
+    results: list[Any] = [None] * len(jobs)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        j = pending.pop(done[0])
+        rows, hashes, sha = ray.get(done[0])
+        results[j] = (rows, hashes)
+        split, k = jobs[j][:2]
+        name = shard_name(split, k)
+        left[(split, k)] -= 1
+        if sha is not None:
+            ctx.record_digest(f"{artifact}/{name}", {"sha256": sha, "bytes": (out / name).stat().st_size})
+        elif (split, k) in split_shards and left[(split, k)] == 0:
+            ctx.record_digest(f"{artifact}/{name}", sha256_file(out / name))
+    return results
 
 
 class CurationStage(Stage):
@@ -413,22 +451,22 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
             jobs.append((split, k, offset, ms[a:b], total if b == len(sizes) else None))
             offset += sum(sizes[a:b])
     t_write = time.perf_counter()
-    write = ray.remote(_write_piece).options(num_cpus=cfg.cpus_per_task)  # the processing slots: no extra workers to start
-    refs = [write.remote(str(out), split, k, offset, ms, total) for split, k, offset, ms, total in jobs]
-    results = ray.get(refs)
+    results = _write_shards(ctx, artifact, cfg, out, jobs)
     index_rows = [r for rows, _ in results for r in rows]
     hashes = pa.concat_tables([h for _, h in results]) if results else HASHES_SCHEMA.empty_table()
     n_split = collections.Counter(r["split"] for r in index_rows)
-    write_index(out, index_rows)
+    ctx.record_digest(f"{artifact}/{INDEX_FILE}", write_index(out, index_rows))
     for shard, n in collections.Counter(r["shard"] for r in index_rows).items():
         ctx.record_rows(f"{artifact}/{shard}", n)
 
-    with open(out / QUARANTINE_FILE, "w", encoding="utf-8") as f:
-        for q in dec.rejects:
-            f.write(json.dumps({k: q[k] for k in ("source", "id", "locator", "reason", "detail")}, ensure_ascii=False) + "\n")
-    ctx.record_rows(f"{artifact}/{QUARANTINE_FILE}", len(dec.rejects))
+    keys = ("source", "id", "locator", "reason", "detail")
+    n_q, digest = write_jsonl(out / QUARANTINE_FILE, ({k: q[k] for k in keys} for q in dec.rejects))
+    ctx.record_rows(f"{artifact}/{QUARANTINE_FILE}", n_q)
+    ctx.record_digest(f"{artifact}/{QUARANTINE_FILE}", digest)
 
-    pq.write_table(hashes, out / HASHES_FILE)
+    with hashing_open(out / HASHES_FILE) as f:
+        pq.write_table(hashes, f)
+    ctx.record_digest(f"{artifact}/{HASHES_FILE}", f.digest())
 
     records_in = len(meta)
     n_out = len(index_rows)

@@ -328,6 +328,7 @@ class TokenizeStage(Stage):
             raise ValueError(f"tokenize produced no rows from {stats.n_samples} samples (all dropped?)")
         for name, n in writer.parts:
             ctx.record_rows(f"tokenized/{name}", n)
+            ctx.record_digest(f"tokenized/{name}", writer.digests[name])
 
         result = stats.as_dict(n_visual=n_visual)
         result.update(n_parts=len(writer.parts), vocab_size=len(tok), n_visual=n_visual, feature_dim=feature_dim)
