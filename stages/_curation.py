@@ -272,17 +272,19 @@ def _write_shards(ctx: StageContext, artifact: str, cfg: CurationStageConfig, ou
     split_shards = {s for s, n in left.items() if n > 1}
     results: list[Any] = [None] * len(jobs)
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        j = pending.pop(done[0])
-        rows, hashes, sha = ray.get(done[0])
-        results[j] = (rows, hashes)
-        split, k = jobs[j][:2]
-        name = shard_name(split, k)
-        left[(split, k)] -= 1
-        if sha is not None:
-            ctx.record_digest(f"{artifact}/{name}", {"sha256": sha, "bytes": (out / name).stat().st_size})
-        elif (split, k) in split_shards and left[(split, k)] == 0:
-            ctx.record_digest(f"{artifact}/{name}", sha256_file(out / name))
+        ray.wait(list(pending), num_returns=1)  # block for one, then take every finished one
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in done:
+            j = pending.pop(ref)
+            rows, hashes, sha = ray.get(ref)
+            results[j] = (rows, hashes)
+            split, k = jobs[j][:2]
+            name = shard_name(split, k)
+            left[(split, k)] -= 1
+            if sha is not None:
+                ctx.record_digest(f"{artifact}/{name}", {"sha256": sha, "bytes": (out / name).stat().st_size})
+            elif (split, k) in split_shards and left[(split, k)] == 0:
+                ctx.record_digest(f"{artifact}/{name}", sha256_file(out / name))
     return results
 
 
