@@ -554,9 +554,10 @@ def loopback_node():
     """Around ``ray.init`` of a local (single-node) Ray: every process it starts listens on
     127.0.0.1 only (``tests/integration/test_loopback.py`` checks with ``ss``).
 
-    The processes started inside inherit the variable; the driver's copy of the constant is set
-    too, for a driver that imported ray before the variable was set. Both are restored on exit so
-    a later ``ray start --address`` from this process (a worker node) is not refused.
+    The processes started inside inherit the variable (they read it when they import ray); the
+    driver has imported ray already, and its services read ``ray_constants.ENABLE_RAY_CLUSTER`` at
+    call time, so that is set for the duration too. Both are restored on exit, so a later
+    ``ray start --address`` (a worker node) from this process is not refused.
     """
     from ray._private import ray_constants
 
