@@ -20,6 +20,7 @@ import errno
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import to_plain
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "_SUCCESS.json"
 KEY_LEN = 16  # hex chars of sha256: 64 bits, collision-free for any realistic number of runs
@@ -123,18 +126,33 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def list_files(root: Path, row_counts: dict[str, int], sync: bool = False) -> list[dict[str, Any]]:
+def list_files(
+    root: Path,
+    row_counts: dict[str, int],
+    sync: bool = False,
+    digests: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Every file under ``root`` (but the manifest) with bytes, sha256 and rows where known.
 
-    The sha256 is taken in one read while finalizing (the stages write through many libraries:
-    webdataset, pyarrow, safetensors, torch; hashing inside each writer would mean wrapping them
-    all); with ``sync`` each file and every directory is fsynced, so the manifest written after
-    this never describes data that a power loss could still take back.
+    The sha256 of a file our writers own was taken while writing (``digests``: relative path ->
+    {"sha256", "bytes"}, from ``StageContext.record_digest`` and metamorph/data/digest.py) and is
+    used as is when the size on disk still matches: ``"hashed": "writing"``. Files written by
+    code that takes only a path (``save_pretrained``, PyAV, the toy world's renderers) are read
+    once here: ``"hashed": "promote"``. With ``sync`` each file and every directory is fsynced, so
+    the manifest written after this never describes data that a power loss could still take back.
     """
+    digests = digests or {}
     files = []
     for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = str(f.relative_to(root))
-        entry: dict[str, Any] = {"path": rel, "bytes": f.stat().st_size, "sha256": _sha256(f)}
+        size = f.stat().st_size
+        known = digests.get(rel)
+        if known is not None and known["bytes"] == size:
+            entry: dict[str, Any] = {"path": rel, "bytes": size, "sha256": known["sha256"], "hashed": "writing"}
+        else:  # third-party writer (or rewritten after its digest was taken): a second read
+            if known is not None:
+                log.warning("%s: %d bytes on disk, %d when its digest was taken; hashing it again", f, size, known["bytes"])
+            entry = {"path": rel, "bytes": size, "sha256": _sha256(f), "hashed": "promote"}
         if sync:
             _fsync(f)
         if rel in row_counts:
@@ -235,15 +253,17 @@ def promote(
     final: Path,
     manifest: dict[str, Any],
     row_counts: dict[str, int],
+    digests: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Finish ``tmp`` (hashes, fsync, manifest last) and put it in place of ``final``.
+    """Finish ``tmp`` (hashes not taken while writing, fsync, manifest last) and put it in place
+    of ``final``.
 
     A forced rerun's new output replaces the old atomically (exchanged in one syscall where the
     file system can, else renamed aside and back: ``recover`` completes that after a crash).
     Returns the manifest.
     """
     manifest = dict(manifest)
-    manifest["files"] = list_files(tmp, row_counts, sync=True)
+    manifest["files"] = list_files(tmp, row_counts, sync=True, digests=digests)
     manifest["finished_at"] = time.time()
     _write_manifest(tmp, manifest)
     if not final.exists():

@@ -15,6 +15,7 @@ first stage that must run is about to start (``start_ray``): a fully cached run 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -494,6 +495,7 @@ class Engine:
                     "seed": self.loaded.typed.seed,
                 },
                 ctx.row_counts,
+                ctx.digests,
             )
             if ckpt.exists():  # the promoted export supersedes the checkpoints
                 import shutil
@@ -538,8 +540,43 @@ def default_run_name(preset: str | None) -> str:
     return f"{preset or 'run'}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+# Ray 2.60 binds every server of a node (GCS, raylet, object manager, core workers, dashboard
+# and runtime-env agents, the metrics and autoscaler exporters) to loopback when the node's IP is
+# loopback, and to all interfaces otherwise. But ray.init rewrites a loopback ``_node_ip_address``
+# into the host's routable address (ray._private.services.resolve_ip_for_localhost ->
+# get_node_ip_address) unless multi-node clusters are disabled, as they are by default on macOS
+# and Windows: that switch is this variable, read when ray._private.ray_constants is imported.
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_node():
+    """Around ``ray.init`` of a local (single-node) Ray: every process it starts listens on
+    127.0.0.1 only (``tests/integration/test_loopback.py`` checks with ``ss``).
+
+    The processes started inside inherit the variable (they read it when they import ray); the
+    driver has imported ray already, and its services read ``ray_constants.ENABLE_RAY_CLUSTER`` at
+    call time, so that is set for the duration too. Both are restored on exit, so a later
+    ``ray start --address`` (a worker node) from this process is not refused.
+    """
+    from ray._private import ray_constants
+
+    prior_env, prior_flag = os.environ.get(SINGLE_NODE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_NODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = prior_flag
+        if prior_env is None:
+            os.environ.pop(SINGLE_NODE_ENV, None)
+        else:
+            os.environ[SINGLE_NODE_ENV] = prior_env
+
+
 def init_ray(ray_cfg, address: str | None = None) -> str:
-    """Connect to a cluster (``address`` / ray.address / RAY_ADDRESS) or start a local Ray.
+    """Connect to a cluster (``address`` / ray.address / RAY_ADDRESS) or start a local Ray that
+    listens on loopback only (``loopback_node``).
 
     Workers' output stays out of the driver's console (``log_to_driver=False``): training workers
     write it to their stage's log (``pipelines.logs.capture_output``), the rest stays in Ray's
@@ -556,13 +593,14 @@ def init_ray(ray_cfg, address: str | None = None) -> str:
             ray.init(address=address, log_to_driver=False)
             where = f"cluster {address}"
         else:
-            ray.init(
-                address="local",  # never join some other Ray that happens to run on this machine
-                num_cpus=ray_cfg.num_cpus,
-                object_store_memory=ray_cfg.object_store_memory_mb * 2**20,
-                include_dashboard=False,
-                log_to_driver=False,
-            )
+            with loopback_node():
+                ray.init(
+                    address="local",  # never join some other Ray that happens to run on this machine
+                    num_cpus=ray_cfg.num_cpus,
+                    object_store_memory=ray_cfg.object_store_memory_mb * 2**20,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
             where = "local"
     import ray.data  # configures its loggers on import: route them (and Ray's) to our files
 

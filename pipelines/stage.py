@@ -99,6 +99,9 @@ class StageContext:
     parent_tracking: TrackingHandle = field(default_factory=TrackingHandle)
     # relative path (under work_dir) -> row count, recorded into the manifest's file list
     row_counts: dict[str, int] = field(default_factory=dict)
+    # relative path (under work_dir) -> {"sha256", "bytes"} taken while writing (record_digest);
+    # files without one are hashed when the output is promoted
+    digests: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The stage's log file and progress file (pipelines.logs); None when run outside the engine.
     # Ray workers take these paths along: ``pipelines.logs.capture_output(log_path)`` sends their
     # output to the log, ``pipelines.logs.write_progress(progress_path, ...)`` feeds the console.
@@ -137,6 +140,12 @@ class StageContext:
         """Record a row count for a file under work_dir (Parquet files are counted automatically)."""
         with self._lock:
             self.row_counts[str(relpath)] = int(n)
+
+    def record_digest(self, relpath: str | Path, digest: Mapping[str, Any]) -> None:
+        """The sha256 and size of a file under work_dir, taken while writing it
+        (metamorph/data/digest.py): the manifest uses it instead of reading the file again."""
+        with self._lock:
+            self.digests[str(relpath)] = {"sha256": str(digest["sha256"]), "bytes": int(digest["bytes"])}
 
 
 class Stage:

@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,7 +45,8 @@ import pyarrow.parquet as pq
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, check_source
 from metamorph.data.readers.base import WORLD_PREFIX, list_files, resolve_source, uses_world
-from metamorph.data.shards import QUARANTINE_FILE, write_index
+from metamorph.data.digest import hashing_open, sha256_file
+from metamorph.data.shards import INDEX_FILE, QUARANTINE_FILE, shard_name, write_index
 from metamorph.data.spool import (HASHES_FILE, HASHES_SCHEMA, SPOOL_DIR, curation_stats, first_accepted, plan_writes,
                                   read_process, thumbs_reader, write_piece, write_quarantine)
 from metamorph.data.video import VideoConfig
@@ -92,6 +93,42 @@ def _rows(ds: Any) -> list[dict[str, Any]]:
     for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
         out.extend(b.to_pylist())
     return out
+
+
+def _write_shards(ctx: StageContext, artifact: str, cfg: CurationStageConfig, out: Path,
+                  jobs: list[tuple[str, int, int, list[dict[str, Any]], Optional[int]]]) -> list[tuple[list[dict[str, Any]], pa.Table]]:
+    """Run the piece writers; return their (index rows, image-hash rows) in job order, and record
+    each shard's sha256 for the manifest.
+
+    A shard written by one task is hashed by that task as it writes. SHA-256 runs strictly in
+    byte order and its state cannot be combined from parts, so a shard split into byte ranges
+    written at once has no whole-file digest in any one task: the driver reads it back as soon as
+    its last piece is done, while the other shards are still being written (the pages are still
+    in the page cache). Only a shard larger than a piece (1/(2 x CPUs) of the stage's bytes, on
+    one node) is split, so at most 2 x CPUs shards are read back this way; a big stage writes one
+    piece per shard and reads nothing back."""
+    import ray
+
+    write = ray.remote(write_piece).options(num_cpus=cfg.cpus_per_task)  # the processing slots: no extra workers to start
+    pending = {write.remote(str(out), split, k, offset, ms, total): j for j, (split, k, offset, ms, total) in enumerate(jobs)}
+    left = collections.Counter((split, k) for split, k, *_ in jobs)
+    split_shards = {s for s, n in left.items() if n > 1}
+    results: list[Any] = [None] * len(jobs)
+    while pending:
+        ray.wait(list(pending), num_returns=1)  # block for one, then take every finished one
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in done:
+            j = pending.pop(ref)
+            rows, hashes, sha = ray.get(ref)
+            results[j] = (rows, hashes)
+            split, k = jobs[j][:2]
+            name = shard_name(split, k)
+            left[(split, k)] -= 1
+            if sha is not None:
+                ctx.record_digest(f"{artifact}/{name}", {"sha256": sha, "bytes": (out / name).stat().st_size})
+            elif (split, k) in split_shards and left[(split, k)] == 0:
+                ctx.record_digest(f"{artifact}/{name}", sha256_file(out / name))
+    return results
 
 
 class CurationStage(Stage):
@@ -210,16 +247,18 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
     for name in names:
         (out / name).write_bytes(b"")  # the pieces write into it, never truncate it
     t_write = time.perf_counter()
-    write = ray.remote(write_piece).options(num_cpus=cfg.cpus_per_task)  # the processing slots: no extra workers to start
-    results = ray.get([write.remote(str(out), split, k, offset, ms, total) for split, k, offset, ms, total in jobs])
+    results = _write_shards(ctx, artifact, cfg, out, jobs)
     index_rows = [r for rows, _ in results for r in rows]
     hashes = pa.concat_tables([h for _, h in results]) if results else HASHES_SCHEMA.empty_table()
-    write_index(out, index_rows)
+    ctx.record_digest(f"{artifact}/{INDEX_FILE}", write_index(out, index_rows))
     for shard, n in collections.Counter(r["shard"] for r in index_rows).items():
         ctx.record_rows(f"{artifact}/{shard}", n)
-    write_quarantine(out / QUARANTINE_FILE, dec.rejects)
-    ctx.record_rows(f"{artifact}/{QUARANTINE_FILE}", len(dec.rejects))
-    pq.write_table(hashes, out / HASHES_FILE)
+    n_q, digest = write_quarantine(out / QUARANTINE_FILE, dec.rejects)
+    ctx.record_rows(f"{artifact}/{QUARANTINE_FILE}", n_q)
+    ctx.record_digest(f"{artifact}/{QUARANTINE_FILE}", digest)
+    with hashing_open(out / HASHES_FILE) as f:
+        pq.write_table(hashes, f)
+    ctx.record_digest(f"{artifact}/{HASHES_FILE}", f.digest())
 
     seconds = time.perf_counter() - t0
     times = {"seconds_process": t_process, "seconds_decide": t_write - t_decide,

@@ -12,7 +12,6 @@ training sample). Pure I/O on the driver: no decoding, shards are copied member 
 from __future__ import annotations
 
 import collections
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 
 from metamorph.data.curate import ContaminationGuard
 from metamorph.data.mix import FAMILIES, FamilyMix, SampleIndex, copies, interleave, plan_family
-from metamorph.data.shards import QUARANTINE_FILE, ShardWriter, list_shards, read_index, write_index
+from metamorph.data.shards import INDEX_FILE, QUARANTINE_FILE, ShardWriter, list_shards, read_index, write_index, write_jsonl
 from pipelines.stage import Stage, StageConfig, StageContext
 from metamorph.data.spool import HASHES_FILE
 
@@ -133,20 +132,21 @@ class MixStage(Stage):
                 tasks[sample.task] += 1
         for r in readers.values():
             r.close()
-        write_index(out, w.rows)
+        ctx.record_digest(f"mixture/{INDEX_FILE}", write_index(out, w.rows))
+        for shard, digest in w.digests.items():  # sha256 taken while writing (metamorph/data/digest.py)
+            ctx.record_digest(f"mixture/{shard}", digest)
         for shard, n in collections.Counter(r["shard"] for r in w.rows).items():
             ctx.record_rows(f"mixture/{shard}", n)
 
         held_dir = out / "heldout"
-        held_rows = _copy_heldout(src, held_dir, cfg)
+        held_rows = _copy_heldout(ctx, src, held_dir, cfg)
         for shard, n in collections.Counter(r["shard"] for r in held_rows).items():
             ctx.record_rows(f"mixture/heldout/{shard}", n)
 
         quarantine.sort(key=lambda q: q["id"])
-        with open(out / QUARANTINE_FILE, "w", encoding="utf-8") as fq:
-            for q in quarantine:
-                fq.write(json.dumps(q, ensure_ascii=False) + "\n")
-        ctx.record_rows(f"mixture/{QUARANTINE_FILE}", len(quarantine))
+        n_q, digest = write_jsonl(out / QUARANTINE_FILE, quarantine)
+        ctx.record_rows(f"mixture/{QUARANTINE_FILE}", n_q)
+        ctx.record_digest(f"mixture/{QUARANTINE_FILE}", digest)
 
         stats.update(
             {
@@ -173,7 +173,7 @@ def _group(hashes: pa.Table, split: str) -> dict[str, list[tuple[str, int]]]:
     return {sid: [(sha, ph) for _, sha, ph in sorted(rows)] for sid, rows in out.items()}
 
 
-def _copy_heldout(src: dict[str, Path], held_dir: Path, cfg: MixConfig) -> list[dict]:
+def _copy_heldout(ctx: StageContext, src: dict[str, Path], held_dir: Path, cfg: MixConfig) -> list[dict]:
     with ShardWriter(held_dir, "heldout", max_bytes=cfg.shard_max_mb * 2**20, max_samples=cfg.shard_max_samples) as w:
         for f in FAMILIES:
             index = read_index(src[f])
@@ -181,5 +181,7 @@ def _copy_heldout(src: dict[str, Path], held_dir: Path, cfg: MixConfig) -> list[
             with SampleIndex(list_shards(src[f], "heldout")) as reader:
                 for key in keys:  # index order: sorted by id, as the curation stage wrote them
                     w.write(*reader.get(key))
-    write_index(held_dir, w.rows)
+    ctx.record_digest(f"mixture/heldout/{INDEX_FILE}", write_index(held_dir, w.rows))
+    for shard, digest in w.digests.items():
+        ctx.record_digest(f"mixture/heldout/{shard}", digest)
     return w.rows

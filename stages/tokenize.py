@@ -158,12 +158,13 @@ class TokenizeStage(Stage):
             "row_group_size": cfg.row_group_size,
         }
         rows = (s for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow") for s in batch.to_pylist())
-        stats, parts = pack_parts(rows, out_dir, max_length=cfg.max_length, pad_id=ids.pad, pack_window=cfg.pack_window,
+        stats, parts, digests = pack_parts(rows, out_dir, max_length=cfg.max_length, pad_id=ids.pad, pack_window=cfg.pack_window,
                                   row_group_size=cfg.row_group_size, rows_per_part=cfg.rows_per_part, meta=meta)
         if stats.n_rows == 0:
             raise ValueError(f"tokenize produced no rows from {stats.n_samples} samples (all dropped?)")
         for name, n in parts:
             ctx.record_rows(f"tokenized/{name}", n)
+            ctx.record_digest(f"tokenized/{name}", digests[name])
 
         result = stats.as_dict(n_visual=n_visual)
         result.update(n_parts=len(parts), vocab_size=len(tok), n_visual=n_visual, feature_dim=feature_dim)

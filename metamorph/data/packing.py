@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from metamorph.data.chat import IGNORE, Rendered
+from metamorph.data.digest import FileDigest, HashingFile, hashing_open
 
 PART_GLOB = "part-*.parquet"
 SCHEMA = pa.schema(
@@ -288,7 +289,9 @@ class PartWriter:
         self.row_group_size, self.rows_per_part = row_group_size, rows_per_part
         self.schema = SCHEMA.with_metadata({k: str(v) for k, v in (metadata or {}).items()})
         self.parts: list[tuple[str, int]] = []  # (file name, rows) of closed parts
+        self.digests: dict[str, FileDigest] = {}  # file name -> sha256 of a closed part, taken while writing
         self._writer: pq.ParquetWriter | None = None
+        self._file: HashingFile | None = None
         self._in_part = 0
         self._pending: list[dict[str, Any]] = []
 
@@ -303,7 +306,8 @@ class PartWriter:
         if self._writer is None:
             name = f"part-{len(self.parts):05d}.parquet"
             # zstd: the int columns shrink ~5x; fp16 features barely compress but cost little
-            self._writer = pq.ParquetWriter(self.out_dir / name, self.schema, compression="zstd")
+            self._file = hashing_open(self.out_dir / name)
+            self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
             self.parts.append((name, 0))
         table = pa.Table.from_pylist(self._pending, schema=self.schema)
         self._writer.write_table(table, row_group_size=self.row_group_size)
@@ -312,15 +316,20 @@ class PartWriter:
         self._in_part += len(self._pending)
         self._pending = []
         if self._in_part >= self.rows_per_part:
-            self._writer.close()
-            self._writer = None
+            self._close_part()
             self._in_part = 0
+
+    def _close_part(self) -> None:
+        assert self._writer is not None and self._file is not None
+        self._writer.close()  # writes the footer into the file object, which stays open
+        self._file.close()
+        self.digests[self.parts[-1][0]] = self._file.digest()
+        self._writer = self._file = None
 
     def close(self) -> list[tuple[str, int]]:
         self._flush_group()
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            self._close_part()
         return list(self.parts)
 
     def __enter__(self) -> "PartWriter":

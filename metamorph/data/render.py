@@ -119,7 +119,8 @@ def train_texts(mixture: Path, limit: int, system_prompt: Optional[str]):
 def pack_parts(rows: Iterable[dict[str, Any]], out_dir: Path, *, max_length: int, pad_id: int, pack_window: int,
                row_group_size: int, rows_per_part: int, meta: dict[str, Any]):
     """Pack rendered rows (with ``vision_feats``) first-fit into ``max_length`` rows and write
-    them as Parquet parts; return (``PackingStats``, [(part name, rows)])."""
+    them as Parquet parts; return (``PackingStats``, [(part name, rows)], {part name: digest taken
+    while writing})."""
     from metamorph.data.packing import Packer, PackingStats, PackSample, PartWriter
 
     stats = PackingStats(max_length=max_length)
@@ -143,4 +144,4 @@ def pack_parts(rows: Iterable[dict[str, Any]], out_dir: Path, *, max_length: int
         for row in packer.flush():
             writer.write(row)
             stats.add_row(row)
-    return stats, writer.parts
+    return stats, writer.parts, writer.digests

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metamorph.data.digest import FileDigest, HashingFile, hashing_open
 from metamorph.data.schema import Sample, dumps
 
 INDEX_FILE = "index.parquet"
@@ -88,23 +89,29 @@ def shard_name(split: str, n: int) -> str:
     return f"shard-{split}-{n:05d}.tar"
 
 
-def write_shard_piece(path: Path, offset: int, members: Iterable[bytes], total: int | None = None) -> int:
+def write_shard_piece(path: Path, offset: int, members: Iterable[bytes], total: int | None = None, hasher: Any = None) -> int:
     """Write ``members`` (``tar_member`` bytes) back to back from byte ``offset`` of the shard at
     ``path``, so that several tasks write one big shard at once, each its own byte range of the
     file the planner made (and emptied): the file is opened without truncation and must exist.
     The last piece passes ``total``, the shard's member bytes, and writes the tar end after its
     members. Returns the member bytes written. Pieces covering a shard write what ``ShardWriter``
-    writes for it."""
+    writes for it. ``hasher`` (a ``hashlib`` object) sees every byte written, in order: for the
+    one piece that writes a whole shard (offset 0, ``total`` given) that is the shard's sha256."""
     n = 0
     with open(path, "r+b") as f:
         f.seek(offset)
         for m in members:
             f.write(m)
             n += len(m)
+            if hasher is not None:
+                hasher.update(m)
         if total is not None:
             if offset + n != total:
                 raise ValueError(f"{path}: the last piece ends at {offset + n}, the members at {total}")
-            f.write(tar_end(total))
+            end = tar_end(total)
+            f.write(end)
+            if hasher is not None:
+                hasher.update(end)
     return n
 
 
@@ -141,13 +148,14 @@ class ShardWriter:
     max_bytes: int = 64 * 2**20  # ~64 MB shards: large enough for streaming, small for retries
     max_samples: int = 10_000
     first_shard: int = 0
-    _file: BinaryIO | None = None
+    _file: HashingFile | None = None
     _n_shard: int = 0
     _bytes: int = 0  # what counts toward max_bytes in the open shard
     _written: int = 0  # member bytes in the open shard file
     _count: int = 0
     rows: list[dict] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    digests: dict[str, FileDigest] = field(default_factory=dict)  # shard name -> sha256, taken while writing
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -156,7 +164,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = shard_name(self.split, self._n_shard)
-        self._file = open(self.out_dir / name, "wb")
+        self._file = hashing_open(self.out_dir / name)
         self.shards.append(name)
         self._n_shard += 1
         self._bytes = self._written = self._count = 0
@@ -193,6 +201,7 @@ class ShardWriter:
         if self._file is not None:
             self._file.write(tar_end(self._written))
             self._file.close()
+            self.digests[self.shards[-1]] = self._file.digest()
             self._file = None
 
     def __enter__(self) -> "ShardWriter":
@@ -202,9 +211,22 @@ class ShardWriter:
         self.close_shard()
 
 
-def write_index(out_dir: Path, rows: list[dict]) -> None:
+def write_index(out_dir: Path, rows: list[dict]) -> FileDigest:
+    """``index.parquet`` of these rows; returns its sha256, taken while writing."""
     table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    pq.write_table(table, Path(out_dir) / INDEX_FILE)
+    with hashing_open(Path(out_dir) / INDEX_FILE) as f:
+        pq.write_table(table, f)
+    return f.digest()
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> tuple[int, FileDigest]:
+    """One JSON object per line (UTF-8, non-ASCII kept); returns (lines, sha256 taken while writing)."""
+    n = 0
+    with hashing_open(path) as f:
+        for r in rows:
+            f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+            n += 1
+    return n, f.digest()
 
 
 def read_index(out_dir: Path) -> pa.Table:

@@ -17,6 +17,7 @@ rerun writes byte-identical files.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -29,7 +30,7 @@ from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import READERS, SourceConfig
 from metamorph.data.readers.base import RawRecord
 from metamorph.data.schema import sample_key
-from metamorph.data.shards import Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_shard_piece
+from metamorph.data.shards import Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_jsonl, write_shard_piece
 from metamorph.data.video import VideoConfig
 
 
@@ -119,10 +120,11 @@ def shard_bytes(m: dict[str, Any], split: str) -> int:
     return m["parts"][0 if split == "train" else 1] + sum(m["parts"][2 : 2 + n])
 
 
-def write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[str, Any]], total: int | None) -> tuple[list[dict[str, Any]], pa.Table]:
+def write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[str, Any]], total: int | None) -> tuple[list[dict[str, Any]], pa.Table, Optional[str]]:
     """Samples ``metas`` (in id order) of one planned shard, from byte ``offset`` of it: their
     spooled members copied into the tar (``total``: the shard's member bytes, for its last
-    piece), and their index and image-hash rows."""
+    piece), their index and image-hash rows, and the shard's sha256 when this piece is the whole
+    shard (else None: the caller hashes a shard written in several pieces once all are done)."""
     files: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     hashes: list[dict[str, Any]] = []
@@ -139,12 +141,13 @@ def write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[
             yield train_rec if split == "train" else held_rec
             yield from images
 
+    whole = hashlib.sha256() if offset == 0 and total is not None else None
     try:
-        write_shard_piece(Path(out) / name, offset, members(), total)
+        write_shard_piece(Path(out) / name, offset, members(), total, hasher=whole)
     finally:
         for f in files.values():
             f.close()
-    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
+    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA), whole.hexdigest() if whole else None
 
 
 def pieces(sizes: list[int], target: int) -> list[tuple[int, int]]:
@@ -235,11 +238,11 @@ def plan_writes(meta: list[dict[str, Any]], keep: dict[tuple[str, str], str], ma
     return [shard_name(split, k) for split, k, *_ in shards], jobs
 
 
-def write_quarantine(path: Path, rejects: list[dict[str, Any]]) -> None:
-    """One JSON line per rejected record: source, id, locator, reason, detail."""
-    with open(path, "w", encoding="utf-8") as f:
-        for q in rejects:
-            f.write(json.dumps({k: q[k] for k in ("source", "id", "locator", "reason", "detail")}, ensure_ascii=False) + "\n")
+def write_quarantine(path: Path, rejects: list[dict[str, Any]]) -> tuple[int, Any]:
+    """One JSON line per rejected record: source, id, locator, reason, detail; returns the line
+    count and the file's digest (taken while writing)."""
+    keys = ("source", "id", "locator", "reason", "detail")
+    return write_jsonl(path, ({k: q[k] for k in keys} for q in rejects))
 
 
 def curation_stats(meta: list[dict[str, Any]], index_rows: list[dict[str, Any]], rejects: list[dict[str, Any]],

@@ -298,3 +298,48 @@ def test_published_layouts_through_the_stages(ray_session, tmp_path):
             assert n_q == sum(v for k, v in stats.items() if k.startswith(f"source/{s.name}/quarantine/"))
         lines = _quarantine(out, S.outputs[0])
         assert len(lines) == stats["quarantined"] and all(q["detail"] and q["reason"] for q in lines)
+
+
+def test_a_shard_written_in_pieces_gets_its_whole_file_sha256(ray_session, tmp_path):
+    """``_write_shards``: a shard one task writes is hashed by that task; a shard split into byte
+    ranges is hashed by the driver once its last piece is done. Both equal the file's sha256."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from metamorph.data.shards import Spool, shard_name, tar_member
+    from pipelines.stage import StageContext
+    from stages._curation import _write_shards, shard_bytes
+
+    spool_path = tmp_path / "spool.bin"
+    metas = []
+    with Spool(spool_path) as sp:
+        for i in range(9):
+            key = f"s{i:02d}"
+            parts = [tar_member(f"{key}.json", b'{"t": 1}'), tar_member(f"{key}.json", b'{"h": 1}'),
+                     tar_member(f"{key}.0.png", bytes([i]) * (1000 + 300 * i)), b"thumb"]
+            offset, lengths = sp.append(parts)
+            metas.append({"id": key, "source": "x", "family": "f", "task": "t", "spool": str(spool_path), "offset": offset,
+                          "parts": lengths, "sha": ["a"], "phash": [1]})
+    out = tmp_path / "art"
+    out.mkdir()
+    jobs, pieces = [], {0: [(0, 3), (3, 5), (5, 6)], 1: [(6, 9)]}  # shard 0 in three byte ranges, shard 1 whole
+    for k, ranges in pieces.items():
+        sizes = [shard_bytes(m, "train") for m in metas]
+        total = sum(sizes[ranges[0][0]:ranges[-1][1]])
+        (out / shard_name("train", k)).write_bytes(b"")
+        offset = 0
+        for a, b in ranges:
+            jobs.append(("train", k, offset, metas[a:b], total if b == ranges[-1][1] else None))
+            offset += sum(sizes[a:b])
+    ctx = StageContext(stage="curate_x", key="k", cfg=None, seed=0, inputs={}, work_dir=tmp_path, checkpoint_dir=tmp_path / "c",
+                       run_root=tmp_path)
+    results = _write_shards(ctx, "art", SimpleNamespace(cpus_per_task=1.0), out, jobs)
+    assert [len(rows) for rows, _ in results] == [3, 2, 1, 3]
+    for k in pieces:
+        name = shard_name("train", k)
+        data = (out / name).read_bytes()
+        assert ctx.digests[f"art/{name}"] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    import tarfile
+
+    names = [n for k in pieces for n in tarfile.open(out / shard_name("train", k)).getnames()]
+    assert names == [n for m in metas for n in (f"{m['id']}.json", f"{m['id']}.0.png")]  # whole, valid tars

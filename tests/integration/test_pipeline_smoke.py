@@ -72,3 +72,22 @@ def test_smoke_pipeline_end_to_end(smoke_run):
                                                       overrides=[f"run_root={tmp_path}", "stages.evaluate.register_as=metamorph-smoke"]))
     assert set(again.statuses.values()) == {"cached"}
     json.dumps(summary.stats, default=str)  # stats are JSON-able
+
+
+def test_data_files_are_hashed_while_writing(smoke_run):
+    """The manifests of the data stages take each shard's, index's, quarantine's and tokenized
+    part's sha256 from its writer; only files of third-party writers are read again at promote;
+    and every recorded digest is the file's."""
+    root = smoke_run["root"]
+    seen = 0
+    for stage in ("curate_understanding", "curate_generation", "curate_video", "curate_visual_thinking",
+                  "curate_image_edit", "mix", "tokenize"):
+        (out,) = [d for d in (root / stage).iterdir() if cache.KEY_RE.match(d.name)]
+        for f in cache.read_manifest(out)["files"]:
+            ours = f["path"].endswith((".tar", ".jsonl")) or "index.parquet" in f["path"] \
+                or "image_hashes.parquet" in f["path"] or f["path"].startswith("tokenized/part-")
+            if ours:
+                assert f["hashed"] == "writing", (stage, f)
+                seen += 1
+        assert cache.verify(out, hashes=True) == [], stage
+    assert seen >= 7 * 2, seen
