@@ -58,7 +58,7 @@ def fit(ctx: StageContext, worker_fn: Callable[[Any], None], job: Any, scaling: 
     restart resumes from the job's checkpoints); return Ray Train's ``Result``. ``worker_fn`` must
     be a module-level function; ``job`` a small picklable dataclass with a ``log_path``."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from pipelines.tracking import system_metrics
 
@@ -69,7 +69,7 @@ def fit(ctx: StageContext, worker_fn: Callable[[Any], None], job: Any, scaling: 
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"fn": worker_fn, "job": job},
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
@@ -88,3 +88,83 @@ def _worker_entry(config: dict[str, Any]) -> None:
     job = config["job"]
     with capture_output(job.log_path):
         config["fn"](job)
+
+
+# --- the process group's rendezvous store on loopback -------------------------------------------
+# Ray Train's torch backend asks torch to start the process group's TCPStore on rank 0, and
+# torch's store server binds the wildcard address ("::" / 0.0.0.0) whatever host it is given.
+# On a local Ray (every node on 127.0.0.1, see pipelines.runner.loopback_node) the launcher
+# instead binds the store's socket to loopback itself, in rank 0's process, and hands torch the
+# listening socket (``master_listen_fd``): nothing of a training stage listens beyond loopback.
+# On a cluster reached by address (a routable node IP) Ray's own setup runs unchanged.
+
+_STORE_SOCKET: Any = None  # rank 0's listening socket, kept open while the group lives
+
+
+def _bind_store_socket(addr: str) -> int:
+    """On rank 0: listen on ``addr`` (a loopback address) at a free port; return the port."""
+    import socket
+
+    global _STORE_SOCKET
+    if _STORE_SOCKET is not None:
+        _STORE_SOCKET.close()
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr, 0))
+    sock.listen(128)
+    _STORE_SOCKET = sock
+    return sock.getsockname()[1]
+
+
+def _init_process_group(backend: str, rank: int, world_size: int, addr: str, port: int, timeout_s: float) -> None:
+    """On every worker: the process group over a TCPStore whose server (rank 0) runs on the
+    socket ``_bind_store_socket`` opened."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    fd = _STORE_SOCKET.fileno() if rank == 0 else None
+    store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout, master_listen_fd=fd)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
+def torch_config(backend: str) -> Any:
+    """Ray Train's ``TorchConfig`` for ``backend``, whose process-group store listens on loopback
+    when the workers' node address is loopback (a local Ray), as Ray's does otherwise."""
+    import ray
+    from ray.train._internal.utils import get_address_and_port
+    from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+    class _LoopbackTorchBackend(_TorchBackend):
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            addr, _ = worker_group.execute_single(0, get_address_and_port)
+            if not _is_loopback(addr):
+                return super().on_start(worker_group, backend_config)
+            port = worker_group.execute_single(0, _bind_store_socket, addr)
+            if not isinstance(worker_group, V1WorkerGroup):  # as Ray's on_start (V1 sets them at training start)
+                worker_group.execute(_set_torch_distributed_env_vars)
+            n = len(worker_group)
+            ray.get([worker_group.execute_single_async(i, _init_process_group, backend_config.backend, i, n, addr, port,
+                                                       backend_config.timeout_s) for i in range(n)])
+
+    @dataclass
+    class _LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self) -> type:
+            return _LoopbackTorchBackend
+
+    return _LoopbackTorchConfig(backend=backend)

@@ -7,12 +7,12 @@ two-worker gloo ``TorchTrainer`` (a training stage's process group), and lists e
 of its process tree, before and while training. Ray's own servers (GCS, raylet, object manager,
 core workers, dashboard / runtime-env agents, metrics exporters) must all be on loopback.
 
-One listener is not Ray's and cannot be moved by any setting: torch's TCPStore (the process
-group's rendezvous, on rank 0 at MASTER_PORT) binds "::" or "0.0.0.0" whatever host it is given
-(torch/csrc/distributed/c10d/TCPStoreLibUvBackend.cpp, UvTcpServer::makeWithPort; the legacy
-backend binds the wildcard too). Only a store built on a pre-bound socket (``master_listen_fd``)
-avoids it, which Ray Train's ``_TorchBackend.on_start`` does not offer. The test pins that one
-exception exactly (rank 0's process, MASTER_PORT), and a strict xfail records it.
+The training stages' process-group store (torch's TCPStore, on rank 0 at MASTER_PORT) is not
+Ray's: torch's store server binds "::" or "0.0.0.0" whatever host it is given
+(torch/csrc/distributed/c10d/TCPStoreLibUvBackend.cpp), so the launcher binds its socket to
+loopback itself and hands it over (``stages._training.torch_config``, ``master_listen_fd``). The
+probe builds its trainer with that config, as every training stage does, and the store must be
+found, on loopback.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ ray.get(ray.remote(lambda: 1).remote())
 print("IDLE", json.dumps(snapshot(4)))
 
 from ray.train import ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
+from stages._training import torch_config
 
 def fn(cfg):
     import torch, torch.distributed as dist
@@ -92,7 +93,7 @@ def fn(cfg):
 
 out = os.path.join(os.environ["PROBE_OUT"], "train.json")
 TorchTrainer(fn, train_loop_config={"out": out}, scaling_config=ScalingConfig(num_workers=2),
-             torch_config=TorchConfig(backend="gloo")).fit()
+             torch_config=torch_config("gloo")).fit()
 print("TRAIN", open(out).read())
 ray.shutdown()
 """
@@ -128,21 +129,13 @@ def test_ray_services_listen_on_loopback_only(probe):
     # the probe saw Ray's servers at all (else an empty list would pass)
     assert {"gcs_server", "raylet"} <= names, idle
     assert any(n.startswith("ray::") for n in names), idle
-    rows = idle + [r for r in train["rows"] if not _is_torch_store(r, train)]
-    exposed = sorted({f'{r["addr"]} {r["name"]}' for r in rows if not _loopback(r["addr"])})
+    exposed = sorted({f'{r["addr"]} {r["name"]}' for r in idle + train["rows"] if not _loopback(r["addr"])})
     assert not exposed, "listening beyond loopback:\n" + "\n".join(exposed)
     assert "dashboard" not in " ".join(names) and "mlflow" not in " ".join(names), idle  # no UI of ours
 
 
-def test_torch_store_is_the_only_other_listener(probe):
-    _, train = probe
-    stores = [r for r in train["rows"] if _is_torch_store(r, train)]
-    assert len(stores) == 1, train  # the process group's rendezvous store, exactly where expected
-
-
-@pytest.mark.xfail(strict=True, reason="torch's TCPStore server binds the wildcard address (UvTcpServer::makeWithPort); "
-                   "Ray Train builds it without master_listen_fd")
 def test_torch_store_on_loopback(probe):
     _, train = probe
     stores = [r for r in train["rows"] if _is_torch_store(r, train)]
-    assert stores and all(_loopback(r["addr"]) for r in stores), stores
+    assert len(stores) == 1, train  # the process group's rendezvous store, exactly where expected
+    assert _loopback(stores[0]["addr"]), stores
