@@ -48,7 +48,7 @@ from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, check_source
 from metamorph.data.readers.base import RawRecord, list_files
 from metamorph.data.schema import sample_key
-from metamorph.data.shards import QUARANTINE_FILE, Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_index, write_shard_piece
+from metamorph.data.shards import QUARANTINE_FILE, Piece, Spool, plan_shards, read_spool, sample_members, shard_name, tar_member, tar_member_parts, write_index, write_shard_piece
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
@@ -60,7 +60,7 @@ HASHES_SCHEMA = pa.schema(
 )
 SPOOL_DIR = "_spool"  # under the attempt dir, removed before the stage returns
 # what a processing task returns per record (``decide``'s inputs and where the bytes are parked);
-# ``parts``: byte lengths of [train record member, held-out record member, image member 0..n-1,
+# ``parts``: byte lengths of [train record member, held-out record member, images member,
 # thumbnail 0..n-1] (members: tar header + payload + padding, see ``_members``)
 META_SCHEMA = pa.schema(
     [
@@ -166,36 +166,34 @@ def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vi
 
 
 def _members(r: dict[str, Any], ext: str) -> list[Piece]:
-    """A processed record as the spool keeps it: its tar members, already encoded (the train
-    record, the held-out record, each image), then the raw thumbnails. Encoding the tar headers
-    here, in parallel, leaves the shard writers a plain byte copy."""
-    key = sample_key(r["id"])
+    """A processed record as the spool keeps it: its tar members (``sample_members``: the
+    record, here twice, as the train and as the held-out split, then the images member), already
+    encoded, then the raw thumbnails. Encoding the tar headers here, in parallel, leaves the
+    shard writers a plain byte copy."""
+    (rec_name, train_rec), (img_name, images) = sample_members(sample_key(r["id"]), r["sample"].encode(), r["images"])
     return [
-        tar_member(f"{key}.json", r["sample"].encode()),
-        tar_member(f"{key}.json", r["sample_heldout"].encode()),
-        *(tar_member_parts(f"{key}.{i}.{ext}", b) for i, b in enumerate(r["images"])),
+        tar_member(rec_name, train_rec),
+        tar_member(rec_name, r["sample_heldout"].encode()),
+        tar_member_parts(img_name, images),
         *r["thumb"],
     ]
 
 
-def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
-    """(train record member, held-out record member, image members, thumbnails) of one meta row
+def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, bytes, list[bytes]]:
+    """(train record member, held-out record member, images member, thumbnails) of one meta row
     from its open spool."""
-    n = len(m["sha"])
     parts = read_spool(f, m["offset"], m["parts"])
-    return parts[0], parts[1], parts[2 : 2 + n], parts[2 + n :]
+    return parts[0], parts[1], parts[2], parts[3:]
 
 
 def _spooled_thumbs(f: Any, m: dict[str, Any]) -> list[bytes]:
     """Only the thumbnails of one meta row (the item's last parts) from its open spool."""
-    n = len(m["sha"])
-    return read_spool(f, m["offset"] + sum(m["parts"][: 2 + n]), m["parts"][2 + n :])
+    return read_spool(f, m["offset"] + sum(m["parts"][:3]), m["parts"][3:])
 
 
 def shard_bytes(m: dict[str, Any], split: str) -> int:
-    """Bytes a meta row's sample takes in a ``split`` shard (its record and image members)."""
-    n = len(m["sha"])
-    return m["parts"][0 if split == "train" else 1] + sum(m["parts"][2 : 2 + n])
+    """Bytes a meta row's sample takes in a ``split`` shard (its record and images members)."""
+    return m["parts"][0 if split == "train" else 1] + m["parts"][2]
 
 
 def _write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[str, Any]], total: int | None) -> tuple[list[dict[str, Any]], pa.Table]:
@@ -212,11 +210,11 @@ def _write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict
             f = files.get(m["spool"]) or files.setdefault(m["spool"], open(m["spool"], "rb"))
             train_rec, held_rec, images, thumbs = _spooled(f, m)
             rows.append({"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"],
-                         "split": split, "shard": name, "n_images": len(images)})
+                         "split": split, "shard": name, "n_images": len(m["sha"])})
             hashes.extend({"id": m["id"], "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
                           for i, (s, p, t) in enumerate(zip(m["sha"], m["phash"], thumbs)))
             yield train_rec if split == "train" else held_rec
-            yield from images
+            yield images
 
     try:
         write_shard_piece(Path(out) / name, offset, members(), total)

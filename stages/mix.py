@@ -59,7 +59,7 @@ def _hashes(path: Path) -> pa.Table:
 
 class MixStage(Stage):
     name = "mix"
-    version = "1"
+    version = "2"  # 2: shards in the two-member layout (metamorph.data.shards.sample_members)
     inputs = tuple(f"curated_{f}" for f in FAMILIES)
     outputs = ("mixture",)
     config_cls = MixConfig

@@ -83,13 +83,9 @@ class TokenizeConfig(StageConfig):
 
 def _iter_shard(path: str):
     """(Sample, image payloads) of one curated-sample tar, in file order (as shards.iter_samples)."""
-    import webdataset as wds
+    from metamorph.data.shards import iter_shards
 
-    from metamorph.data.schema import Sample
-
-    for rec in wds.WebDataset([path], shardshuffle=False, empty_check=False):
-        sample = Sample.from_json(json.loads(rec["json"]))
-        yield sample, [rec[f"{i}.{ref.ext}"] for i, ref in enumerate(sample.images)]
+    yield from iter_shards([Path(path)])
 
 
 @functools.lru_cache(maxsize=4)

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from metamorph.data.schema import Sample
+from metamorph.data.shards import sample_from_members
 
 FAMILIES = ("understanding", "generation", "video", "visual_thinking", "image_edit")
 
@@ -105,10 +106,7 @@ class ShardReader:
         return f.read(size)  # type: ignore[attr-defined]
 
     def get(self, key: str) -> tuple[Sample, list[bytes]]:
-        parts = self._where[key]
-        sample = Sample.from_json(json.loads(self._read(parts["json"])))
-        images = [self._read(parts[f"{i}.{ref.ext}"]) for i, ref in enumerate(sample.images)]
-        return sample, images
+        return sample_from_members({suffix: self._read(loc) for suffix, loc in self._where[key].items()})
 
     def close(self) -> None:
         for f in self._files.values():
