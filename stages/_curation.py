@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Optional
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Optional
 
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide, process_record
 from metamorph.data.imageproc import keep_image_buffers
@@ -52,25 +50,44 @@ from metamorph.data.shards import QUARANTINE_FILE, Piece, Spool, plan_shards, re
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 WORLD = "world"
 WORLD_PREFIX = "world:"
 HASHES_FILE = "image_hashes.parquet"
-HASHES_SCHEMA = pa.schema(
-    [("id", pa.string()), ("split", pa.string()), ("image", pa.int32()), ("sha", pa.string()), ("phash", pa.int64()), ("thumb", pa.binary())]
-)
 SPOOL_DIR = "_spool"  # under the attempt dir, removed before the stage returns
-# what a processing task returns per record (``decide``'s inputs and where the bytes are parked);
-# ``parts``: byte lengths of [train record member, held-out record member, images member,
-# thumbnail 0..n-1] (members: tar header + payload + padding, see ``_members``)
-META_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
-        ("reason", pa.string()), ("detail", pa.string()), ("family", pa.string()), ("task", pa.string()),
-        ("content_hash", pa.string()), ("sha", pa.list_(pa.string())), ("phash", pa.list_(pa.int64())),
-        ("n_decoded", pa.int32()),
-        ("spool", pa.string()), ("offset", pa.int64()), ("parts", pa.list_(pa.int64())),
-    ]
-)
+
+
+@functools.cache
+def _schemas() -> dict[str, pa.Schema]:
+    """HASHES_SCHEMA and META_SCHEMA, built on first use: `metamorph plan` imports this module,
+    and pyarrow only when a stage runs."""
+    import pyarrow as pa
+
+    return {
+        "HASHES_SCHEMA": pa.schema(
+            [("id", pa.string()), ("split", pa.string()), ("image", pa.int32()), ("sha", pa.string()), ("phash", pa.int64()), ("thumb", pa.binary())]
+        ),
+        # what a processing task returns per record (``decide``'s inputs and where the bytes are
+        # parked); ``parts``: byte lengths of [train record member, held-out record member, images
+        # member, thumbnail 0..n-1] (members: tar header + payload + padding, see ``_members``)
+        "META_SCHEMA": pa.schema(
+            [
+                ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
+                ("reason", pa.string()), ("detail", pa.string()), ("family", pa.string()), ("task", pa.string()),
+                ("content_hash", pa.string()), ("sha", pa.list_(pa.string())), ("phash", pa.list_(pa.int64())),
+                ("n_decoded", pa.int32()),
+                ("spool", pa.string()), ("offset", pa.int64()), ("parts", pa.list_(pa.int64())),
+            ]
+        ),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("HASHES_SCHEMA", "META_SCHEMA"):
+        return _schemas()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(kw_only=True)
@@ -162,7 +179,10 @@ def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vi
                 r.update(spool=str(spool.path), offset=offset, parts=parts, images=None, thumb=None, sample=None, sample_heldout=None)
             rows.append(r)
     # column by column: 10x cheaper than from_pylist's per-row dict walk
-    return pa.Table.from_pydict({name: [r[name] for r in rows] for name in META_SCHEMA.names}, schema=META_SCHEMA)
+    import pyarrow as pa
+
+    schema = _schemas()["META_SCHEMA"]
+    return pa.Table.from_pydict({name: [r[name] for r in rows] for name in schema.names}, schema=schema)
 
 
 def _members(r: dict[str, Any], ext: str) -> list[Piece]:
@@ -221,7 +241,9 @@ def _write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict
     finally:
         for f in files.values():
             f.close()
-    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA)
+    import pyarrow as pa
+
+    return rows, pa.Table.from_pylist(hashes, schema=_schemas()["HASHES_SCHEMA"])
 
 
 def _pieces(sizes: list[int], target: int) -> list[tuple[int, int]]:
@@ -361,6 +383,8 @@ def run_curation(ctx: StageContext, artifact: str, cfg: CurationStageConfig) -> 
 
 def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: list[dict[str, Any]], sources: list[SourceConfig],
             out: Path, spool_dir: Path, t0: float) -> dict[str, float]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray
 
     meta = _rows(processing_dataset(units, sources, cfg, spool_dir)) if units else []
@@ -415,7 +439,7 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
     refs = [write.remote(str(out), split, k, offset, ms, total) for split, k, offset, ms, total in jobs]
     results = ray.get(refs)
     index_rows = [r for rows, _ in results for r in rows]
-    hashes = pa.concat_tables([h for _, h in results]) if results else HASHES_SCHEMA.empty_table()
+    hashes = pa.concat_tables([h for _, h in results]) if results else _schemas()["HASHES_SCHEMA"].empty_table()
     n_split = collections.Counter(r["split"] for r in index_rows)
     write_index(out, index_rows)
     for shard, n in collections.Counter(r["shard"] for r in index_rows).items():

@@ -26,13 +26,14 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, Optional
 
 from pipelines.stage import Stage, StageConfig, StageContext
 
 from metamorph.data.tokenizer import TokenizerConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SAMPLE_OK = ("ok", "truncated")
 
@@ -99,22 +100,34 @@ def _template(tokenizer_dir: str, n_visual: int, system_prompt: Optional[str]):
 
 # One row per sample between the Ray operators; explicit so a block of only dropped samples
 # (empty lists) has the same Arrow types as any other block.
-RENDERED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("status", pa.string()),  # ok | truncated | dropped_too_long | dropped_no_targets
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("visual_mask", pa.list_(pa.bool_())),
-        ("response_visual_mask", pa.list_(pa.bool_())),
-        ("images", pa.list_(pa.binary())),  # encoded bytes of the kept images, in order
-    ]
-)
+@functools.cache
+def rendered_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("status", pa.string()),  # ok | truncated | dropped_too_long | dropped_no_targets
+            ("input_ids", pa.list_(pa.int32())),
+            ("labels", pa.list_(pa.int32())),
+            ("visual_mask", pa.list_(pa.bool_())),
+            ("response_visual_mask", pa.list_(pa.bool_())),
+            ("images", pa.list_(pa.binary())),  # encoded bytes of the kept images, in order
+        ]
+    )
+
+
+def __getattr__(name: str) -> Any:  # RENDERED_SCHEMA, built on first use (pyarrow is not imported by `metamorph plan`)
+    if name == "RENDERED_SCHEMA":
+        return rendered_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_length: int,
                    system_prompt: Optional[str], batch_size: int) -> pa.Table:
     """Mixture shard paths -> one row per sample (dropped samples kept as rows so they are counted)."""
+    import pyarrow as pa
+
     from metamorph.data.packing import truncate
 
     tpl = _template(tokenizer_dir, n_visual, system_prompt)
@@ -145,7 +158,7 @@ def _render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_le
     if pending:
         flush()
     empty = {"input_ids": [], "labels": [], "visual_mask": [], "response_visual_mask": [], "images": []}
-    return pa.Table.from_pylist([{**empty, **r} for r in out], schema=RENDERED_SCHEMA)
+    return pa.Table.from_pylist([{**empty, **r} for r in out], schema=rendered_schema())
 
 
 class _EncodeImages:
@@ -161,6 +174,8 @@ class _EncodeImages:
         self.encoder = VisionEncoder.from_pretrained(encoder_dir).to(self.device)
 
     def __call__(self, batch):
+        import pyarrow as pa
+
         import torch
         from PIL import Image
 
