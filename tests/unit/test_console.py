@@ -45,6 +45,19 @@ def test_plain_view_prints_one_line_per_event_and_a_summary(tmp_path):
     assert "run123" in text and "metamorph ui --run-root /runs" in text
 
 
+def test_fully_cached_summary_names_the_runs_that_computed_the_outputs(tmp_path):
+    out = io.StringIO()
+    view = LiveView(["a", "b", "c"], file=out, live=False)
+    with view:
+        for s in ("a", "b", "c"):
+            view(_ev(s, "cached", tmp_path))
+    view.summary(None, Path("/runs"), tmp_path, ok=True, produced_by={"a": "run1", "b": "run1", "c": "run2"})
+    text = out.getvalue()
+    assert "nothing to run" in text and "no new MLflow run" in text
+    assert "run1 (2 stages)" in text and "run2 (1 stage)" in text
+    assert "mlflow run None" not in text and "metamorph ui --run-root /runs" in text
+
+
 def test_quiet_view_prints_failures_and_the_summary_only(tmp_path):
     out = io.StringIO()
     view = LiveView(["a"], file=out, verbosity=QUIET, live=False)
