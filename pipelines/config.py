@@ -91,8 +91,8 @@ def build_schema(stages: list) -> type:
 def _load_yaml(path: Path) -> DictConfig:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    with open(path) as f:  # libyaml's parser when PyYAML has it: the same values, ~7x faster
+        data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     # A preset may list stage sections that are all comments: `stages:` alone parses as None.
