@@ -175,7 +175,7 @@ def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vi
             if r["reason"]:
                 r.update(spool="", offset=0, parts=[])
             else:  # spooled now: the task holds one record's bytes at a time
-                offset, parts = spool.append(_members(r, cfg.image_format))
+                offset, parts = spool.append(_members(r))
                 r.update(spool=str(spool.path), offset=offset, parts=parts, images=None, thumb=None, sample=None, sample_heldout=None)
             rows.append(r)
     # column by column: 10x cheaper than from_pylist's per-row dict walk
@@ -185,7 +185,7 @@ def _process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vi
     return pa.Table.from_pydict({name: [r[name] for r in rows] for name in schema.names}, schema=schema)
 
 
-def _members(r: dict[str, Any], ext: str) -> list[Piece]:
+def _members(r: dict[str, Any]) -> list[Piece]:
     """A processed record as the spool keeps it: its tar members (``sample_members``: the
     record, here twice, as the train and as the held-out split, then the images member), already
     encoded, then the raw thumbnails. Encoding the tar headers here, in parallel, leaves the
