@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from metamorph.data.shards import ShardWriter, shard_name, tar_end, tar_member, write_index  # noqa: E402
+from metamorph.data.shards import ShardWriter, sample_members, shard_name, tar_end, tar_member, write_index  # noqa: E402
 from pipelines import cache  # noqa: E402
 
 SAMPLE_BYTES = 48 * 1024  # ~ a 256 px PNG plus its JSON record
@@ -45,7 +45,7 @@ def samples(total_mb: int) -> list[tuple[dict, list[bytes], int]]:
         record = b'{"id": "%s", "conversation": []}' % key.encode()
         image = os.urandom(SAMPLE_BYTES - len(record))
         row = {"id": key, "key": key, "source": "bench", "family": "generation", "task": "t2i", "split": "train"}
-        out.append((row, [tar_member(f"{key}.json", record), tar_member(f"{key}.0.png", image)], len(record) + len(image)))
+        out.append((row, [tar_member(name, payload) for name, payload in sample_members(key, record, [image])], len(record) + len(image)))
     return out
 
 

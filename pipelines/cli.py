@@ -117,11 +117,16 @@ def execute(
     verbosity: int | None = None,
     capture: bool = False,
     verify: bool = False,
+    record_cached: bool = False,
 ):
     """Plan, validate, then run with the live view. The CLI and the tests both go through here.
 
     ``capture``: point this process's stdout/stderr at the run's driver.log while it runs (the
     CLI does; an in-process caller such as a test keeps its own streams).
+    ``record_cached``: open an MLflow run even when every stage is cached. By default a run with
+    nothing to compute records nothing (MLflow alone costs a second to import, and the run would
+    copy what the runs that computed the outputs already hold); its summary names those runs.
+    A sweep sets it: each cell must be a run to be compared.
     """
     from pipelines.console import NORMAL, LiveView
     from pipelines.logs import DRIVER_LOG, RunLogs, redirect_fds
@@ -153,7 +158,7 @@ def execute(
         view = LiveView(todo, file=term, verbosity=verbosity)
         view.log_dir = log_dir
         view.on_stage_state = lambda s, running: (logs.router.stage_started if running else logs.router.stage_ended)(s)
-        tracker = make_tracker(loaded)
+        tracker = make_tracker(loaded) if record_cached or any(it.action == "run" for it in plan) else None
 
         def start_ray() -> str:
             return init_ray(loaded.typed.ray, address=address)
@@ -177,7 +182,7 @@ def execute(
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)  # stage threads may sit inside Ray calls; do not wait for them
-        view.summary(run_id, loaded.run_root, log_dir, ok=ok)
+        view.summary(run_id, loaded.run_root, log_dir, ok=ok, produced_by=summary.produced_by if summary else None)
     return summary
 
 

@@ -250,7 +250,11 @@ class LiveView:
                 self._live.update(self.table())
 
     # ------------------------------------------------------------------ the end
-    def summary(self, run_id: str | None, run_root: Path, log_dir: Path | None, ok: bool) -> None:
+    def summary(self, run_id: str | None, run_root: Path, log_dir: Path | None, ok: bool,
+                produced_by: dict[str, str] | None = None) -> None:
+        """The closing table and where the record is. ``run_id`` None: nothing ran, so no MLflow
+        run was opened; ``produced_by`` (stage -> MLflow run id, from the manifests) then names
+        the runs that computed the cached outputs."""
         now = time.time()
         t = Table(title="summary", title_justify="left")
         for col in ("stage", "status", "time", "headline"):
@@ -261,5 +265,14 @@ class LiveView:
         word = "[bold green]done[/]" if ok else "[bold red]failed[/]"
         with self._lock:
             self.console.print(t)
-            self.console.print(f"{word} in {_dur(now - self.t0)}; mlflow run {run_id}; logs {log_dir}")
+            if run_id is None and ok:
+                by_run: dict[str, list[str]] = {}
+                for stage, rid in (produced_by or {}).items():
+                    by_run.setdefault(rid, []).append(stage)
+                runs = [f"{rid} ({len(st)} stage{'s' if len(st) > 1 else ''})" for rid, st in by_run.items()]
+                more = f" and {len(runs) - 3} more" if len(runs) > 3 else ""  # older manifests name only the stage's run
+                self.console.print(f"{word} in {_dur(now - self.t0)}: nothing to run, every stage cached (no new MLflow run); logs {log_dir}")
+                self.console.print(f"outputs computed by mlflow run {'; '.join(runs[:3]) or 'none recorded'}{more}")
+            else:
+                self.console.print(f"{word} in {_dur(now - self.t0)}; mlflow run {run_id}; logs {log_dir}")
             self.console.print(f"open it: metamorph ui --run-root {run_root}")

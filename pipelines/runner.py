@@ -91,6 +91,9 @@ class RunSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     out_dirs: dict[str, Path] = field(default_factory=dict)
     log_dir: Path | None = None
+    # cached stage -> the MLflow run that computed its output (from its manifest: the pipeline
+    # run if recorded, else the stage's own run); a fully cached run opens none of its own
+    produced_by: dict[str, str] = field(default_factory=dict)
 
 
 class Engine:
@@ -377,6 +380,9 @@ class Engine:
         summary.statuses[it.name] = "cached"
         summary.stats[it.name] = manifest.get("stats", {})
         summary.out_dirs[it.name] = it.out_dir
+        producer = manifest.get("mlflow_parent_run_id") or manifest.get("mlflow_run_id")
+        if producer:
+            summary.produced_by[it.name] = producer
         if tracker is None:
             return
         child = tracker.start_run(
@@ -492,6 +498,7 @@ class Engine:
                     "started_at": t0,
                     "seconds": time.time() - t0,
                     "mlflow_run_id": child.run_id,
+                    "mlflow_parent_run_id": parent.run_id,
                     "seed": self.loaded.typed.seed,
                 },
                 ctx.row_counts,

@@ -88,7 +88,8 @@ def run_sweep(
         say(f"sweep {name}: cell {i + 1}/{len(grid_cells)} {label}")
         status, run_id = "finished", None
         try:
-            summary = execute_fn(pipeline_factory(), loaded, address=address, name=f"{name}[{i}] {label}")
+            # record_cached: a cell computed by an earlier sweep is still a run to compare here
+            summary = execute_fn(pipeline_factory(), loaded, address=address, name=f"{name}[{i}] {label}", record_cached=True)
             run_id = summary.parent_run_id if summary else None
         except SystemExit as e:  # typer.Exit from a failed cell: record it and go on
             status = f"failed ({e})"

@@ -37,20 +37,21 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, check_source
 from metamorph.data.readers.base import WORLD_PREFIX, list_files, resolve_source, uses_world
 from metamorph.data.digest import hashing_open, sha256_file
 from metamorph.data.shards import INDEX_FILE, QUARANTINE_FILE, shard_name, write_index
-from metamorph.data.spool import (HASHES_FILE, HASHES_SCHEMA, SPOOL_DIR, curation_stats, first_accepted, plan_writes,
-                                  read_process, thumbs_reader, write_piece, write_quarantine)
+
+from metamorph.data.spool import (HASHES_FILE, SPOOL_DIR, curation_stats, first_accepted, plan_writes, read_process, schemas,
+                                  thumbs_reader, write_piece, write_quarantine)
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext, operational
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 WORLD = "world"
 
@@ -229,6 +230,8 @@ def run_curation(ctx: StageContext, artifact: str, cfg: CurationStageConfig) -> 
 
 def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: list[dict[str, Any]], sources: list[SourceConfig],
             out: Path, spool_dir: Path, t0: float) -> dict[str, float]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray
 
     meta = _rows(processing_dataset(units, sources, cfg, spool_dir)) if units else []
@@ -249,7 +252,7 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
     t_write = time.perf_counter()
     results = _write_shards(ctx, artifact, cfg, out, jobs)
     index_rows = [r for rows, _ in results for r in rows]
-    hashes = pa.concat_tables([h for _, h in results]) if results else HASHES_SCHEMA.empty_table()
+    hashes = pa.concat_tables([h for _, h in results]) if results else schemas()["HASHES_SCHEMA"].empty_table()
     ctx.record_digest(f"{artifact}/{INDEX_FILE}", write_index(out, index_rows))
     for shard, n in collections.Counter(r["shard"] for r in index_rows).items():
         ctx.record_rows(f"{artifact}/{shard}", n)

@@ -30,7 +30,7 @@ class CurateGenerationConfig(CurationStageConfig):
 
 class CurateGeneration(CurationStage):
     name = "curate_generation"
-    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
+    version = "4"  # 4: two members per sample (json + images.mp, any WebDataset reader); 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "generation"
     outputs = ("curated_generation",)
     config_cls = CurateGenerationConfig

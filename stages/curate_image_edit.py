@@ -30,7 +30,7 @@ class CurateImageEditConfig(CurationStageConfig):
 
 class CurateImageEdit(CurationStage):
     name = "curate_image_edit"
-    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
+    version = "4"  # 4: two members per sample (json + images.mp, any WebDataset reader); 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "image_edit"
     outputs = ("curated_image_edit",)
     config_cls = CurateImageEditConfig

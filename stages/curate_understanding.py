@@ -37,7 +37,7 @@ class CurateUnderstandingConfig(CurationStageConfig, VideoConfig):
 
 class CurateUnderstanding(CurationStage):
     name = "curate_understanding"
-    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
+    version = "4"  # 4: two members per sample (json + images.mp, any WebDataset reader); 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "understanding"
     outputs = ("curated_understanding",)
     config_cls = CurateUnderstandingConfig

@@ -37,7 +37,7 @@ class CurateVideoConfig(CurationStageConfig, VideoConfig, FramePredictionConfig)
 
 class CurateVideo(CurationStage):
     name = "curate_video"
-    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
+    version = "4"  # 4: two members per sample (json + images.mp, any WebDataset reader); 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "video"
     outputs = ("curated_video",)
     config_cls = CurateVideoConfig

@@ -34,7 +34,7 @@ class CurateVisualThinkingConfig(CurationStageConfig):
 
 class CurateVisualThinking(CurationStage):
     name = "curate_visual_thinking"
-    version = "3"  # 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
+    version = "4"  # 4: two members per sample (json + images.mp, any WebDataset reader); 3: published layouts (world), lossless image modes, per-source counts; 2: pHash from stepwise box reductions
     family = "visual_thinking"
     outputs = ("curated_visual_thinking",)
     config_cls = CurateVisualThinkingConfig

@@ -15,16 +15,16 @@ import collections
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from metamorph.data.curate import ContaminationGuard
 from metamorph.data.mix import FAMILIES, FamilyMix, SampleIndex, copies, interleave, plan_family
 from metamorph.data.shards import INDEX_FILE, QUARANTINE_FILE, ShardWriter, list_shards, read_index, write_index, write_jsonl
 from pipelines.stage import Stage, StageConfig, StageContext
 from metamorph.data.spool import HASHES_FILE
+
+if TYPE_CHECKING:  # pyarrow is imported where used: `metamorph plan` imports every stage module
+    import pyarrow as pa
 
 
 def _families() -> dict[str, FamilyMix]:
@@ -53,18 +53,23 @@ class MixConfig(StageConfig):
 
 
 def _hashes(path: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
     return pq.read_table(path, columns=["id", "split", "image", "sha", "phash"])
 
 
 class MixStage(Stage):
     name = "mix"
-    version = "1"
+    version = "2"  # 2: shards in the two-member layout (metamorph.data.shards.sample_members)
     inputs = tuple(f"curated_{f}" for f in FAMILIES)
     outputs = ("mixture",)
     config_cls = MixConfig
     description = "curated families -> training mixture by per-family ratio/cap (+ held-out copy)"
 
     def run(self, ctx: StageContext) -> dict[str, float]:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
         cfg: MixConfig = ctx.cfg
         t0 = time.perf_counter()
         seed = ctx.seed * 1_000_003 + cfg.seed
@@ -166,6 +171,8 @@ class MixStage(Stage):
 
 def _group(hashes: pa.Table, split: str) -> dict[str, list[tuple[str, int]]]:
     """sample id -> [(sha, phash) per image, in image order] for one split."""
+    import pyarrow.compute as pc
+
     t = hashes.filter(pc.equal(hashes["split"], split))
     out: dict[str, list[tuple[int, str, int]]] = collections.defaultdict(list)
     for sid, i, sha, ph in zip(*(t[c].to_pylist() for c in ("id", "image", "sha", "phash"))):
@@ -174,6 +181,8 @@ def _group(hashes: pa.Table, split: str) -> dict[str, list[tuple[str, int]]]:
 
 
 def _copy_heldout(ctx: StageContext, src: dict[str, Path], held_dir: Path, cfg: MixConfig) -> list[dict]:
+    import pyarrow.compute as pc
+
     with ShardWriter(held_dir, "heldout", max_bytes=cfg.shard_max_mb * 2**20, max_samples=cfg.shard_max_samples) as w:
         for f in FAMILIES:
             index = read_index(src[f])

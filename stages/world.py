@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metamorph.world import WorldConfig, write_world
-from metamorph.world import families as F
-from metamorph.world.video import codec_available
+from metamorph.world import WorldConfig
 from pipelines.stage import Stage, StageConfig, StageContext
 
 
@@ -32,10 +30,15 @@ class WorldStage(Stage):
     description = "procedural toy world: scenes, clips, questions, captions, edits in upstream formats"
 
     def validate(self, cfg: WorldStageConfig) -> None:
+        from metamorph.world.video import codec_available  # PyAV: only when the stage is about to run
+
         if (cfg.n_video or cfg.n_videoqa) and not codec_available(cfg.video_codec):
             raise ValueError(f"world.video_codec={cfg.video_codec!r} is not in this PyAV build; use 'mpeg4'")
 
     def run(self, ctx: StageContext) -> dict[str, float]:
+        from metamorph.world import families as F
+        from metamorph.world.families import write_world
+
         out = ctx.output("world")
         stats = write_world(out, ctx.cfg, seed=ctx.seed)
         # row counts of the non-Parquet record files, for the manifest's file list

@@ -21,15 +21,13 @@ crop); image edit: "<image>\\n{instruction}" -> "<image>".
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
-
-import pyarrow as pa
-from PIL import Image
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from metamorph.data.imageproc import (
     ENCODE_FORMATS,
@@ -48,6 +46,10 @@ from metamorph.data.imageproc import (
 from metamorph.data.readers.base import RawRecord, Reject, check_media, read_media
 from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps_splits
 from metamorph.data.video import VideoConfig, sample_frames
+
+if TYPE_CHECKING:  # imported where used: `metamorph plan` imports this module for the configs
+    import pyarrow as pa
+    from PIL import Image
 
 # Every reason a record can be quarantined with (readers, processing, decisions).
 QUARANTINE_REASONS = (
@@ -201,28 +203,38 @@ class FramePredictionConfig:
 
 # --- per-record processing -------------------------------------------------------------------------
 
-PROCESSED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("rid", pa.string()),
-        ("locator", pa.string()),
-        ("order", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("family", pa.string()),
-        ("task", pa.string()),
-        ("sample", pa.string()),  # Sample JSON with split "train"; "" when rejected
-        ("sample_heldout", pa.string()),  # the same with split "heldout" (the split is decided later)
-        ("images", pa.list_(pa.binary())),
-        ("sha", pa.list_(pa.string())),
-        ("phash", pa.list_(pa.int64())),
-        ("thumb", pa.list_(pa.binary())),  # 16x16 RGB thumbnails: near-copy verification
-        ("content_hash", pa.string()),
-        ("nbytes", pa.int64()),
-        ("n_decoded", pa.int32()),  # images/frames decoded (throughput), also for rejected records
-    ]
-)
+@functools.cache
+def processed_schema() -> pa.Schema:
+    import pyarrow as pa  # here, not at the top: `metamorph plan` imports this module
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("rid", pa.string()),
+            ("locator", pa.string()),
+            ("order", pa.string()),
+            ("reason", pa.string()),
+            ("detail", pa.string()),
+            ("family", pa.string()),
+            ("task", pa.string()),
+            ("sample", pa.string()),  # Sample JSON with split "train"; "" when rejected
+            ("sample_heldout", pa.string()),  # the same with split "heldout" (the split is decided later)
+            ("images", pa.list_(pa.binary())),
+            ("sha", pa.list_(pa.string())),
+            ("phash", pa.list_(pa.int64())),
+            ("thumb", pa.list_(pa.binary())),  # 16x16 RGB thumbnails: near-copy verification
+            ("content_hash", pa.string()),
+            ("nbytes", pa.int64()),
+            ("n_decoded", pa.int32()),  # images/frames decoded (throughput), also for rejected records
+        ]
+    )
+
+
+def __getattr__(name: str) -> Any:  # PROCESSED_SCHEMA, built on first use
+    if name == "PROCESSED_SCHEMA":
+        return processed_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def sample_id(source: str, rid: str, locator: str) -> str:
@@ -501,6 +513,8 @@ def _viscot(raw: RawRecord, cfg: CurateConfig, video: VideoConfig, frames: Frame
 def _edit(raw: RawRecord, cfg: CurateConfig, video: VideoConfig, frames: FramePredictionConfig, sid: str) -> _Work:
     """Source and target get one geometric transform: the crop box and resize are computed once,
     from the source's size, and applied to both, so a pixel of one lands where it does in the other."""
+    from PIL import Image
+
     p = raw.payload
     instruction = _caption_ok(_WS.sub(" ", p["edit_prompt"]).strip(), cfg, "edit_prompt")
     # no draft decode: a JPEG source and a PNG target must come out at the same size

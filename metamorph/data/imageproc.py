@@ -17,15 +17,15 @@ import io
 import sys
 import warnings
 from functools import lru_cache
-from typing import Any
-
-import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from typing import TYPE_CHECKING, Any
 
 from metamorph.data.readers.base import Reject
 
+if TYPE_CHECKING:  # numpy and PIL are imported where they are used: `metamorph plan` imports this module
+    import numpy as np
+    from PIL import Image
+
 logger = logging.getLogger(__name__)
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut-off file is an error, not a half-grey image
 RESIZE_MODES = ("center_crop", "pad")
 ENCODE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -39,6 +39,9 @@ def open_image(
     ``draft_side``: the caller only needs the shorter side at this many px, so a JPEG may be
     decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (several times faster on photos; never
     below ``draft_side``). Leave None when pixel coordinates matter (bbox crops)."""
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut-off file is an error, not a half-grey image
     if not data:
         raise Reject("image_decode_error", "zero-length image")
     try:
@@ -114,6 +117,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
       converted to sRGB with littlecms; CMYK without one uses the naive
       ``(255 - c) * (255 - k) / 255`` (Adobe-inverted JPEGs are un-inverted by the decoder).
     """
+    import numpy as np
+    from PIL import Image
+
     icc = img.info.get("icc_profile")
     if icc and img.mode in ("RGB", "RGBA", "CMYK", "L", "LA") and not _is_srgb(icc):
         img = _icc_to_srgb(img, icc)
@@ -178,6 +184,8 @@ def resize_pair(a: Image.Image, b: Image.Image, size: int, mode: str) -> tuple[I
 def resize(img: Image.Image, size: int, mode: str) -> Image.Image:
     """Square ``size`` x ``size``: ``center_crop`` fills the frame (generation targets),
     ``pad`` keeps the whole picture on a black border (questions about the edges stay answerable)."""
+    from PIL import Image, ImageOps
+
     if img.size == (size, size):
         return img
     if mode == "center_crop":
@@ -226,6 +234,8 @@ def _box32(img: Image.Image) -> Image.Image:
     """The image as 32x32 RGB box means. A square image whose side is a multiple of 32 (every
     curated image) is reduced in steps of Pillow's specialised 2-5x kernels (4x then 2x for 256
     px: 1.5x faster than one 8x step, and within one grey level of it); anything else is box-resized."""
+    from PIL import Image
+
     rgb = img if img.mode == "RGB" else img.convert("RGB")
     w, h = rgb.size
     if w != h or w % 32:
@@ -238,11 +248,15 @@ def _box32(img: Image.Image) -> Image.Image:
 
 
 def _signature32(small: Image.Image) -> tuple[int, bytes]:
+    from PIL import Image
+
     return _phash32(small.convert("L")), small.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
 
 
 @lru_cache(maxsize=1)
 def _dct_matrix(n: int = 32) -> np.ndarray:
+    import numpy as np
+
     k = np.arange(n)[:, None]
     i = np.arange(n)[None, :]
     d = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
@@ -259,6 +273,8 @@ def phash(img: Image.Image) -> int:
 
 
 def _phash32(grey_img: Image.Image) -> int:
+    import numpy as np
+
     grey = np.asarray(grey_img, dtype=np.float64)
     d = _dct_matrix()[:8]  # only the low 8x8 frequencies are kept
     low = (d @ grey @ d.T).ravel()
@@ -268,6 +284,8 @@ def _phash32(grey_img: Image.Image) -> int:
 
 
 def hamming(a: int, b: int) -> int:
+    import numpy as np
+
     return int(np.bitwise_count(np.array(a, dtype=np.int64).view(np.uint64) ^ np.array(b, dtype=np.int64).view(np.uint64)))
 
 
@@ -291,6 +309,8 @@ _U64 = (1 << 64) - 1  # a signed int64 hash as its unsigned bit pattern: value &
 
 def thumb_max_diffs(pairs: list[tuple[bytes, bytes]]) -> list[int]:
     """``thumb_max_diff`` of each pair, in one array pass."""
+    import numpy as np
+
     if not pairs:
         return []
     a = np.frombuffer(b"".join(p for p, _ in pairs), np.uint8).reshape(len(pairs), -1)
@@ -306,6 +326,8 @@ class HammingIndex:
     of 10^5 against training sets of 10^7 stay cheap)."""
 
     def __init__(self, max_distance: int) -> None:
+        import numpy as np
+
         if not 0 <= max_distance < 32:
             raise ValueError(f"max_distance={max_distance}: use 0..31")
         self.max_distance = max_distance
@@ -349,6 +371,8 @@ class HammingIndex:
         """``query`` of each value. While the index holds at most ``brute_force_max`` hashes, all
         distances come from array XOR + popcount (a few microseconds a query, where near-duplicate
         images give the bands' Python loops many candidates); beyond that, the bands."""
+        import numpy as np
+
         if not values or not self._values or len(self._values) > brute_force_max:
             return [self.query(v) for v in values]
         stored = np.array(self._values, dtype=np.uint64)

@@ -12,15 +12,16 @@ throughout an epoch. Same inputs and seed, same mixture, byte for byte.
 from __future__ import annotations
 
 import hashlib
-import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from metamorph.data.schema import Sample
+from metamorph.data.shards import sample_from_members
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FAMILIES = ("understanding", "generation", "video", "visual_thinking", "image_edit")
 
@@ -49,6 +50,8 @@ class Pick:
 
 
 def _rng(seed: int, *salt: str) -> np.random.Generator:
+    import numpy as np
+
     h = hashlib.sha256("/".join((str(seed),) + salt).encode()).digest()
     return np.random.default_rng(int.from_bytes(h[:8], "little"))
 
@@ -105,10 +108,7 @@ class SampleIndex:
         return f.read(size)  # type: ignore[attr-defined]
 
     def get(self, key: str) -> tuple[Sample, list[bytes]]:
-        parts = self._where[key]
-        sample = Sample.from_json(json.loads(self._read(parts["json"])))
-        images = [self._read(parts[f"{i}.{ref.ext}"]) for i, ref in enumerate(sample.images)]
-        return sample, images
+        return sample_from_members({suffix: self._read(loc) for suffix, loc in self._where[key].items()})
 
     def close(self) -> None:
         for f in self._files.values():

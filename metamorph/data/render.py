@@ -13,22 +13,19 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-import pyarrow as pa
+if TYPE_CHECKING:  # pyarrow is imported where used: `metamorph plan` imports the tokenize stage
+    import pyarrow as pa
 
 SAMPLE_OK = ("ok", "truncated")
 
 
 def iter_shard(path: str):
     """(Sample, image payloads) of one curated-sample tar, in file order (as shards.iter_samples)."""
-    import webdataset as wds
+    from metamorph.data.shards import iter_shards
 
-    from metamorph.data.schema import Sample
-
-    for rec in wds.WebDataset([path], shardshuffle=False, empty_check=False):
-        sample = Sample.from_json(json.loads(rec["json"]))
-        yield sample, [rec[f"{i}.{ref.ext}"] for i, ref in enumerate(sample.images)]
+    yield from iter_shards([Path(path)])
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,22 +39,34 @@ def chat_template(tokenizer_dir: str, n_visual: int, system_prompt: Optional[str
 
 # One row per sample between the Ray operators; explicit so a block of only dropped samples
 # (empty lists) has the same Arrow types as any other block.
-RENDERED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("status", pa.string()),  # ok | truncated | dropped_too_long | dropped_no_targets
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("visual_mask", pa.list_(pa.bool_())),
-        ("response_visual_mask", pa.list_(pa.bool_())),
-        ("images", pa.list_(pa.binary())),  # encoded bytes of the kept images, in order
-    ]
-)
+@functools.cache
+def rendered_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("status", pa.string()),  # ok | truncated | dropped_too_long | dropped_no_targets
+            ("input_ids", pa.list_(pa.int32())),
+            ("labels", pa.list_(pa.int32())),
+            ("visual_mask", pa.list_(pa.bool_())),
+            ("response_visual_mask", pa.list_(pa.bool_())),
+            ("images", pa.list_(pa.binary())),  # encoded bytes of the kept images, in order
+        ]
+    )
+
+
+def __getattr__(name: str) -> Any:  # RENDERED_SCHEMA, built on first use
+    if name == "RENDERED_SCHEMA":
+        return rendered_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_length: int,
                   system_prompt: Optional[str], batch_size: int) -> pa.Table:
     """Mixture shard paths -> one row per sample (dropped samples kept as rows so they are counted)."""
+    import pyarrow as pa
+
     from metamorph.data.packing import truncate
 
     tpl = chat_template(tokenizer_dir, n_visual, system_prompt)
@@ -88,7 +97,7 @@ def render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_len
     if pending:
         flush()
     empty = {"input_ids": [], "labels": [], "visual_mask": [], "response_visual_mask": [], "images": []}
-    return pa.Table.from_pylist([{**empty, **r} for r in out], schema=RENDERED_SCHEMA)
+    return pa.Table.from_pylist([{**empty, **r} for r in out], schema=rendered_schema())
 
 
 def encoder_dims(encoder_dir: Path) -> tuple[int, int]:

@@ -2,11 +2,12 @@
 
     python -c "from metamorph.data.schema import Sample; help(Sample)"
 
-On disk (WebDataset tar shards, readable with the `webdataset` library), one sample is:
+On disk (WebDataset tar shards, read with default arguments by `webdataset` and
+`ray.data.read_webdataset`; layout in ``metamorph.data.shards.sample_members``), one sample is:
 
-    {key}.json        the record below (UTF-8 JSON), images listed by member extension
-    {key}.0.png       image 0 (encoded bytes: png by default, jpg/webp allowed)
-    {key}.1.png       image 1, ...
+    {key}.json        the record below (UTF-8 JSON); ``images[i]`` gives image i's ext and role
+    {key}.images.mp   msgpack {"images": [image 0 bytes, image 1 bytes, ...]} (png by default,
+                      jpg/webp allowed); [] for a text-only sample
 
 ``key`` is a filesystem-safe id (``[A-Za-z0-9_-]``, no dots: webdataset splits keys at the
 first dot). In the conversation, every image appears as the literal placeholder ``<image>``, in

@@ -2,40 +2,90 @@
 
     python -c "from metamorph.data.shards import iter_samples; print(sum(1 for _ in iter_samples('runs/mix/KEY/mixture')))"
 
-Shards are plain POSIX tars readable by the `webdataset` library: per sample ``{key}.json`` and
-``{key}.{i}.{ext}``. Names are deterministic (``shard-{split}-{NNNNN}.tar``) and a shard is
-closed once it would exceed ``max_bytes`` or ``max_samples``, so a rerun on the same input writes
-byte-identical files. ``index.parquet`` lists every sample; readers trust it for counts.
+Shards are plain POSIX tars; every sample is the same two members (``sample_members``), so
+``webdataset.WebDataset`` and ``ray.data.read_webdataset`` read them with default arguments:
+
+    {key}.json        the record (``metamorph.data.schema.Sample``, UTF-8 JSON)
+    {key}.images.mp   msgpack map {"images": [encoded image bytes, ...]} in the record's image
+                      order; the list is empty for a text-only sample
+
+One member per image (``{key}.0.png``, ``{key}.1.png``...) looked more natural but made the
+columns sparse: Ray's reader turns each chunk of samples into a pandas frame, a sample without
+``1.png`` leaves NaN in that column, and the block then fails to convert to Arrow (or falls back
+to pickled objects); chunks without any second image also get a different schema. A map, not a
+bare list: Ray unwraps every one-element list value to its element, so a one-image sample would
+come back as bytes and the others as lists. Names are deterministic (``shard-{split}-{NNNNN}.tar``)
+and a shard is closed once it would exceed ``max_bytes`` or ``max_samples``, so a rerun on the
+same input writes byte-identical files. ``index.parquet`` lists every sample; readers trust it
+for counts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 from metamorph.data.digest import FileDigest, HashingFile, hashing_open
 from metamorph.data.schema import Sample, dumps
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+RECORD_MEMBER = "json"  # member suffixes of one sample (``sample_members``)
+IMAGES_MEMBER = "images.mp"
 INDEX_FILE = "index.parquet"
 QUARANTINE_FILE = "quarantine.jsonl"
-INDEX_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("key", pa.string()),
-        ("source", pa.string()),
-        ("family", pa.string()),
-        ("task", pa.string()),
-        ("split", pa.string()),
-        ("shard", pa.string()),
-        ("n_images", pa.int32()),
-    ]
-)
+
+
+@functools.cache
+def index_schema() -> pa.Schema:
+    import pyarrow as pa  # here, not at the top: `metamorph plan` imports this module
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("key", pa.string()),
+            ("source", pa.string()),
+            ("family", pa.string()),
+            ("task", pa.string()),
+            ("split", pa.string()),
+            ("shard", pa.string()),
+            ("n_images", pa.int32()),
+        ]
+    )
+
+
+def __getattr__(name: str) -> Any:  # INDEX_SCHEMA, built on first use
+    if name == "INDEX_SCHEMA":
+        return index_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def sample_members(key: str, record: bytes, images: Sequence[bytes]) -> list[tuple[str, bytes]]:
+    """The shard layout of one sample, in write order: [(member name, payload)]. Every writer
+    of curated shards goes through here, every reader through ``sample_from_members``.
+
+    Always the same two members whatever the image count (0, 1, several, video frames), so
+    every sample has the same columns in any WebDataset reader (see the module docstring)."""
+    import msgpack
+
+    return [(f"{key}.{RECORD_MEMBER}", record), (f"{key}.{IMAGES_MEMBER}", msgpack.packb({"images": list(images)}, use_bin_type=True))]
+
+
+def sample_from_members(members: Mapping[str, bytes]) -> tuple[Sample, list[bytes]]:
+    """(sample, image payloads) from one sample's members keyed by suffix (``json``,
+    ``images.mp``: what ``webdataset`` yields per sample without decoding)."""
+    import msgpack
+
+    sample = Sample.from_json(json.loads(members[RECORD_MEMBER]))
+    images = msgpack.unpackb(members[IMAGES_MEMBER], raw=False)["images"]
+    if len(images) != len(sample.images):
+        raise ValueError(f"sample {sample.id}: {len(images)} images in {IMAGES_MEMBER} for {len(sample.images)} in its record")
+    return sample, images
 
 
 def tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -178,14 +228,14 @@ class ShardWriter:
 
     def write_encoded(self, row: dict, record: bytes, images: list[bytes], exts: list[str]) -> None:
         """``write`` for a sample already serialised (``dumps``) and validated; ``row`` holds the
-        index fields id, key, source, family, task, split."""
-        key = row["key"]
-        members = [tar_member(f"{key}.json", record), *(tar_member(f"{key}.{i}.{ext}", b) for i, (ext, b) in enumerate(zip(exts, images)))]
+        index fields id, key, source, family, task, split (``exts``: the images' formats, as
+        the record lists them; the layout itself does not name them)."""
+        members = [tar_member(name, payload) for name, payload in sample_members(row["key"], record, images)]
         self.write_members(row, members, len(images), size=len(record) + sum(len(b) for b in images))
 
     def write_members(self, row: dict, members: list[bytes], n_images: int, size: int) -> None:
-        """One sample as its tar members, already encoded (``tar_member``: the record, then each
-        image); ``size`` is what it counts toward ``max_bytes``."""
+        """One sample as its tar members, already encoded (``tar_member`` of each of
+        ``sample_members``); ``size`` is what it counts toward ``max_bytes``."""
         if self._file is None or _rolls_over(self._count, self._bytes, size, self.max_bytes, self.max_samples):
             self.close_shard()
             self._open()
@@ -213,7 +263,10 @@ class ShardWriter:
 
 def write_index(out_dir: Path, rows: list[dict]) -> FileDigest:
     """``index.parquet`` of these rows; returns its sha256, taken while writing."""
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=index_schema())
     with hashing_open(Path(out_dir) / INDEX_FILE) as f:
         pq.write_table(table, f)
     return f.digest()
@@ -230,6 +283,8 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> tuple[int, FileDigest]:
 
 
 def read_index(out_dir: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
     return pq.read_table(Path(out_dir) / INDEX_FILE)
 
 
@@ -250,11 +305,8 @@ def iter_shards(paths: list[Path]) -> Iterator[tuple[Sample, list[bytes]]]:
     urls = [str(p) for p in paths]
     if not urls:
         return
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    for rec in ds:
-        sample = Sample.from_json(json.loads(rec["json"]))
-        images = [rec[f"{i}.{ref.ext}"] for i, ref in enumerate(sample.images)]
-        yield sample, images
+    for rec in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        yield sample_from_members(rec)
 
 
 # --- spool: encoded samples parked between processing and shard writing -------------------------------

@@ -21,36 +21,53 @@ import hashlib
 import json
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
-
-import pyarrow as pa
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, process_record
 from metamorph.data.imageproc import keep_image_buffers
 from metamorph.data.readers import READERS, SourceConfig
 from metamorph.data.readers.base import RawRecord
 from metamorph.data.schema import sample_key
-from metamorph.data.shards import Piece, Spool, plan_shards, read_spool, shard_name, tar_member, tar_member_parts, write_jsonl, write_shard_piece
+from metamorph.data.shards import Piece, Spool, plan_shards, read_spool, sample_members, shard_name, tar_member, tar_member_parts, write_jsonl, write_shard_piece
 from metamorph.data.video import VideoConfig
 
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 HASHES_FILE = "image_hashes.parquet"
-HASHES_SCHEMA = pa.schema(
-    [("id", pa.string()), ("split", pa.string()), ("image", pa.int32()), ("sha", pa.string()), ("phash", pa.int64()), ("thumb", pa.binary())]
-)
 SPOOL_DIR = "_spool"  # under the attempt dir, removed before the stage returns
-# what a processing task returns per record (``decide``'s inputs and where the bytes are parked);
-# ``parts``: byte lengths of [train record member, held-out record member, image member 0..n-1,
-# thumbnail 0..n-1] (members: tar header + payload + padding, see ``_members``)
-META_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
-        ("reason", pa.string()), ("detail", pa.string()), ("family", pa.string()), ("task", pa.string()),
-        ("content_hash", pa.string()), ("sha", pa.list_(pa.string())), ("phash", pa.list_(pa.int64())),
-        ("n_decoded", pa.int32()),
-        ("spool", pa.string()), ("offset", pa.int64()), ("parts", pa.list_(pa.int64())),
-    ]
-)
+
+
+@functools.cache
+def schemas() -> dict[str, pa.Schema]:
+    """HASHES_SCHEMA and META_SCHEMA, built on first use: `metamorph plan` imports this module
+    (through the curation stages), and pyarrow only when a stage runs."""
+    import pyarrow as pa
+
+    return {
+        "HASHES_SCHEMA": pa.schema(
+            [("id", pa.string()), ("split", pa.string()), ("image", pa.int32()), ("sha", pa.string()), ("phash", pa.int64()), ("thumb", pa.binary())]
+        ),
+        # what a processing task returns per record (``decide``'s inputs and where the bytes are
+        # parked); ``parts``: byte lengths of [train record member, held-out record member, images
+        # member, thumbnail 0..n-1] (members: tar header + payload + padding, see ``_members``)
+        "META_SCHEMA": pa.schema(
+            [
+                ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
+                ("reason", pa.string()), ("detail", pa.string()), ("family", pa.string()), ("task", pa.string()),
+                ("content_hash", pa.string()), ("sha", pa.list_(pa.string())), ("phash", pa.list_(pa.int64())),
+                ("n_decoded", pa.int32()),
+                ("spool", pa.string()), ("offset", pa.int64()), ("parts", pa.list_(pa.int64())),
+            ]
+        ),
+    }
+
+
+def __getattr__(name: str) -> Any:  # HASHES_SCHEMA, META_SCHEMA
+    if name in ("HASHES_SCHEMA", "META_SCHEMA"):
+        return schemas()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 
@@ -80,44 +97,45 @@ def process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vid
             if r["reason"]:
                 r.update(spool="", offset=0, parts=[])
             else:  # spooled now: the task holds one record's bytes at a time
-                offset, parts = spool.append(_members(r, cfg.image_format))
+                offset, parts = spool.append(_members(r))
                 r.update(spool=str(spool.path), offset=offset, parts=parts, images=None, thumb=None, sample=None, sample_heldout=None)
             rows.append(r)
     # column by column: 10x cheaper than from_pylist's per-row dict walk
-    return pa.Table.from_pydict({name: [r[name] for r in rows] for name in META_SCHEMA.names}, schema=META_SCHEMA)
+    import pyarrow as pa
+
+    schema = schemas()["META_SCHEMA"]
+    return pa.Table.from_pydict({name: [r[name] for r in rows] for name in schema.names}, schema=schema)
 
 
-def _members(r: dict[str, Any], ext: str) -> list[Piece]:
-    """A processed record as the spool keeps it: its tar members, already encoded (the train
-    record, the held-out record, each image), then the raw thumbnails. Encoding the tar headers
-    here, in parallel, leaves the shard writers a plain byte copy."""
-    key = sample_key(r["id"])
+def _members(r: dict[str, Any]) -> list[Piece]:
+    """A processed record as the spool keeps it: its tar members (``sample_members``: the
+    record, here twice, as the train and as the held-out split, then the images member), already
+    encoded, then the raw thumbnails. Encoding the tar headers here, in parallel, leaves the
+    shard writers a plain byte copy."""
+    (rec_name, train_rec), (img_name, images) = sample_members(sample_key(r["id"]), r["sample"].encode(), r["images"])
     return [
-        tar_member(f"{key}.json", r["sample"].encode()),
-        tar_member(f"{key}.json", r["sample_heldout"].encode()),
-        *(tar_member_parts(f"{key}.{i}.{ext}", b) for i, b in enumerate(r["images"])),
+        tar_member(rec_name, train_rec),
+        tar_member(rec_name, r["sample_heldout"].encode()),
+        tar_member_parts(img_name, images),
         *r["thumb"],
     ]
 
 
-def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
-    """(train record member, held-out record member, image members, thumbnails) of one meta row
+def _spooled(f: Any, m: dict[str, Any]) -> tuple[bytes, bytes, bytes, list[bytes]]:
+    """(train record member, held-out record member, images member, thumbnails) of one meta row
     from its open spool."""
-    n = len(m["sha"])
     parts = read_spool(f, m["offset"], m["parts"])
-    return parts[0], parts[1], parts[2 : 2 + n], parts[2 + n :]
+    return parts[0], parts[1], parts[2], parts[3:]
 
 
 def spooled_thumbs(f: Any, m: dict[str, Any]) -> list[bytes]:
     """Only the thumbnails of one meta row (the item's last parts) from its open spool."""
-    n = len(m["sha"])
-    return read_spool(f, m["offset"] + sum(m["parts"][: 2 + n]), m["parts"][2 + n :])
+    return read_spool(f, m["offset"] + sum(m["parts"][:3]), m["parts"][3:])
 
 
 def shard_bytes(m: dict[str, Any], split: str) -> int:
-    """Bytes a meta row's sample takes in a ``split`` shard (its record and image members)."""
-    n = len(m["sha"])
-    return m["parts"][0 if split == "train" else 1] + sum(m["parts"][2 : 2 + n])
+    """Bytes a meta row's sample takes in a ``split`` shard (its record and images members)."""
+    return m["parts"][0 if split == "train" else 1] + m["parts"][2]
 
 
 def write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[str, Any]], total: int | None) -> tuple[list[dict[str, Any]], pa.Table, Optional[str]]:
@@ -135,11 +153,11 @@ def write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[
             f = files.get(m["spool"]) or files.setdefault(m["spool"], open(m["spool"], "rb"))
             train_rec, held_rec, images, thumbs = _spooled(f, m)
             rows.append({"id": m["id"], "key": sample_key(m["id"]), "source": m["source"], "family": m["family"], "task": m["task"],
-                         "split": split, "shard": name, "n_images": len(images)})
+                         "split": split, "shard": name, "n_images": len(m["sha"])})
             hashes.extend({"id": m["id"], "split": split, "image": i, "sha": s, "phash": p, "thumb": t}
                           for i, (s, p, t) in enumerate(zip(m["sha"], m["phash"], thumbs)))
             yield train_rec if split == "train" else held_rec
-            yield from images
+            yield images
 
     whole = hashlib.sha256() if offset == 0 and total is not None else None
     try:
@@ -147,7 +165,9 @@ def write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[
     finally:
         for f in files.values():
             f.close()
-    return rows, pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA), whole.hexdigest() if whole else None
+    import pyarrow as pa
+
+    return rows, pa.Table.from_pylist(hashes, schema=schemas()["HASHES_SCHEMA"]), whole.hexdigest() if whole else None
 
 
 def pieces(sizes: list[int], target: int) -> list[tuple[int, int]]:

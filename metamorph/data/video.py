@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
-
-import av
-from PIL import Image
+from typing import TYPE_CHECKING, Optional
 
 from metamorph.data.readers.base import Reject
+
+if TYPE_CHECKING:  # PyAV and PIL are imported in sample_frames: `metamorph plan` imports VideoConfig
+    from PIL import Image
 
 # FFmpeg demuxer names of the containers videos are published in (mp4/mov family, webm/mkv,
 # avi, mpeg-ts/ps, ogg, flv); playlists, concat scripts and image sequences are refused
@@ -64,6 +64,8 @@ def sample_frames(
     make the worker fetch a URL or another protocol's resource (``protocol_whitelist``), and only
     the containers videos come in are accepted (an HLS/concat demuxer would follow paths named in
     the file). Decoding stops past ``max_decode_frames`` frames or ``max_decode_seconds``."""
+    import av
+
     if not os.path.exists(path):
         raise Reject("video_missing", f"{os.path.basename(path)} not found")
     if not os.path.isfile(path):

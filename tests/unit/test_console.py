@@ -45,6 +45,19 @@ def test_plain_view_prints_one_line_per_event_and_a_summary(tmp_path):
     assert "run123" in text and "metamorph ui --run-root /runs" in text
 
 
+def test_fully_cached_summary_names_the_runs_that_computed_the_outputs(tmp_path):
+    out = io.StringIO()
+    view = LiveView(["a", "b", "c"], file=out, live=False)
+    with view:
+        for s in ("a", "b", "c"):
+            view(_ev(s, "cached", tmp_path))
+    view.summary(None, Path("/runs"), tmp_path, ok=True, produced_by={"a": "run1", "b": "run1", "c": "run2"})
+    text = out.getvalue()
+    assert "nothing to run" in text and "no new MLflow run" in text
+    assert "run1 (2 stages)" in text and "run2 (1 stage)" in text
+    assert "mlflow run None" not in text and "metamorph ui --run-root /runs" in text
+
+
 def test_quiet_view_prints_failures_and_the_summary_only(tmp_path):
     out = io.StringIO()
     view = LiveView(["a"], file=out, verbosity=QUIET, live=False)
@@ -113,13 +126,18 @@ def test_capture_output_sends_fds_and_logging_to_the_file(tmp_path):
     assert r.stdout.strip() == "after"
 
 
-def test_cli_and_every_stage_module_import_without_torch_or_ray():
+def test_cli_stage_modules_and_planning_import_no_heavy_library(tmp_path):
+    # the `metamorph plan` path (config, stage modules, cache keys, plan) in a fresh interpreter:
+    # none of the libraries that only running a stage needs
     code = (
         "import sys\n"
         "import pipelines.cli\n"
+        "from pipelines.config import load_config\n"
         "from pipelines.definitions import get_pipeline\n"
+        "from pipelines.runner import Engine\n"
         "p = get_pipeline('vpit')\n"
-        "print([m for m in ('torch', 'transformers', 'diffusers', 'ray', 'mlflow') if m in sys.modules])\n"
-    )
+        f"Engine(p, load_config(p.stages, preset='smoke', overrides=['run_root={tmp_path}'])).plan()\n"
+        "print([m for m in HEAVY if m in sys.modules])\n"
+    ).replace("HEAVY", repr(("torch", "transformers", "diffusers", "ray", "mlflow", "numpy", "pyarrow", "pandas", "PIL", "av")))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(r.stdout.strip().replace("'", '"')) == []

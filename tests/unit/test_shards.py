@@ -10,7 +10,7 @@ import random
 import pytest
 
 from metamorph.data.schema import IMAGE_PLACEHOLDER, ImageRef, Sample, Turn, dumps
-from metamorph.data.shards import ShardWriter, Spool, iter_samples, plan_shards, read_spool, tar_end, tar_member
+from metamorph.data.shards import ShardWriter, Spool, iter_samples, plan_shards, read_spool, sample_members, tar_end, tar_member
 
 
 def _samples(n: int, seed: int = 0) -> list[tuple[Sample, list[bytes]]]:
@@ -80,7 +80,7 @@ def test_writer_writes_what_tarfile_writes(tmp_path):
             w.write(s, images)
     with tarfile.open(tmp_path / "expected.tar", "w", format=tarfile.USTAR_FORMAT) as t:
         for s, images in samples:
-            for name, payload in ((f"{s.key}.json", dumps(s)), (f"{s.key}.0.png", images[0])):
+            for name, payload in sample_members(s.key, dumps(s), images):
                 ti = tarfile.TarInfo(name)
                 ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(payload), 0, 0o644, "", ""
                 t.addfile(ti, io.BytesIO(payload))
@@ -128,7 +128,7 @@ def test_shard_pieces_in_any_order_write_what_one_writer_writes(tmp_path):
         for s, images in samples:
             w.write(s, images)
     want = (tmp_path / "one" / shard_name("train", 0)).read_bytes()
-    members = [[tar_member(f"{s.key}.json", dumps(s)), tar_member(f"{s.key}.0.png", images[0])] for s, images in samples]
+    members = [[tar_member(n, p) for n, p in sample_members(s.key, dumps(s), images)] for s, images in samples]
     sizes = [sum(map(len, m)) for m in members]
     cuts = [0, 1, 9, 10, 24, 25]  # pieces of 1, 8, 1, 14 and 1 samples
     pieces = [(sum(sizes[:a]), [b for m in members[a:b] for b in m], b == len(samples)) for a, b in zip(cuts, cuts[1:])]
@@ -141,3 +141,25 @@ def test_shard_pieces_in_any_order_write_what_one_writer_writes(tmp_path):
         assert path.read_bytes() == want
     with pytest.raises(ValueError, match="last piece"):
         write_shard_piece(path, 0, members[0], total=sum(sizes))
+
+
+def test_every_sample_has_the_same_two_members(tmp_path):
+    """Text-only, one-image and several-image samples: the same member names, so readers that
+    build columns from them (Ray's read_webdataset) see no missing values; the images come
+    back byte for byte, in order."""
+    import tarfile
+
+    import msgpack
+
+    base, _ = _samples(1)[0]
+    cases = {0: [], 1: [b"\x89PNG-one"], 3: [b"\x89PNG-a", b"", b"\x89PNG-c" * 100]}
+    with ShardWriter(tmp_path, "train") as w:
+        for n, images in cases.items():
+            refs = [ImageRef(ext="png", role="prompt")] * n
+            conv = [Turn(role="user", content=" ".join([IMAGE_PLACEHOLDER] * n) + " Describe."), Turn(role="assistant", content="ok")]
+            w.write(Sample(**{**base.__dict__, "id": f"n{n}", "conversation": conv, "images": refs}), images)
+    with tarfile.open(next(tmp_path.glob("shard-*.tar"))) as t:
+        names = t.getnames()
+        assert [n.split(".", 1)[1] for n in names] == ["json", "images.mp"] * 3
+        assert msgpack.unpackb(t.extractfile(names[1]).read()) == {"images": []}
+    assert {s.id: im for s, im in iter_samples(tmp_path)} == {f"n{n}": im for n, im in cases.items()}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from metamorph.data.readers.base import RAW_SCHEMA, RawRecord, Reject, SourceConfig, raw_table
+from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, raw_table
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,14 @@ def read_source(src: SourceConfig, records_per_unit: int = 256) -> Iterator[RawR
     reader = READERS[src.format]
     for i, unit in enumerate(reader.plan(src, records_per_unit)):
         yield from reader.read(src, unit, i)
+
+
+def __getattr__(name: str) -> Any:  # RAW_SCHEMA: pyarrow only on first use (`metamorph plan` imports this)
+    if name == "RAW_SCHEMA":
+        from metamorph.data.readers.base import raw_schema
+
+        return raw_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["FORMATS", "READERS", "FAMILY_FORMATS", "Reader", "RawRecord", "Reject", "SourceConfig", "RAW_SCHEMA", "raw_table", "read_source", "check_source"]

@@ -20,6 +20,7 @@ opens them checks containment after symlinks).
 from __future__ import annotations
 
 import codecs
+import functools
 import csv
 import dataclasses
 import io
@@ -30,9 +31,10 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 BBOX_FORMATS = ("xyxy", "xywh")
 
@@ -127,23 +129,35 @@ class RawRecord:
         )
 
 
-RAW_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("rid", pa.string()),
-        ("locator", pa.string()),
-        ("order", pa.string()),
-        ("kind", pa.string()),
-        ("payload", pa.string()),
-        ("blobs", pa.list_(pa.binary())),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
+@functools.cache
+def raw_schema() -> pa.Schema:
+    import pyarrow as pa  # here, not at the top: `metamorph plan` imports the readers
+
+    return pa.schema(
+        [
+            ("source", pa.string()),
+            ("rid", pa.string()),
+            ("locator", pa.string()),
+            ("order", pa.string()),
+            ("kind", pa.string()),
+            ("payload", pa.string()),
+            ("blobs", pa.list_(pa.binary())),
+            ("reason", pa.string()),
+            ("detail", pa.string()),
+        ]
+    )
+
+
+def __getattr__(name: str) -> Any:  # RAW_SCHEMA, built on first use
+    if name == "RAW_SCHEMA":
+        return raw_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def raw_table(records: list[RawRecord]) -> pa.Table:
-    return pa.Table.from_pylist([r.to_row() for r in records], schema=RAW_SCHEMA)
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([r.to_row() for r in records], schema=raw_schema())
 
 
 def rejected(src: SourceConfig, kind: str, locator: str, order: str, reason: str, detail: str = "", rid: str = "") -> RawRecord:

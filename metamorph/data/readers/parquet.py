@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow.parquet as pq
-
 from metamorph.data.readers.base import RawRecord, Reject, SourceConfig, check_id, check_text, default_root, list_files, media_ref, order_key, rejected, utf8
 
 KIND = "t2i"
@@ -27,6 +25,8 @@ FIELDS: dict[str, str] = {}
 
 
 def plan(src: SourceConfig, records_per_unit: int) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq  # here, not at the top: `metamorph plan` imports every reader
+
     units = []
     for f in list_files(Path(src.path), (".parquet",)):
         md = pq.ParquetFile(f).metadata
@@ -90,6 +90,8 @@ def meta_cell(value: Any) -> dict[str, Any]:
 
 def rows(unit: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     """(row number, row or None, error) of one row group; a row Arrow cannot convert is an error."""
+    import pyarrow.parquet as pq
+
     table = pq.ParquetFile(unit["file"]).read_row_group(unit["row_group"])
     if "start" in unit:
         table = table.slice(unit["start"], unit["stop"] - unit["start"])
