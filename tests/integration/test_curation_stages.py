@@ -306,17 +306,18 @@ def test_a_shard_written_in_pieces_gets_its_whole_file_sha256(ray_session, tmp_p
     import hashlib
     from types import SimpleNamespace
 
-    from metamorph.data.shards import Spool, shard_name, tar_member
+    from metamorph.data.shards import Spool, sample_members, shard_name, tar_member
+    from metamorph.data.spool import shard_bytes
     from pipelines.stage import StageContext
-    from stages._curation import _write_shards, shard_bytes
+    from stages._curation import _write_shards
 
     spool_path = tmp_path / "spool.bin"
     metas = []
     with Spool(spool_path) as sp:
         for i in range(9):
             key = f"s{i:02d}"
-            parts = [tar_member(f"{key}.json", b'{"t": 1}'), tar_member(f"{key}.json", b'{"h": 1}'),
-                     tar_member(f"{key}.0.png", bytes([i]) * (1000 + 300 * i)), b"thumb"]
+            (rec, _), (img, images) = sample_members(key, b'{"t": 1}', [bytes([i]) * (1000 + 300 * i)])
+            parts = [tar_member(rec, b'{"t": 1}'), tar_member(rec, b'{"h": 1}'), tar_member(img, images), b"thumb"]
             offset, lengths = sp.append(parts)
             metas.append({"id": key, "source": "x", "family": "f", "task": "t", "spool": str(spool_path), "offset": offset,
                           "parts": lengths, "sha": ["a"], "phash": [1]})
