@@ -1,27 +1,16 @@
-"""Ray Data glue shared by the five curation stages (the record logic is ``metamorph.data.curate``).
+"""Ray Data glue shared by the five curation stages (the record logic is ``metamorph.data.curate``,
+the spool and shard layout ``metamorph.data.spool``).
 
     python -c "from pipelines.testing import run_stage; from stages.curate_generation import CurateGeneration as S; print(run_stage(S(), S.config_cls(), inputs={'world': 'runs/world/KEY/world'}, root='/tmp/runs'))"
 
-Three passes over the data; image bytes never reach the driver:
-
-1. parallel (Ray Data, one streaming pass, one map operator): plan units of at most about
-   ``records_per_task`` records on the driver (a JSONL/CSV byte range, a JSON-array element range,
-   a tar member range, a Parquet row range: a big file is split here), then one task per unit
-   reads it and decodes, validates, resizes, encodes, hashes and converts every record. Each task
-   parks its samples as ready tar members (both split encodings of the record, the images) and
-   the thumbnails in one spool file under the attempt dir, and returns only metadata rows with
-   their spool offsets.
-2. driver, metadata only: duplicate ids, exact duplicates, the train/held-out split, and the
-   contamination guard need a view of the whole stage, so they run once over small rows
-   (``metamorph.data.curate.decide``; the few thumbnails it needs are read from the spool).
-   Then the kept samples are sorted by id and cut into size-bounded shards
-   (``metamorph.data.spool.plan_writes``): the same rule one sequential writer applies, so a rerun writes
-   byte-identical files whatever the task scheduling was.
-3. parallel Ray tasks, one per shard, or per byte range of a shard when there are fewer shards
-   than CPUs to write them (``metamorph.data.spool.write_piece``: a small stage's one big train shard is then
-   written by every worker at once): copy the spooled members into the tar, and return their
-   index and image-hash rows; the driver writes ``index.parquet`` and ``image_hashes.parquet``
-   from them in shard order and removes the spool.
+Three passes; image bytes never reach the driver. (1) Ray Data, one streaming map: the driver
+plans read units of about ``records_per_task`` records (a big file is split here) and one task
+per unit reads, decodes, validates, converts and spools its records (``spool.read_process``),
+returning only metadata rows. (2) Driver, metadata only: duplicates, the train/held-out split
+and the contamination guard (``curate.decide``), then the shard plan (``spool.plan_writes``: the
+rule one sequential writer applies, so reruns are byte-identical). (3) Ray tasks, one per shard
+or per byte range of a shard (``spool.write_piece``): copy the spooled members into the tars; the
+driver writes the index and image hashes in shard order and removes the spool.
 
 Output (``ctx.output(<artifact>)``): ``shard-{train,heldout}-NNNNN.tar``, ``index.parquet``,
 ``quarantine.jsonl`` (one line per rejected record) and ``image_hashes.parquet`` (sha256 and pHash
@@ -42,10 +31,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 from metamorph.data.curate import CurateConfig, FramePredictionConfig, decide
 from metamorph.data.readers import FAMILY_FORMATS, READERS, SourceConfig, check_source
 from metamorph.data.readers.base import WORLD_PREFIX, list_files, resolve_source, uses_world
-from metamorph.data.digest import hashing_open, sha256_file
-from metamorph.data.shards import INDEX_FILE, QUARANTINE_FILE, shard_name, write_index
+from metamorph.data.digest import hashing_open
+from metamorph.data.shards import INDEX_FILE, QUARANTINE_FILE, write_index
 
-from metamorph.data.spool import (HASHES_FILE, SPOOL_DIR, curation_stats, first_accepted, plan_writes, read_process, schemas,
+from metamorph.data.spool import (HASHES_FILE, SPOOL_DIR, ShardDigests, curation_stats, first_accepted, plan_writes, read_process, schemas,
                                   thumbs_reader, write_piece, write_quarantine)
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext, operational
@@ -98,22 +87,14 @@ def _rows(ds: Any) -> list[dict[str, Any]]:
 
 def _write_shards(ctx: StageContext, artifact: str, cfg: CurationStageConfig, out: Path,
                   jobs: list[tuple[str, int, int, list[dict[str, Any]], Optional[int]]]) -> list[tuple[list[dict[str, Any]], pa.Table]]:
-    """Run the piece writers; return their (index rows, image-hash rows) in job order, and record
-    each shard's sha256 for the manifest.
-
-    A shard written by one task is hashed by that task as it writes. SHA-256 runs strictly in
-    byte order and its state cannot be combined from parts, so a shard split into byte ranges
-    written at once has no whole-file digest in any one task: the driver reads it back as soon as
-    its last piece is done, while the other shards are still being written (the pages are still
-    in the page cache). Only a shard larger than a piece (1/(2 x CPUs) of the stage's bytes, on
-    one node) is split, so at most 2 x CPUs shards are read back this way; a big stage writes one
-    piece per shard and reads nothing back."""
+    """Run the piece writers (``write_piece``) as Ray tasks; return their (index rows,
+    image-hash rows) in job order, and record each shard's sha256 for the manifest as soon as
+    its last piece is done (``ShardDigests``)."""
     import ray
 
     write = ray.remote(write_piece).options(num_cpus=cfg.cpus_per_task)  # the processing slots: no extra workers to start
     pending = {write.remote(str(out), split, k, offset, ms, total): j for j, (split, k, offset, ms, total) in enumerate(jobs)}
-    left = collections.Counter((split, k) for split, k, *_ in jobs)
-    split_shards = {s for s, n in left.items() if n > 1}
+    digests = ShardDigests(out, jobs)
     results: list[Any] = [None] * len(jobs)
     while pending:
         ray.wait(list(pending), num_returns=1)  # block for one, then take every finished one
@@ -122,13 +103,9 @@ def _write_shards(ctx: StageContext, artifact: str, cfg: CurationStageConfig, ou
             j = pending.pop(ref)
             rows, hashes, sha = ray.get(ref)
             results[j] = (rows, hashes)
-            split, k = jobs[j][:2]
-            name = shard_name(split, k)
-            left[(split, k)] -= 1
-            if sha is not None:
-                ctx.record_digest(f"{artifact}/{name}", {"sha256": sha, "bytes": (out / name).stat().st_size})
-            elif (split, k) in split_shards and left[(split, k)] == 0:
-                ctx.record_digest(f"{artifact}/{name}", sha256_file(out / name))
+            finished = digests.piece_done(j, sha)
+            if finished:
+                ctx.record_digest(f"{artifact}/{finished[0]}", finished[1])
     return results
 
 

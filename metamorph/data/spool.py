@@ -170,6 +170,37 @@ def write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[
     return rows, pa.Table.from_pylist(hashes, schema=schemas()["HASHES_SCHEMA"]), whole.hexdigest() if whole else None
 
 
+class ShardDigests:
+    """The whole-file sha256 of every shard ``plan_writes`` planned, as its pieces finish.
+
+    A shard written by one task is hashed by that task as it writes (``write_piece`` returns
+    it). SHA-256 runs strictly in byte order and its state cannot be combined from parts, so a
+    shard split into byte ranges written at once has no whole-file digest in any one task: it is
+    read back as soon as its last piece is done, while the other shards are still being written
+    (its pages are still in the page cache). Only a shard larger than a piece (1/(2 x CPUs) of
+    the stage's bytes, on one node) is split, so at most 2 x CPUs shards are read back; a big
+    stage writes one piece per shard and reads nothing back."""
+
+    def __init__(self, out: Path, jobs: list[tuple[str, int, int, list[dict[str, Any]], Optional[int]]]):
+        self.out, self.jobs = Path(out), jobs
+        self.left = collections.Counter((split, k) for split, k, *_ in jobs)
+        self.split = {s for s, n in self.left.items() if n > 1}
+
+    def piece_done(self, job: int, sha: Optional[str]) -> Optional[tuple[str, dict[str, Any]]]:
+        """Job ``job`` finished (``sha``: what ``write_piece`` returned): (shard name, digest)
+        when that completes a shard's digest, else None."""
+        from metamorph.data.digest import sha256_file
+
+        split, k = self.jobs[job][:2]
+        name = shard_name(split, k)
+        self.left[(split, k)] -= 1
+        if sha is not None:
+            return name, {"sha256": sha, "bytes": (self.out / name).stat().st_size}
+        if (split, k) in self.split and self.left[(split, k)] == 0:
+            return name, sha256_file(self.out / name)
+        return None
+
+
 def pieces(sizes: list[int], target: int) -> list[tuple[int, int]]:
     """Consecutive ranges of ``sizes`` of about equal bytes, each near ``target`` (the count is
     rounded up, so none is a small remainder); at least one sample each."""
