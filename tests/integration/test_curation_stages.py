@@ -343,4 +343,4 @@ def test_a_shard_written_in_pieces_gets_its_whole_file_sha256(ray_session, tmp_p
     import tarfile
 
     names = [n for k in pieces for n in tarfile.open(out / shard_name("train", k)).getnames()]
-    assert names == [n for m in metas for n in (f"{m['id']}.json", f"{m['id']}.0.png")]  # whole, valid tars
+    assert names == [n for m in metas for n in (f"{m['id']}.json", f"{m['id']}.images.mp")]  # whole, valid tars
