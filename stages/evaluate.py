@@ -49,6 +49,10 @@ class EvaluateConfig(StageConfig):
     n_t2i: int = 64
     n_image_edit: int = 32
     n_frame_prediction: int = 32
+    # Ask each held-out toy-world image every question type (image QA 5, video QA 3, visual
+    # thinking 2), not only its record's own: k x the items per attribute from the same held-out
+    # images (metamorph/eval/understanding.py every_question_items)
+    every_question: bool = False
     max_new_tokens: int = 16  # answer length cap (toy answers are 1-3 tokens; MC letters 1)
     # QA majority baseline from the training answers: at most this many training QA items are
     # read (0 = all; the shards holding them are streamed, images are not decoded)
@@ -269,7 +273,7 @@ def evaluate_all(paths: dict[str, str], cfg: EvaluateConfig, out_dir: str, pipel
     from metamorph.eval.heldout import iter_train, load_heldout
     from metamorph.eval.inference import VPiTRunner
     from metamorph.eval.judge import Judge, infer_geometry
-    from metamorph.eval.understanding import answer_prior, evaluate_qa, qa_items, summarise
+    from metamorph.eval.understanding import answer_prior, evaluate_qa, every_question_items, qa_items, summarise
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -301,7 +305,8 @@ def evaluate_all(paths: dict[str, str], cfg: EvaluateConfig, out_dir: str, pipel
 
     # --- understanding: held-out QA
     t = time.perf_counter()
-    qa = [it for task in QA_TASKS for s, ims in heldout.get(task, []) for it in qa_items(s, ims)]
+    ask = every_question_items if cfg.every_question else qa_items
+    qa = [it for task in QA_TASKS for s, ims in heldout.get(task, []) for it in ask(s, ims)]
     qa_records = evaluate_qa(runner, qa, cfg.max_new_tokens)
     prior, n_prior = {}, 0
     if qa:  # the baseline's answers: the training QA items' (no image is decoded)
@@ -434,12 +439,14 @@ def _write_report(path: Path, cfg: EvaluateConfig, metrics, headline, params, qa
     # understanding
     if "qa_acc" in metrics:
         r.heading("Understanding: held-out QA (exact match)")
-        rows = [["all", int(metrics["qa_n"]), metrics["qa_acc"], metrics["qa_majority"], metrics["qa_majority_heldout"]]]
+        from metamorph.eval.intervals import cell
+
+        rows = [["all", int(metrics["qa_n"]), cell(metrics, "qa_acc", "qa_ci_lo", "qa_ci_hi"), metrics["qa_majority"], metrics["qa_majority_heldout"]]]
         for k in sorted(m for m in metrics if m.startswith("qa_acc/")):
             key = k[len("qa_acc/"):]
-            rows.append([key, int(metrics.get(f"qa_n/{key}", 0)), metrics[k], metrics.get(f"qa_majority/{key}"),
-                         metrics.get(f"qa_majority_heldout/{key}")])
-        r.table(["task / attribute", "n", "accuracy", "majority baseline", "held-out majority (upper bound)"], rows,
+            rows.append([key, int(metrics.get(f"qa_n/{key}", 0)), cell(metrics, k, f"qa_ci_lo/{key}", f"qa_ci_hi/{key}"),
+                         metrics.get(f"qa_majority/{key}"), metrics.get(f"qa_majority_heldout/{key}")])
+        r.table(["task / attribute", "n", "accuracy [Wilson 95%]", "majority baseline", "held-out majority (upper bound)"], rows,
                 note="majority baseline: always giving the most common training answer of the item's "
                      f"(task, attribute, open/multiple-choice) group ({int(metrics.get('qa_prior_items', 0))} training items), "
                      "what a model blind to the image learns; held-out majority: the most common answer "
@@ -455,13 +462,14 @@ def _write_report(path: Path, cfg: EvaluateConfig, metrics, headline, params, qa
     judged_ok = bool(metrics.get("judge_ok"))  # a failed judge's verdicts are not shown per sample either
     if tasks:
         r.heading("Generation")
+        from metamorph.eval.intervals import cell
         attrs = ("shape", "colour", "size", "position", "background", "all")
         for t in tasks:
             rows = []
             for s in cfg.cfg_scales:
                 p = f"gen/{t}/cfg{s:g}"
-                rows.append([f"LLM cfg {s:g}", metrics.get(f"{p}/cosine"), metrics.get(f"{p}/retrieval_top1"),
-                             metrics.get(f"{p}/fd_encoder")] + [metrics.get(f"{p}/judge/{a}") for a in attrs])
+                rows.append([f"LLM cfg {s:g}", metrics.get(f"{p}/cosine"), cell(metrics, f"{p}/retrieval_top1"),
+                             metrics.get(f"{p}/fd_encoder")] + [cell(metrics, f"{p}/judge/{a}") for a in attrs])
             if f"gen/{t}/recon/judge/all" in metrics:
                 rows.append(["decoder(true tokens)", None, None, None] + [metrics.get(f"gen/{t}/recon/judge/{a}") for a in attrs])
             if f"gen/{t}/reference/judge/all" in metrics:
@@ -474,7 +482,7 @@ def _write_report(path: Path, cfg: EvaluateConfig, metrics, headline, params, qa
                 note += f"; P(<image_start> first, unforced) = {metrics[f'gen/{t}/image_start_p']:.3f}"
             if not metrics.get("judge_ok"):
                 note += "; judged columns withheld: the judge failed its own accuracy threshold"
-            r.table(["", "token cosine", "retrieval top-1", "Frechet (encoder)"] + [f"judged {a}" for a in attrs],
+            r.table(["", "token cosine", "retrieval top-1 [Wilson 95%]", "Frechet (encoder)"] + [f"judged {a}" for a in attrs],
                     rows, title=t, note=note)
             grid = []
             for e in gallery.get(t, [])[: cfg.report_samples]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from metamorph.data.schema import IMAGE_PLACEHOLDER, Sample
 from metamorph.eval.frechet import frechet_distance_features
 from metamorph.eval.inference import open_image
+from metamorph.eval.intervals import wilson
 from metamorph.eval.judge import compare, mean_scores
 
 GEN_TASKS = ("t2i", "image_edit", "frame_prediction")
@@ -186,6 +187,8 @@ def evaluate_generation(
             ranks = retrieval_ranks(pred_MND, true_MND)
             metrics[f"{tag}/cosine"] = float(cos_M.mean())
             metrics[f"{tag}/retrieval_top1"] = float((ranks == 0).mean())
+            lo_hi = wilson(float((ranks == 0).sum()), M)
+            metrics[f"{tag}/retrieval_top1/ci_lo"], metrics[f"{tag}/retrieval_top1/ci_hi"] = lo_hi
             metrics[f"{task}/retrieval_chance"] = 1.0 / M
             gen_images = runner.render(pred_MND, decoder_guidance, decoder_steps, seed=seed) if have_decoder else None
             judged: list[Optional[dict]] = [None] * M
@@ -195,8 +198,11 @@ def evaluate_generation(
                 for j, i in zip(jj, judged_idx):
                     judged[i] = j
                     scores[i] = compare(j, truths[i])
+                metrics[f"{tag}/judge_n"] = float(len(judged_idx))
                 for k, v in mean_scores([scores[i] for i in judged_idx]).items():
                     metrics[f"{tag}/judge/{k}"] = v
+                    # Wilson 95% (per-item scores are 0/1 for one-object captions)
+                    metrics[f"{tag}/judge/{k}/ci_lo"], metrics[f"{tag}/judge/{k}/ci_hi"] = wilson(v * len(judged_idx), len(judged_idx))
             if collect is not None and gen_images is not None:
                 collect[f"{task}/{s:g}"] = {"generated": gen_images, "reference": ref_images, "text": [it.text for it in its]}
             if gen_images is not None and M >= 2:
