@@ -53,6 +53,9 @@ class EvaluateConfig(StageConfig):
     # thinking 2), not only its record's own: k x the items per attribute from the same held-out
     # images (metamorph/eval/understanding.py every_question_items)
     every_question: bool = False
+    # text-to-image retrieval among blocks of this many held-out items (0 = all of them): 64 keeps
+    # "top-1 of 64" (chance 1/64) while n_t2i > 64 narrows its interval
+    retrieval_pool: int = 0
     max_new_tokens: int = 16  # answer length cap (toy answers are 1-3 tokens; MC letters 1)
     # QA majority baseline from the training answers: at most this many training QA items are
     # read (0 = all; the shards holding them are streamed, images are not decoded)
@@ -329,7 +332,7 @@ def evaluate_all(paths: dict[str, str], cfg: EvaluateConfig, out_dir: str, pipel
     gen_metrics, gen_records, gallery = evaluate_generation(
         runner, items, cfg.cfg_scales, judge=judge, decoder_guidance=cfg.decoder_guidance,
         decoder_steps=cfg.decoder_steps, recon=cfg.recon, seed=seed, keep_images=cfg.report_samples,
-        collect=collected if want_real else None, log=log,
+        collect=collected if want_real else None, log=log, retrieval_pool=cfg.retrieval_pool,
     )
     for k, v in gen_metrics.items():
         if "/judge/" in k and not judge_ok and "/reference/" not in k:

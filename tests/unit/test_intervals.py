@@ -70,3 +70,18 @@ def test_tiny_preset_gives_every_reported_qa_attribute_100_items():
     assert len(expected) == 5 + 3 + 2
     # 1.2 x 100: the held-out split is a hash draw (binomial), so the expectation keeps a margin of ~2 s.d.
     assert not I.short_attributes(expected, 120), expected
+
+
+def test_retrieval_in_pools_ranks_within_each_block():
+    import torch
+
+    from metamorph.eval.generation import retrieval_ranks
+
+    true = torch.zeros(10, 4, 16)
+    true[torch.arange(10), :, torch.arange(10)] = 1.0  # item i's tokens all point along axis i
+    pred = true.clone()
+    pred[7, :, 2] = 1.0  # item 7 leans to item 2's image: wrong among all 10, right within its block of 5
+    pred[7, :, 7] = 0.5
+    assert retrieval_ranks(pred, true)[7] > 0
+    ranks = retrieval_ranks(pred, true, pool=5)
+    assert ranks[7] == 0 and (ranks == 0).all() and len(ranks) == 10
