@@ -97,15 +97,15 @@ def every_question_items(sample: Sample, images: Sequence[bytes]) -> list[QAItem
     (image QA: colour, shape, count, position, size; video QA: direction, mover shape, mover
     colour; visual thinking: colour, shape of the small object) instead of the one its record
     happens to ask: ``k`` types per image multiply the items per attribute by ``k`` for the same
-    held-out set (k x fewer held-out records for the same standard error). Samples without toy
-    meta, or multi-turn records, keep their own questions (``qa_items``). A multiple-choice record
-    is asked the open questions (its options fit its own question only)."""
+    held-out set (k x fewer held-out records for the same standard error). Each question replaces
+    the record's first one (a multi-turn record is cut to that turn); samples without toy meta
+    keep their own questions (``qa_items``). A multiple-choice record is asked the open questions."""
     from metamorph.world import text as T
     from metamorph.world.render import Obj, scene_from_meta
 
     own = qa_items(sample, images)
     qa_meta = sample.meta.get("qa") or []
-    if len(own) != 1 or len(qa_meta) != 1:
+    if not own or not qa_meta:
         return own
     it0, q0 = own[0], qa_meta[0]
     content = it0.conversation[-1]["content"]
