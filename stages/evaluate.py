@@ -435,7 +435,12 @@ def _write_report(path: Path, cfg: EvaluateConfig, metrics, headline, params, qa
 
     r = Report("MetaMorph evaluation", f"visual-token CFG scales {cfg.cfg_scales}; judge ok: {bool(metrics.get('judge_ok'))}")
     r.heading("Headline")
-    r.metrics({k[len(HEADLINE_PREFIX):]: v for k, v in headline.items()},
+    from metamorph.eval.intervals import fmt_interval
+
+    s0 = f"gen/t2i/cfg{cfg.cfg_scales[0]:g}/retrieval_top1"
+    ci = {"qa_acc": ("qa_ci_lo", "qa_ci_hi"), "retrieval_top1": (f"{s0}/ci_lo", f"{s0}/ci_hi")}  # Wilson 95%
+    r.metrics({k[len(HEADLINE_PREFIX):]: (fmt_interval(v, *(metrics.get(b) for b in ci[k[len(HEADLINE_PREFIX):]]))
+                                          if k[len(HEADLINE_PREFIX):] in ci else v) for k, v in headline.items()},
               note="gen_attr_acc: mean judged accuracy of shape/colour/size/position on t2i at the first CFG scale; "
                    "shown only when the judge passed its own test.")
 
