@@ -13,8 +13,8 @@ A sweep file is an experiment file (merged over the preset like `--config`) plus
         x: stages.mix.families.generation.max_samples
         y: gen/attr_accuracy              # a metric on each cell's parent run, or a list of
                                           # them (one panel each; y_label a matching list)
-        series: stages.mix.families.understanding.ratio
-        series_labels: {"0.0": generation only, "1.0": with understanding data}
+        series: stages.mix.families.understanding.ratio   # or a list of keys: a curve per combination
+        series_labels: {"0.0": generation only, "1.0": with understanding data}   # list: "v1/v2" keys
 
 Cells share every upstream stage whose key does not change (the cache), so a sweep over mixture
 sizes reuses the world, curation and vision-encoder outputs.
@@ -154,9 +154,12 @@ def plot(table: list[dict], spec: dict[str, Any], out: Path) -> None:
         raise ConfigError(f"sweep.plot.y_label: {len(y_labels)} labels for {len(ys)} metrics")
     labels = {str(k): v for k, v in (spec.get("series_labels") or {}).items()}
     fig, axes = plt.subplots(1, len(ys), figsize=(6 * len(ys), 4), dpi=120, squeeze=False)
+    # series: one key, or a list of keys (a curve per combination, labelled "v1/v2")
+    keys = [series] if isinstance(series, str) else list(series or [])
     groups: dict[Any, list] = {}
     for row in table:
-        groups.setdefault(row.get(series) if series else "all", []).append(row)
+        groups.setdefault("/".join(str(row.get(k)) for k in keys) if keys else "all", []).append(row)
+    series = "/".join(keys) if keys else None
     for ax, y, y_label in zip(axes[0], ys, y_labels):
         for key, rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
             pts = sorted((r[x], r[y]) for r in rows if r.get(y) is not None)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from metamorph.data.schema import IMAGE_PLACEHOLDER, Sample
 from metamorph.eval.frechet import frechet_distance_features
 from metamorph.eval.inference import open_image
+from metamorph.eval.intervals import wilson
 from metamorph.eval.judge import compare, mean_scores
 
 GEN_TASKS = ("t2i", "image_edit", "frame_prediction")
@@ -100,8 +101,15 @@ def gen_items(sample: Sample, images: Sequence[bytes]) -> list[GenItem]:
     ]
 
 
-def retrieval_ranks(pred_MND: torch.Tensor, true_MND: torch.Tensor) -> np.ndarray:
-    """Rank of each item's own target among all targets by mean per-token cosine (0 = top-1)."""
+def retrieval_ranks(pred_MND: torch.Tensor, true_MND: torch.Tensor, pool: int = 0) -> np.ndarray:
+    """Rank of each item's own target among all targets by mean per-token cosine (0 = top-1).
+
+    ``pool`` > 0: among the targets of its own consecutive block of ``pool`` items only (the last
+    block takes the remainder), so "top-1 of 64" keeps its chance level (1/64) while more items
+    tighten its interval."""
+    if pool and len(pred_MND) > pool:
+        return np.concatenate([retrieval_ranks(pred_MND[i : i + pool], true_MND[i : i + pool])
+                               for i in range(0, len(pred_MND), pool)])
     p = F.normalize(pred_MND.float(), dim=-1)
     t = F.normalize(true_MND.float(), dim=-1)
     sim_MM = torch.einsum("ind,jnd->ij", p, t) / p.shape[1]
@@ -125,6 +133,7 @@ def evaluate_generation(
     keep_images: int = 8,
     collect: Optional[dict[str, dict[str, list]]] = None,
     log: Optional[Callable[[str], None]] = None,
+    retrieval_pool: int = 0,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Score ``items``; returns (metrics, per-item records, gallery per task for the report).
     ``collect``: a dict that receives every generated image, as ``collect["{task}/{scale}"] =
@@ -183,10 +192,14 @@ def evaluate_generation(
             ]
             pred_MND = torch.stack([p.tokens[0] for p in preds])
             cos_M = F.cosine_similarity(pred_MND, true_MND, dim=-1).mean(dim=1).numpy()
-            ranks = retrieval_ranks(pred_MND, true_MND)
+            ranks = retrieval_ranks(pred_MND, true_MND, retrieval_pool)
             metrics[f"{tag}/cosine"] = float(cos_M.mean())
             metrics[f"{tag}/retrieval_top1"] = float((ranks == 0).mean())
-            metrics[f"{task}/retrieval_chance"] = 1.0 / M
+            lo_hi = wilson(float((ranks == 0).sum()), M)
+            metrics[f"{tag}/retrieval_top1/ci_lo"], metrics[f"{tag}/retrieval_top1/ci_hi"] = lo_hi
+            metrics[f"{task}/retrieval_chance"] = float(np.mean([1.0 / min(M - i, retrieval_pool or M)
+                                                                 for i in range(0, M, retrieval_pool or M)
+                                                                 for _ in range(min(M - i, retrieval_pool or M))]))
             gen_images = runner.render(pred_MND, decoder_guidance, decoder_steps, seed=seed) if have_decoder else None
             judged: list[Optional[dict]] = [None] * M
             scores: list[Optional[dict]] = [None] * M
@@ -195,8 +208,11 @@ def evaluate_generation(
                 for j, i in zip(jj, judged_idx):
                     judged[i] = j
                     scores[i] = compare(j, truths[i])
+                metrics[f"{tag}/judge_n"] = float(len(judged_idx))
                 for k, v in mean_scores([scores[i] for i in judged_idx]).items():
                     metrics[f"{tag}/judge/{k}"] = v
+                    # Wilson 95% (per-item scores are 0/1 for one-object captions)
+                    metrics[f"{tag}/judge/{k}/ci_lo"], metrics[f"{tag}/judge/{k}/ci_hi"] = wilson(v * len(judged_idx), len(judged_idx))
             if collect is not None and gen_images is not None:
                 collect[f"{task}/{s:g}"] = {"generated": gen_images, "reference": ref_images, "text": [it.text for it in its]}
             if gen_images is not None and M >= 2:

@@ -40,6 +40,13 @@ class EvalConfig:
     n_t2i: int = 64
     n_image_edit: int = 32
     n_frame_prediction: int = 32
+    # Ask each held-out toy-world image every question type (image QA 5, video QA 3, visual
+    # thinking 2), not only its record's own: k x the items per attribute from the same held-out
+    # images (metamorph/eval/understanding.py every_question_items)
+    every_question: bool = False
+    # text-to-image retrieval among blocks of this many held-out items (0 = all of them): 64 keeps
+    # "top-1 of 64" (chance 1/64) while n_t2i > 64 narrows its interval
+    retrieval_pool: int = 0
     max_new_tokens: int = 16  # answer length cap (toy answers are 1-3 tokens; MC letters 1)
     # QA majority baseline from the training answers: at most this many training QA items are
     # read (0 = all; the shards holding them are streamed, images are not decoded)
@@ -120,7 +127,7 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
     from metamorph.eval.heldout import iter_train, load_heldout
     from metamorph.eval.inference import VPiTRunner
     from metamorph.eval.judge import Judge, infer_geometry
-    from metamorph.eval.understanding import answer_prior, evaluate_qa, qa_items, summarise
+    from metamorph.eval.understanding import answer_prior, evaluate_qa, every_question_items, qa_items, summarise
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -152,7 +159,8 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
 
     # --- understanding: held-out QA
     t = time.perf_counter()
-    qa = [it for task in QA_TASKS for s, ims in heldout.get(task, []) for it in qa_items(s, ims)]
+    ask = every_question_items if cfg.every_question else qa_items
+    qa = [it for task in QA_TASKS for s, ims in heldout.get(task, []) for it in ask(s, ims)]
     qa_records = evaluate_qa(runner, qa, cfg.max_new_tokens)
     prior, n_prior = {}, 0
     if qa:  # the baseline's answers: the training QA items' (no image is decoded)
@@ -175,7 +183,7 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
     gen_metrics, gen_records, gallery = evaluate_generation(
         runner, items, cfg.cfg_scales, judge=judge, decoder_guidance=cfg.decoder_guidance,
         decoder_steps=cfg.decoder_steps, recon=cfg.recon, seed=seed, keep_images=cfg.report_samples,
-        collect=collected if want_real else None, log=log,
+        collect=collected if want_real else None, log=log, retrieval_pool=cfg.retrieval_pool,
     )
     for k, v in gen_metrics.items():
         if "/judge/" in k and not judge_ok and "/reference/" not in k:
@@ -273,24 +281,28 @@ def _jsonable(v: Any) -> Any:
 
 def write_report(path: Path, cfg: EvalConfig, metrics, headline, params, qa_items_, qa_records, gallery, tsv_tables) -> None:
     from metamorph.eval.inference import open_image
+    from metamorph.eval.intervals import cell, fmt_interval
     from metamorph.eval.judge import CHANCE_ONE_OBJECT
     from metamorph.eval.report import Mark, Report
 
     r = Report("MetaMorph evaluation", f"visual-token CFG scales {cfg.cfg_scales}; judge ok: {bool(metrics.get('judge_ok'))}")
     r.heading("Headline")
-    r.metrics({k[len(HEADLINE_PREFIX):]: v for k, v in headline.items()},
+    s0 = f"gen/t2i/cfg{cfg.cfg_scales[0]:g}/retrieval_top1"
+    ci = {"qa_acc": ("qa_ci_lo", "qa_ci_hi"), "retrieval_top1": (f"{s0}/ci_lo", f"{s0}/ci_hi")}  # Wilson 95%
+    r.metrics({k[len(HEADLINE_PREFIX):]: (fmt_interval(v, *(metrics.get(b) for b in ci[k[len(HEADLINE_PREFIX):]]))
+                                          if k[len(HEADLINE_PREFIX):] in ci else v) for k, v in headline.items()},
               note="gen_attr_acc: mean judged accuracy of shape/colour/size/position on t2i at the first CFG scale; "
                    "shown only when the judge passed its own test.")
 
     # understanding
     if "qa_acc" in metrics:
         r.heading("Understanding: held-out QA (exact match)")
-        rows = [["all", int(metrics["qa_n"]), metrics["qa_acc"], metrics["qa_majority"], metrics["qa_majority_heldout"]]]
+        rows = [["all", int(metrics["qa_n"]), cell(metrics, "qa_acc", "qa_ci_lo", "qa_ci_hi"), metrics["qa_majority"], metrics["qa_majority_heldout"]]]
         for k in sorted(m for m in metrics if m.startswith("qa_acc/")):
             key = k[len("qa_acc/"):]
-            rows.append([key, int(metrics.get(f"qa_n/{key}", 0)), metrics[k], metrics.get(f"qa_majority/{key}"),
-                         metrics.get(f"qa_majority_heldout/{key}")])
-        r.table(["task / attribute", "n", "accuracy", "majority baseline", "held-out majority (upper bound)"], rows,
+            rows.append([key, int(metrics.get(f"qa_n/{key}", 0)), cell(metrics, k, f"qa_ci_lo/{key}", f"qa_ci_hi/{key}"),
+                         metrics.get(f"qa_majority/{key}"), metrics.get(f"qa_majority_heldout/{key}")])
+        r.table(["task / attribute", "n", "accuracy [Wilson 95%]", "majority baseline", "held-out majority (upper bound)"], rows,
                 note="majority baseline: always giving the most common training answer of the item's "
                      f"(task, attribute, open/multiple-choice) group ({int(metrics.get('qa_prior_items', 0))} training items), "
                      "what a model blind to the image learns; held-out majority: the most common answer "
@@ -311,8 +323,8 @@ def write_report(path: Path, cfg: EvalConfig, metrics, headline, params, qa_item
             rows = []
             for s in cfg.cfg_scales:
                 p = f"gen/{t}/cfg{s:g}"
-                rows.append([f"LLM cfg {s:g}", metrics.get(f"{p}/cosine"), metrics.get(f"{p}/retrieval_top1"),
-                             metrics.get(f"{p}/fd_encoder")] + [metrics.get(f"{p}/judge/{a}") for a in attrs])
+                rows.append([f"LLM cfg {s:g}", metrics.get(f"{p}/cosine"), cell(metrics, f"{p}/retrieval_top1"),
+                             metrics.get(f"{p}/fd_encoder")] + [cell(metrics, f"{p}/judge/{a}") for a in attrs])
             if f"gen/{t}/recon/judge/all" in metrics:
                 rows.append(["decoder(true tokens)", None, None, None] + [metrics.get(f"gen/{t}/recon/judge/{a}") for a in attrs])
             if f"gen/{t}/reference/judge/all" in metrics:
@@ -325,7 +337,7 @@ def write_report(path: Path, cfg: EvalConfig, metrics, headline, params, qa_item
                 note += f"; P(<image_start> first, unforced) = {metrics[f'gen/{t}/image_start_p']:.3f}"
             if not metrics.get("judge_ok"):
                 note += "; judged columns withheld: the judge failed its own accuracy threshold"
-            r.table(["", "token cosine", "retrieval top-1", "Frechet (encoder)"] + [f"judged {a}" for a in attrs],
+            r.table(["", "token cosine", "retrieval top-1 [Wilson 95%]", "Frechet (encoder)"] + [f"judged {a}" for a in attrs],
                     rows, title=t, note=note)
             grid = []
             for e in gallery.get(t, [])[: cfg.report_samples]:

@@ -28,6 +28,8 @@ import numpy as np
 
 from metamorph.data.schema import IMAGE_PLACEHOLDER, Sample
 from metamorph.eval.inference import normalise_answer
+from metamorph.eval.intervals import wilson
+from metamorph.world import attributes as A
 
 QA_TASKS = ("image_qa", "video_qa", "visual_thinking")
 
@@ -88,6 +90,52 @@ def qa_items(sample: Sample, images: Sequence[bytes]) -> list[QAItem]:
     return items
 
 
+def every_question_items(sample: Sample, images: Sequence[bytes]) -> list[QAItem]:
+    """Every question type about one held-out toy-world sample, asked open-ended, each its own item.
+
+    A held-out image carries its exact scene in ``meta``, so it can be asked about each attribute
+    (image QA: colour, shape, count, position, size; video QA: direction, mover shape, mover
+    colour; visual thinking: colour, shape of the small object) instead of the one its record
+    happens to ask: ``k`` types per image multiply the items per attribute by ``k`` for the same
+    held-out set (k x fewer held-out records for the same standard error). Each question replaces
+    the record's first one (a multi-turn record is cut to that turn); samples without toy meta
+    keep their own questions (``qa_items``). A multiple-choice record is asked the open questions."""
+    from metamorph.world import text as T
+    from metamorph.world.render import Obj, scene_from_meta
+
+    own = qa_items(sample, images)
+    qa_meta = sample.meta.get("qa") or []
+    if not own or not qa_meta:
+        return own
+    it0, q0 = own[0], qa_meta[0]
+    content = it0.conversation[-1]["content"]
+    if q0.get("question", "") not in content:
+        return own
+    prefix = content[: content.index(q0["question"])]
+    rng = np.random.default_rng(list(sample.id.encode("utf-8")) or [0])  # same questions every run
+    if sample.task == "image_qa" and "scene" in sample.meta:
+        scene = scene_from_meta(sample.meta["scene"])
+        qas = [T.image_question(rng, scene, t) for t in A.QUESTION_TYPES]
+    elif sample.task == "video_qa" and "clip" in sample.meta:
+        m = sample.meta["clip"]["mover"]
+        mover = Obj(shape=m["shape"], colour=m["colour"], size=m["size"], cx=0.0, cy=0.0, extent=m["extent"])
+        qas = [T.video_question(rng, mover, sample.meta["clip"]["direction"], kind=t) for t in T.VIDEO_QUESTION_TYPES]
+    elif sample.task == "visual_thinking" and "scene" in sample.meta:
+        scene = scene_from_meta(sample.meta["scene"])
+        target = scene.objects[int(sample.meta.get("target", 0))]
+        qas = [T.small_object_question(rng, target, kind=t) for t in T.SMALL_OBJECT_QUESTION_TYPES]
+    else:
+        return own
+    think = sample.task == "visual_thinking"  # its prompt has no answer-format suffix
+    out = []
+    for qa in qas:
+        conv = [dict(c) for c in it0.conversation]
+        conv[-1]["content"] = prefix + (qa.question if think else qa.prompt)
+        out.append(QAItem(sample_id=sample.id, task=sample.task, turn=0, conversation=conv, images=list(it0.images),
+                          truth=qa.answer, attribute=qa.type, format="open", response_images=list(it0.response_images)))
+    return out
+
+
 GROUP_KEYS = ("task", "attribute", "format")
 
 
@@ -141,7 +189,8 @@ def summarise(records: Sequence[dict[str, Any]], prior: Optional[dict[tuple, str
     them). Keys: ``qa_acc``, ``qa_majority`` (the training answers' majority when ``prior`` is
     given, see ``majority_baseline``), ``qa_majority_heldout`` (the evaluated items' own
     majority, an upper bound for blind answering), ``qa_n``, and each of them per
-    ``<task>`` and ``<task>/<attribute>``.
+    ``<task>`` and ``<task>/<attribute>``; ``qa_ci_lo`` / ``qa_ci_hi`` (and per key): the
+    accuracy's Wilson 95% interval.
     """
     if not records:
         return {}
@@ -158,6 +207,11 @@ def summarise(records: Sequence[dict[str, Any]], prior: Optional[dict[tuple, str
         out[f"qa_majority/{key}"] = float(np.mean([base[i] for i in idx]))
         out[f"qa_majority_heldout/{key}"] = float(np.mean([upper[i] for i in idx]))
         out[f"qa_n/{key}"] = float(len(idx))
+    # Wilson 95% intervals beside every accuracy: qa_ci_lo / qa_ci_hi (overall and per key)
+    for key in ["", *sorted(by)]:
+        sfx = f"/{key}" if key else ""
+        n = out[f"qa_n{sfx}"]
+        out[f"qa_ci_lo{sfx}"], out[f"qa_ci_hi{sfx}"] = wilson(out[f"qa_acc{sfx}"] * n, n)
     return out
 
 

@@ -92,6 +92,60 @@ class MetaMorphConfig:
             raise ValueError("model.image_start_id and model.image_end_id must differ")
 
 
+def _default_probe_floors() -> dict[str, float]:
+    return {}
+
+
+@dataclass(kw_only=True)
+class VisionPretrainConfig:
+    """Pretraining of a config-built encoder on toy-world image-caption pairs (metamorph/model/
+    vision_pretrain.py) and its linear probes. steps=0: keep the random init (smoke)."""
+
+    steps: int = 0  # optimizer steps of the SigLIP sigmoid loss; 0 = no pretraining
+    batch_size: int = 256  # image-caption pairs per step (sigmoid loss: every pair is a binary example)
+    lr: float = 2.0e-3
+    weight_decay: float = 0.0
+    n_images: int = 4096  # rendered once, sampled with replacement per step
+    max_objects: int = 3  # objects per pretraining scene are 1..this (captions bind attributes)
+    # scenes come in groups that differ in one attribute of one object (hard negatives in every
+    # batch); 1 = independent scenes
+    group_size: int = 4
+    embed_dim: int = 128  # joint image-text embedding width (thrown away after pretraining)
+    text_dim: int = 64  # the throw-away text tower's width
+    # rendering, as the world stage's defaults (metamorph/world/config.py)
+    small_frac: float = 0.5
+    large_frac: float = 0.85
+    jitter: float = 1.0
+    supersample: int = 4
+    seed: int = 0
+    # linear probes (held-out): images to fit each probe on / to score it on; 0 = no probes
+    probe_train: int = 0
+    probe_test: int = 0
+    # attribute -> minimum held-out probe accuracy (colour, shape, size, position, count); the
+    # stage fails naming the attribute below its floor
+    probe_floors: dict[str, float] = field(default_factory=_default_probe_floors)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "n_images", "probe_train", "probe_test"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"vision_encoder.pretrain.{key}={getattr(self, key)} must be >= 0")
+        for key in ("batch_size", "embed_dim", "text_dim", "max_objects", "supersample", "group_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"vision_encoder.pretrain.{key}={getattr(self, key)} must be > 0")
+        if self.steps and self.n_images < self.batch_size:
+            raise ValueError(f"vision_encoder.pretrain.n_images={self.n_images} must be >= batch_size={self.batch_size}")
+        if self.batch_size % self.group_size:
+            raise ValueError(f"vision_encoder.pretrain.batch_size={self.batch_size} must be a multiple of group_size={self.group_size}")
+        if not 1 <= self.max_objects <= 5:
+            raise ValueError(f"vision_encoder.pretrain.max_objects={self.max_objects} must be in 1..5 (unique shapes)")
+        known = ("colour", "shape", "size", "position", "count")
+        bad = sorted(set(self.probe_floors) - set(known))
+        if bad:
+            raise ValueError(f"vision_encoder.pretrain.probe_floors: unknown attributes {bad}; use {list(known)}")
+        if self.probe_floors and not (self.probe_train and self.probe_test):
+            raise ValueError("vision_encoder.pretrain.probe_floors need probe_train > 0 and probe_test > 0")
+
+
 @dataclass(kw_only=True)
 class VisionConfig:
     # SigLIP checkpoint dir (cluster: google/siglip-so400m-patch14-384 downloaded beforehand, or a

@@ -134,6 +134,10 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, pixels_BCSS: torch.Tensor) -> torch.Tensor:
         """Normalised pixels -> [B, N, D] float32 tokens, unit L2 norm each."""
+        return self.features(pixels_BCSS)
+
+    def features(self, pixels_BCSS: torch.Tensor) -> torch.Tensor:
+        """``encode`` with autograd (pretraining the tower, vision_pretrain.py)."""
         dev = self.mean_C.device
         dtype = next(self.model.parameters()).dtype
         pixels_BCSS = pixels_BCSS.to(device=dev, dtype=dtype)

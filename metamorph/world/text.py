@@ -135,9 +135,17 @@ def image_question(rng: np.random.Generator, scene: Scene, qtype: str, mc: bool 
     return _mc(rng, qa, vocab) if mc else qa
 
 
-def video_question(rng: np.random.Generator, mover: Obj, direction: str, mc: bool = False) -> QA:
-    """A question about the moving object of a clip; direction questions are half of them."""
+VIDEO_QUESTION_TYPES = ("direction", "mover_shape", "mover_colour")
+SMALL_OBJECT_QUESTION_TYPES = ("colour", "shape")
+
+
+def video_question(rng: np.random.Generator, mover: Obj, direction: str, mc: bool = False,
+                   kind: Optional[str] = None) -> QA:
+    """A question about the moving object of a clip; direction questions are half of them
+    (``kind``, one of VIDEO_QUESTION_TYPES, asks that type instead: evaluation asks every type)."""
     r = rng.random()
+    if kind is not None:
+        r = {"direction": 0.0, "mover_shape": 0.5, "mover_colour": 0.75}[kind]
     if r < 0.5:
         q = pick(rng, DIRECTION_Q).format(shape=mover.shape, colour=mover.colour)
         qa, vocab = _open(q, direction, "direction", mover.shape), list(A.DIRECTIONS)
@@ -148,9 +156,9 @@ def video_question(rng: np.random.Generator, mover: Obj, direction: str, mc: boo
     return _mc(rng, qa, vocab) if mc else qa
 
 
-def small_object_question(rng: np.random.Generator, target: Obj) -> QA:
-    """Visual thinking: ask the colour or the shape of the one small object."""
-    if rng.random() < 0.5:
+def small_object_question(rng: np.random.Generator, target: Obj, kind: Optional[str] = None) -> QA:
+    """Visual thinking: ask the colour or the shape of the one small object (``kind``: that one)."""
+    if (rng.random() < 0.5) if kind is None else kind == "colour":
         return _open(pick(rng, SMALL_COLOUR_Q).format(shape=target.shape), target.colour, "colour", target.shape)
     return _open(pick(rng, SMALL_SHAPE_Q).format(colour=target.colour), target.shape, "shape", target.shape)
 

@@ -92,15 +92,15 @@ def test_save_load_round_trip(enc, tmp_path):
 
 def test_stage_writes_loadable_encoder(tmp_path):
     from pipelines.testing import run_stage
-    from stages.vision_encoder import VisionEncoderStage
+    from stages.vision_encoder import VisionEncoderConfig, VisionEncoderStage
 
     stage = VisionEncoderStage()
-    cfg = VisionConfig()
+    cfg = VisionEncoderConfig()  # pretrain.steps=0: the seeded random init
     stage.validate(cfg)
     out, stats = run_stage(stage, cfg, root=tmp_path)
     assert stats["feature_dim"] == 64 and stats["n_tokens"] == 16
     enc = VisionEncoder.from_pretrained(out / "vision_encoder")
-    ref = VisionEncoder.from_config(cfg)
+    ref = VisionEncoder.from_config(cfg.encoder_config())
     assert torch.equal(enc.encode_images(_images()), ref.encode_images(_images()))
     # a path config loads that checkpoint; a missing path fails validation
     stage.validate(VisionConfig(path=str(out / "vision_encoder")))
