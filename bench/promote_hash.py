@@ -54,7 +54,7 @@ def write_two_pass(out: Path, data, max_bytes: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from metamorph.data.shards import INDEX_FILE, INDEX_SCHEMA
+    from metamorph.data.shards import INDEX_FILE, index_schema
 
     out.mkdir(parents=True)
     rows, f, n_shard, nbytes, written = [], None, 0, 0, 0
@@ -72,7 +72,7 @@ def write_two_pass(out: Path, data, max_bytes: int) -> None:
         rows.append({**row, "shard": shard_name("train", n_shard - 1), "n_images": 1})
     f.write(tar_end(written))
     f.close()
-    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), out / INDEX_FILE)
+    pq.write_table(pa.Table.from_pylist(rows, schema=index_schema()), out / INDEX_FILE)
 
 
 def write_while_hashing(out: Path, data, max_bytes: int) -> dict[str, dict]:

@@ -34,7 +34,7 @@ from metamorph.data.readers.base import WORLD_PREFIX, list_files, resolve_source
 from metamorph.data.digest import hashing_open
 from metamorph.data.shards import INDEX_FILE, QUARANTINE_FILE, write_index
 
-from metamorph.data.spool import (HASHES_FILE, SPOOL_DIR, ShardDigests, curation_stats, first_accepted, plan_writes, read_process, schemas,
+from metamorph.data.spool import (HASHES_FILE, SPOOL_DIR, ShardDigests, curation_stats, first_accepted, plan_writes, read_process, hashes_schema,
                                   thumbs_reader, write_piece, write_quarantine)
 from metamorph.data.video import VideoConfig
 from pipelines.stage import Stage, StageConfig, StageContext, operational
@@ -161,7 +161,7 @@ def _slots(cfg: CurationStageConfig) -> int:
 
 
 def processing_dataset(units: list[dict[str, Any]], sources: list[SourceConfig], cfg: CurationStageConfig, spool_dir: Path | str = SPOOL_DIR) -> Any:
-    """The lazy Ray Dataset of processed rows (``META_SCHEMA``) for the planned units; the
+    """The lazy Ray Dataset of processed rows (``spool.meta_schema()``) for the planned units; the
     encoded samples land in spool files under ``spool_dir``."""
     import ray
 
@@ -229,7 +229,7 @@ def _curate(ctx: StageContext, artifact: str, cfg: CurationStageConfig, units: l
     t_write = time.perf_counter()
     results = _write_shards(ctx, artifact, cfg, out, jobs)
     index_rows = [r for rows, _ in results for r in rows]
-    hashes = pa.concat_tables([h for _, h in results]) if results else schemas()["HASHES_SCHEMA"].empty_table()
+    hashes = pa.concat_tables([h for _, h in results]) if results else hashes_schema().empty_table()
     ctx.record_digest(f"{artifact}/{INDEX_FILE}", write_index(out, index_rows))
     for shard, n in collections.Counter(r["shard"] for r in index_rows).items():
         ctx.record_rows(f"{artifact}/{shard}", n)

@@ -231,11 +231,6 @@ def processed_schema() -> pa.Schema:
     )
 
 
-def __getattr__(name: str) -> Any:  # PROCESSED_SCHEMA, built on first use
-    if name == "PROCESSED_SCHEMA":
-        return processed_schema()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def sample_id(source: str, rid: str, locator: str) -> str:
     return f"{source}-{rid}" if rid else f"{source}-@{locator}"
@@ -547,7 +542,7 @@ def process_record(
     video: Optional[VideoConfig] = None,
     frames: Optional[FramePredictionConfig] = None,
 ) -> dict[str, Any]:
-    """One row of ``PROCESSED_SCHEMA``: a curated sample with encoded images, or a rejection."""
+    """One row of ``processed_schema()``: a curated sample with encoded images, or a rejection."""
     sid = sample_id(raw.source, raw.rid, raw.locator)
     row: dict[str, Any] = {
         "id": sid, "source": raw.source, "rid": raw.rid, "locator": raw.locator, "order": raw.order,

@@ -4,7 +4,7 @@ image slots), and the packing of rows with their vision features into Parquet pa
     python -m pytest tests/integration/test_tokenize_stage.py -q -m integration
 
 ``render_shards`` is the body of tokenize's per-shard Ray task (one call per mixture shard, a
-pyarrow batch of shard paths in, ``RENDERED_SCHEMA`` rows out); ``pack_parts`` runs on the driver
+pyarrow batch of shard paths in, ``rendered_schema()`` rows out); ``pack_parts`` runs on the driver
 over the encoded rows in input order, so the output is byte-identical whatever the scheduling.
 """
 
@@ -19,13 +19,6 @@ if TYPE_CHECKING:  # pyarrow is imported where used: `metamorph plan` imports th
     import pyarrow as pa
 
 SAMPLE_OK = ("ok", "truncated")
-
-
-def iter_shard(path: str):
-    """(Sample, image payloads) of one curated-sample tar, in file order (as shards.iter_samples)."""
-    from metamorph.data.shards import iter_shards
-
-    yield from iter_shards([Path(path)])
 
 
 @functools.lru_cache(maxsize=4)
@@ -56,11 +49,6 @@ def rendered_schema() -> pa.Schema:
     )
 
 
-def __getattr__(name: str) -> Any:  # RENDERED_SCHEMA, built on first use
-    if name == "RENDERED_SCHEMA":
-        return rendered_schema()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_length: int,
                   system_prompt: Optional[str], batch_size: int) -> pa.Table:
@@ -68,6 +56,7 @@ def render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_len
     import pyarrow as pa
 
     from metamorph.data.packing import truncate
+    from metamorph.data.shards import iter_shards
 
     tpl = chat_template(tokenizer_dir, n_visual, system_prompt)
     out: list[dict[str, Any]] = []
@@ -90,7 +79,7 @@ def render_shards(batch: pa.Table, *, tokenizer_dir: str, n_visual: int, max_len
         pending.clear()
 
     for path in batch.column("shard").to_pylist():
-        for sample, images in iter_shard(path):
+        for sample, images in iter_shards([Path(path)]):
             pending.append((sample, images))
             if len(pending) >= batch_size:
                 flush()

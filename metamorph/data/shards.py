@@ -59,11 +59,6 @@ def index_schema() -> pa.Schema:
     )
 
 
-def __getattr__(name: str) -> Any:  # INDEX_SCHEMA, built on first use
-    if name == "INDEX_SCHEMA":
-        return index_schema()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def sample_members(key: str, record: bytes, images: Sequence[bytes]) -> list[tuple[str, bytes]]:
     """The shard layout of one sample, in write order: [(member name, payload)]. Every writer

@@ -6,7 +6,7 @@ Ray glue that schedules these functions is ``stages/_curation.py``.
 
 A processing task runs ``process`` over its records: each accepted record's tar members (train
 record, held-out record, images: ``_members``) and thumbnails go to one spool file, and only a
-metadata row (``META_SCHEMA``: decide's inputs plus the spool offset and part lengths) comes back.
+metadata row (``meta_schema()``: decide's inputs plus the spool offset and part lengths) comes back.
 The driver decides (``metamorph.data.curate.decide``), then ``plan_writes`` sorts the kept samples
 by id, cuts them into shards (``plan_shards``) and the shards into pieces of about equal bytes
 (``pieces``); ``write_piece`` copies one piece's spooled members into its shard at its byte offset
@@ -40,42 +40,38 @@ SPOOL_DIR = "_spool"  # under the attempt dir, removed before the stage returns
 
 
 @functools.cache
-def schemas() -> dict[str, pa.Schema]:
-    """HASHES_SCHEMA and META_SCHEMA, built on first use: `metamorph plan` imports this module
-    (through the curation stages), and pyarrow only when a stage runs."""
+def hashes_schema() -> pa.Schema:
+    """``image_hashes.parquet``: one row per written image. Built on first use: `metamorph plan`
+    imports this module (through the curation stages), and pyarrow only when a stage runs."""
     import pyarrow as pa
 
-    return {
-        "HASHES_SCHEMA": pa.schema(
-            [("id", pa.string()), ("split", pa.string()), ("image", pa.int32()), ("sha", pa.string()), ("phash", pa.int64()), ("thumb", pa.binary())]
-        ),
-        # what a processing task returns per record (``decide``'s inputs and where the bytes are
-        # parked); ``parts``: byte lengths of [train record member, held-out record member, images
-        # member, thumbnail 0..n-1] (members: tar header + payload + padding, see ``_members``)
-        "META_SCHEMA": pa.schema(
-            [
-                ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
-                ("reason", pa.string()), ("detail", pa.string()), ("family", pa.string()), ("task", pa.string()),
-                ("content_hash", pa.string()), ("sha", pa.list_(pa.string())), ("phash", pa.list_(pa.int64())),
-                ("n_decoded", pa.int32()),
-                ("spool", pa.string()), ("offset", pa.int64()), ("parts", pa.list_(pa.int64())),
-            ]
-        ),
-    }
+    return pa.schema(
+        [("id", pa.string()), ("split", pa.string()), ("image", pa.int32()), ("sha", pa.string()), ("phash", pa.int64()), ("thumb", pa.binary())]
+    )
 
 
-def __getattr__(name: str) -> Any:  # HASHES_SCHEMA, META_SCHEMA
-    if name in ("HASHES_SCHEMA", "META_SCHEMA"):
-        return schemas()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+@functools.cache
+def meta_schema() -> pa.Schema:
+    """What a processing task returns per record (``decide``'s inputs and where the bytes are
+    parked); ``parts``: byte lengths of [train record member, held-out record member, images
+    member, thumbnail 0..n-1] (members: tar header + payload + padding, see ``_members``)."""
+    import pyarrow as pa
 
-
+    return pa.schema(
+        [
+            ("id", pa.string()), ("source", pa.string()), ("locator", pa.string()), ("order", pa.string()),
+            ("reason", pa.string()), ("detail", pa.string()), ("family", pa.string()), ("task", pa.string()),
+            ("content_hash", pa.string()), ("sha", pa.list_(pa.string())), ("phash", pa.list_(pa.int64())),
+            ("n_decoded", pa.int32()),
+            ("spool", pa.string()), ("offset", pa.int64()), ("parts", pa.list_(pa.int64())),
+        ]
+    )
 
 
 def read_process(batch: pa.Table, sources: list[dict[str, Any]], cfg: CurateConfig, video: Optional[VideoConfig],
                  frames: Optional[FramePredictionConfig], spool_dir: str) -> pa.Table:
     """A processing task's body (one Ray Data batch: one planned read unit): read the unit's
-    records and process them as they are read, spooling the accepted ones; the ``META_SCHEMA`` rows."""
+    records and process them as they are read, spooling the accepted ones; the ``meta_schema()`` rows."""
 
     keep_image_buffers()
 
@@ -103,7 +99,7 @@ def process(records: Iterable[RawRecord], cfg: CurateConfig, video: Optional[Vid
     # column by column: 10x cheaper than from_pylist's per-row dict walk
     import pyarrow as pa
 
-    schema = schemas()["META_SCHEMA"]
+    schema = meta_schema()
     return pa.Table.from_pydict({name: [r[name] for r in rows] for name in schema.names}, schema=schema)
 
 
@@ -167,7 +163,7 @@ def write_piece(out: str, split: str, shard: int, offset: int, metas: list[dict[
             f.close()
     import pyarrow as pa
 
-    return rows, pa.Table.from_pylist(hashes, schema=schemas()["HASHES_SCHEMA"]), whole.hexdigest() if whole else None
+    return rows, pa.Table.from_pylist(hashes, schema=hashes_schema()), whole.hexdigest() if whole else None
 
 
 class ShardDigests:

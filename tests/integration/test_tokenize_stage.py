@@ -178,7 +178,7 @@ def test_render_block_of_only_dropped_samples_keeps_types(tmp_path):
     import pyarrow as pa
 
     from metamorph.data.tokenizer import train_bpe
-    from metamorph.data.render import RENDERED_SCHEMA, render_shards
+    from metamorph.data.render import render_shards, rendered_schema
 
     with ShardWriter(tmp_path / "mix", "train") as w:
         w.write(Sample(id="x", source="toy", family="x", task="image_qa", split="train",
@@ -186,6 +186,6 @@ def test_render_block_of_only_dropped_samples_keeps_types(tmp_path):
     train_bpe(["Hello?"] * 4, TokenizerConfig(vocab_size=300)).save_pretrained(tmp_path / "tok")
     t = render_shards(pa.table({"shard": [str(tmp_path / "mix" / w.shards[0])]}),
                        tokenizer_dir=str(tmp_path / "tok"), n_visual=N, max_length=64, system_prompt=None, batch_size=8)
-    assert t.schema == RENDERED_SCHEMA
+    assert t.schema == rendered_schema()
     assert t.to_pylist() == [{"id": "x", "status": "dropped_no_targets", "input_ids": [], "labels": [],
                               "visual_mask": [], "response_visual_mask": [], "images": []}]

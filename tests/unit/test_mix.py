@@ -19,7 +19,7 @@ from metamorph.data.mix import FAMILIES, FamilyMix, Pick, interleave, plan_famil
 from metamorph.data.schema import ImageRef, Sample, Turn
 from metamorph.data.shards import ShardWriter, iter_samples, read_index, write_index
 from pipelines.testing import run_stage
-from metamorph.data.spool import HASHES_FILE, HASHES_SCHEMA
+from metamorph.data.spool import HASHES_FILE, hashes_schema
 from stages.mix import MixConfig, MixStage
 from tests.unit.curation_fixtures import png
 
@@ -97,7 +97,7 @@ def make_curated(root: Path, family: str, n_train: int, n_held: int, image_of=No
                 hashes.append({"id": sid, "split": split, "image": 0, "sha": content_sha(data), "phash": ph, "thumb": th})
         rows += w.rows
     write_index(out, rows)
-    pq.write_table(pa.Table.from_pylist(hashes, schema=HASHES_SCHEMA), out / HASHES_FILE)
+    pq.write_table(pa.Table.from_pylist(hashes, schema=hashes_schema()), out / HASHES_FILE)
     return out
 
 

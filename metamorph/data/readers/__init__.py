@@ -75,12 +75,5 @@ def read_source(src: SourceConfig, records_per_unit: int = 256) -> Iterator[RawR
         yield from reader.read(src, unit, i)
 
 
-def __getattr__(name: str) -> Any:  # RAW_SCHEMA: pyarrow only on first use (`metamorph plan` imports this)
-    if name == "RAW_SCHEMA":
-        from metamorph.data.readers.base import raw_schema
 
-        return raw_schema()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["FORMATS", "READERS", "FAMILY_FORMATS", "Reader", "RawRecord", "Reject", "SourceConfig", "RAW_SCHEMA", "raw_table", "read_source", "check_source"]
+__all__ = ["FORMATS", "READERS", "FAMILY_FORMATS", "Reader", "RawRecord", "Reject", "SourceConfig", "raw_table", "read_source", "check_source"]

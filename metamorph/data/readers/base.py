@@ -148,11 +148,6 @@ def raw_schema() -> pa.Schema:
     )
 
 
-def __getattr__(name: str) -> Any:  # RAW_SCHEMA, built on first use
-    if name == "RAW_SCHEMA":
-        return raw_schema()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def raw_table(records: list[RawRecord]) -> pa.Table:
     import pyarrow as pa
