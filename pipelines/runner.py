@@ -617,4 +617,18 @@ def init_ray(ray_cfg, address: str | None = None) -> str:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     quiet_library_loggers()
+    import_stage_libraries()
     return where
+
+
+def import_stage_libraries() -> None:
+    """Import the heavy libraries the stages' driver code uses, on this (the scheduler's) thread.
+
+    Stage modules import torch/transformers/diffusers inside the functions that run, so several
+    stage threads can reach their first import at once; transformers' lazily populated top-level
+    module is not safe to initialise from two threads (the loser gets "cannot import name
+    'SiglipVisionConfig' from 'transformers'", seen with two concurrent runs). Called once, just
+    before the first stage thread starts (``init_ray``); a fully cached run never gets here."""
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401

@@ -78,6 +78,8 @@ init_ray(RayConfig(num_cpus=2, object_store_memory_mb=100))
 import ray
 ray.get(ray.remote(lambda: 1).remote())
 print("IDLE", json.dumps(snapshot(4)))
+import sys
+print("LIBS", json.dumps(sorted(m for m in ("torch", "transformers", "diffusers") if m in sys.modules)))
 
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -115,8 +117,8 @@ def probe(tmp_path_factory):
                        timeout=360)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in r.stdout.splitlines()
-             if ln.startswith(("IDLE ", "TRAIN "))}
-    return lines["IDLE"], lines["TRAIN"]
+             if ln.startswith(("IDLE ", "TRAIN ", "LIBS "))}
+    return lines["IDLE"], lines["TRAIN"], lines["LIBS"]
 
 
 def _is_torch_store(row: dict, train: dict) -> bool:
@@ -124,7 +126,7 @@ def _is_torch_store(row: dict, train: dict) -> bool:
 
 
 def test_ray_services_listen_on_loopback_only(probe):
-    idle, train = probe
+    idle, train, _ = probe
     names = {r["name"] for r in idle}
     # the probe saw Ray's servers at all (else an empty list would pass)
     assert {"gcs_server", "raylet"} <= names, idle
@@ -135,7 +137,13 @@ def test_ray_services_listen_on_loopback_only(probe):
 
 
 def test_torch_store_on_loopback(probe):
-    _, train = probe
+    _, train, _ = probe
     stores = [r for r in train["rows"] if _is_torch_store(r, train)]
     assert len(stores) == 1, train  # the process group's rendezvous store, exactly where expected
     assert _loopback(stores[0]["addr"]), stores
+
+
+def test_init_ray_imports_the_stage_libraries_before_any_stage_thread(probe):
+    # stage threads importing transformers at once race on its lazy top-level module
+    # (pipelines.runner.import_stage_libraries); init_ray runs on the scheduler's thread
+    assert probe[2] == ["diffusers", "torch", "transformers"]
