@@ -23,13 +23,10 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +38,7 @@ def cache_config(cfg: Any) -> Any:
     """The stage config as plain data with operational (result-neutral) fields removed: those
     declared with ``metamorph.fields.operational()`` field metadata, at any depth."""
     from metamorph.fields import operational_paths
+    from pipelines.config import to_plain
 
     plain = to_plain(cfg)
     for path in sorted(operational_paths(cfg)):
@@ -198,6 +196,8 @@ def recover(run_root: Path, stage: str, key: str) -> str | None:
     (killed right after the manifest) is promoted too. Then ``.old-*`` leftovers are removed.
     Returns what was done, or None.
     """
+    import shutil
+
     final, tmp, _ = stage_dirs(run_root, stage, key)
     did = []
     if not final.exists() and tmp.is_dir() and is_complete(tmp, key) and not verify(tmp):
@@ -221,6 +221,8 @@ def prepare_attempt(run_root: Path, stage: str, key: str) -> tuple[Path, Path, P
     Call holding the key's lock (pipelines/lock.py): ``.tmp`` and ``.ckpt`` belong to its holder.
     A complete final dir stays in place (a forced rerun replaces it only once the new one is done).
     """
+    import shutil
+
     final, tmp, ckpt = stage_dirs(run_root, stage, key)
     recover(run_root, stage, key)
     if tmp.exists():  # renamed first: tasks of a killed driver may still be writing into it
@@ -262,6 +264,8 @@ def promote(
     file system can, else renamed aside and back: ``recover`` completes that after a crash).
     Returns the manifest.
     """
+    import shutil
+
     manifest = dict(manifest)
     manifest["files"] = list_files(tmp, row_counts, sync=True, digests=digests)
     manifest["finished_at"] = time.time()
@@ -412,6 +416,8 @@ def _tree_bytes(root: Path) -> int:
 def explain_disk_full(exc: BaseException, tmp: Path) -> BaseException:
     """If ``exc`` (or its cause, or a Ray task error around it) is ENOSPC / EFBIG / EDQUOT: remove
     the attempt dir ``tmp`` and return a DiskFull naming the path and the bytes needed; else ``exc``."""
+    import shutil
+
     import errno
 
     chain, e = [], exc
@@ -474,6 +480,8 @@ _GIT_SHA: str | None = None
 
 
 def git_sha() -> str:
+    import subprocess
+
     global _GIT_SHA
     if _GIT_SHA is None:
         try:
@@ -494,5 +502,7 @@ def git_sha() -> str:
 
 def jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
+        from pipelines.config import to_plain
+
         return to_plain(obj)
     return obj

@@ -8,20 +8,20 @@
 ``LiveView`` is an ``Engine.run`` listener (``pipelines.runner.StageEvent``). Progress comes
 from the stages' progress files (``pipelines.logs.write_progress``), polled twice a second; the
 log files are tailed for ``-v``. Everything else (Ray, workers, libraries) is in the log files.
+
+Text is written in styled segments (``Out``): rich draws them on a terminal; off one they are
+plain text and tables are aligned columns, without importing rich (a fully cached run off a
+terminal loads nothing it does not print with).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
-
-from rich.console import Console
-from rich.live import Live
-from rich.markup import escape
-from rich.table import Table
+from typing import Any, Sequence, TextIO, Union
 
 from pipelines.logs import read_progress
 
@@ -29,6 +29,81 @@ QUIET, NORMAL, VERBOSE = 0, 1, 2
 STYLE = {"waiting": "dim", "damaged": "red", "running": "bold yellow", "cached": "green", "done": "bold green",
          "failed": "bold red", "blocked": "red"}
 PLAIN_PROGRESS_EVERY_S = 10.0  # off a terminal: at most one progress line per stage this often
+
+Cell = Union[str, "tuple[str, str]"]  # text, or (text, rich style)
+
+
+class Out:
+    """Where the view writes: styled segments and tables; rich on a terminal, plain text off one.
+    Text is never parsed as markup, so whatever a stage or an error says is printed as is."""
+
+    def __init__(self, file: TextIO | None = None, rich: bool | None = None):
+        self.file = file if file is not None else sys.stderr
+        self.rich = _isatty(self.file) if rich is None else rich
+        self.console = None
+        if self.rich:
+            from rich.console import Console
+
+            self.console = Console(file=self.file, highlight=False, soft_wrap=True)
+
+    def line(self, *cells: Cell) -> None:
+        if self.console is not None:
+            from rich.text import Text
+
+            self.console.print(Text.assemble(*cells))
+        else:
+            self.file.write("".join(c if isinstance(c, str) else c[0] for c in cells) + "\n")
+            self.file.flush()
+
+    def raw(self, text: str) -> None:
+        """A line as is (log tails)."""
+        if self.console is not None:
+            self.console.out(text, highlight=False)
+        else:
+            self.file.write(text + "\n")
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
+        if self.console is not None:
+            self.console.print(rich_table(title, columns, rows))
+            return
+        text = [[c if isinstance(c, str) else c[0] for c in row] for row in rows]
+        widths = [max([len(col)] + [len(r[i]) for r in text]) for i, col in enumerate(columns)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [title, "  " + fmt.format(*columns).rstrip()] + ["  " + fmt.format(*r).rstrip() for r in text]
+        self.file.write("\n".join(out) + "\n")
+        self.file.flush()
+
+
+def rich_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Cell]], no_wrap: bool = False, **kw: Any):
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=title, title_justify="left", **kw)
+    for col in columns:
+        t.add_column(col, no_wrap=no_wrap)
+    for row in rows:
+        t.add_row(*(Text(c) if isinstance(c, str) else Text(c[0], style=c[1]) for c in row))
+    return t
+
+
+def _isatty(f: Any) -> bool:
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def print_plan(items: Sequence[Any], file: TextIO | None = None, as_json: bool = False) -> None:
+    """The plan (``planning.PlanItem``s) as a table on stderr (default), or as JSON on stdout."""
+    if as_json:
+        import json
+
+        print(json.dumps([{"stage": i.name, "key": i.key, "action": i.action, "reason": i.reason,
+                           "out_dir": str(i.out_dir)} for i in items], indent=2))
+        return
+    style = {"run": "bold yellow", "cached": "green", "skip": "dim"}
+    rows = [(str(i), it.name, it.key, (it.action, style[it.action]), it.reason) for i, it in enumerate(items, 1)]
+    Out(file).table("plan", ("#", "stage", "key", "action", "why"), rows)
 
 
 @dataclass
@@ -92,13 +167,13 @@ class LiveView:
 
     def __init__(self, stages: list[str], file: TextIO | None = None, verbosity: int = NORMAL,
                  live: bool | None = None, poll_s: float = 0.5):
-        self.console = Console(file=file, highlight=False, soft_wrap=True)
+        self.out = Out(file, rich=live)
         self.verbosity = verbosity
-        self.live_mode = (self.console.is_terminal if live is None else live) and verbosity >= NORMAL
+        self.live_mode = self.out.rich and verbosity >= NORMAL
         self.rows = {n: StageRow(n) for n in stages}
         self.t0 = time.time()
         self.poll_s = poll_s
-        self._live: Live | None = None
+        self._live: Any = None  # rich.live.Live while the table is drawn
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
@@ -109,8 +184,10 @@ class LiveView:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "LiveView":
         if self.live_mode:
+            from rich.live import Live
+
             # redirect_*=False: what a library writes to sys.stdout/stderr must not reach the table
-            self._live = Live(self.table(), console=self.console, refresh_per_second=4, transient=False,
+            self._live = Live(self.table(), console=self.out.console, refresh_per_second=4, transient=False,
                               redirect_stdout=False, redirect_stderr=False)
             self._live.start()
         self._thread = threading.Thread(target=self._poll, name="console-poll", daemon=True)
@@ -133,24 +210,24 @@ class LiveView:
         self.stop()
 
     # ------------------------------------------------------------------ output
-    def print(self, *args: Any, **kw: Any) -> None:
-        """A line above the table (or a plain line)."""
+    def print(self, *cells: Cell) -> None:
+        """A line above the table (or a plain line): text, or (text, style) segments."""
         with self._lock:
-            self.console.print(*args, **kw)
+            self.out.line(*cells)
 
     def error(self, msg: str) -> None:
-        self.print(f"[bold red]error:[/] {msg}")
+        self.print(("error:", "bold red"), f" {msg}")
 
-    def table(self) -> Table:
+    def table(self):
+        """The live table (a rich Table: drawn on a terminal only)."""
         now = time.time()
-        t = Table(title=f"metamorph run  {_dur(now - self.t0)}", title_justify="left", expand=False)
-        for col in ("stage", "state", "elapsed", "progress", "eta", "metric"):
-            t.add_column(col, no_wrap=True)
+        rows = []
         for r in self.rows.values():
             metric = r.progress.get("metric", "") if r.state == "running" else headline(r.stats, 1)
-            t.add_row(r.name, f"[{STYLE.get(r.state, 'default')}]{r.state}[/]", _dur(r.elapsed(now)),
-                      r.progress_text(), _dur(r.eta(now)), metric or "")
-        return t
+            rows.append((r.name, (r.state, STYLE.get(r.state, "default")), _dur(r.elapsed(now)), r.progress_text(),
+                         _dur(r.eta(now)), metric or ""))
+        return rich_table(f"metamorph run  {_dur(now - self.t0)}", ("stage", "state", "elapsed", "progress", "eta", "metric"),
+                          rows, no_wrap=True, expand=False)
 
     def _refresh(self) -> None:
         with self._lock:
@@ -195,11 +272,11 @@ class LiveView:
                 continue
             self._tails[path] = pos + cut
             for line in data[:cut].decode("utf-8", "replace").splitlines():
-                self.console.out(f"{path.stem}| {line}", highlight=False)
+                self.out.raw(f"{path.stem}| {line}")
 
     def _line(self, stage: str, kind: str, detail: str) -> None:
         colour = STYLE.get({"start": "running", "started": "dim"}.get(kind, kind), "default")
-        self.console.print(f"[dim]{time.time() - self.t0:7.1f}s[/] [{colour}]{kind:>8}[/] {stage}  [dim]{escape(detail)}[/]")
+        self.out.line((f"{time.time() - self.t0:7.1f}s", "dim"), " ", (f"{kind:>8}", colour), f" {stage}  ", (detail, "dim"))
 
     # ------------------------------------------------------------------ events
     def __call__(self, ev) -> None:
@@ -221,7 +298,7 @@ class LiveView:
                 if self._live is None and self.verbosity >= NORMAL:
                     self._line(ev.stage, ev.kind, ev.detail)
                 elif ev.kind == "damaged":
-                    self.print(f"[red]{ev.stage}: cached output damaged[/]: {escape(ev.detail)}")
+                    self.print((f"{ev.stage}: cached output damaged", "red"), f": {ev.detail}")
                 if self._live is not None:
                     self._live.update(self.table())
                 return
@@ -240,7 +317,7 @@ class LiveView:
                 self.on_stage_state(ev.stage, ev.kind == "start")
             if ev.kind == "failed":
                 where = f"\n  log: {ev.log_path}" if ev.log_path else ""
-                self.print(f"[bold red]stage {ev.stage} failed[/]: {escape(ev.detail)}{where}")
+                self.print((f"stage {ev.stage} failed", "bold red"), f": {ev.detail}{where}")
             elif self._live is None and self.verbosity >= NORMAL:
                 detail = _dur(ev.seconds) if ev.kind == "done" else ev.detail
                 if ev.kind == "done" and ev.stats:
@@ -256,23 +333,21 @@ class LiveView:
         run was opened; ``produced_by`` (stage -> MLflow run id, from the manifests) then names
         the runs that computed the cached outputs."""
         now = time.time()
-        t = Table(title="summary", title_justify="left")
-        for col in ("stage", "status", "time", "headline"):
-            t.add_column(col)
+        rows = []
         for r in self.rows.values():
             status = {"done": "ran"}.get(r.state, r.state)
-            t.add_row(r.name, f"[{STYLE.get(r.state, 'default')}]{status}[/]", _dur(r.elapsed(now)), headline(r.stats))
-        word = "[bold green]done[/]" if ok else "[bold red]failed[/]"
+            rows.append((r.name, (status, STYLE.get(r.state, "default")), _dur(r.elapsed(now)), headline(r.stats)))
+        word = ("done", "bold green") if ok else ("failed", "bold red")
         with self._lock:
-            self.console.print(t)
+            self.out.table("summary", ("stage", "status", "time", "headline"), rows)
             if run_id is None and ok:
                 by_run: dict[str, list[str]] = {}
                 for stage, rid in (produced_by or {}).items():
                     by_run.setdefault(rid, []).append(stage)
                 runs = [f"{rid} ({len(st)} stage{'s' if len(st) > 1 else ''})" for rid, st in by_run.items()]
                 more = f" and {len(runs) - 3} more" if len(runs) > 3 else ""  # older manifests name only the stage's run
-                self.console.print(f"{word} in {_dur(now - self.t0)}: nothing to run, every stage cached (no new MLflow run); logs {log_dir}")
-                self.console.print(f"outputs computed by mlflow run {'; '.join(runs[:3]) or 'none recorded'}{more}")
+                self.out.line(word, f" in {_dur(now - self.t0)}: nothing to run, every stage cached (no new MLflow run); logs {log_dir}")
+                self.out.line(f"outputs computed by mlflow run {'; '.join(runs[:3]) or 'none recorded'}{more}")
             else:
-                self.console.print(f"{word} in {_dur(now - self.t0)}; mlflow run {run_id}; logs {log_dir}")
-            self.console.print(f"open it: metamorph ui --run-root {run_root}")
+                self.out.line(word, f" in {_dur(now - self.t0)}; mlflow run {run_id}; logs {log_dir}")
+            self.out.line(f"open it: metamorph ui --run-root {run_root}")

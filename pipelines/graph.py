@@ -12,11 +12,10 @@ import graphlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from pipelines.planning import GraphError  # noqa: F401  (raised here, defined with the planner)
 from pipelines.stage import Stage
 
 
-class GraphError(ValueError):
-    """The pipeline definition is not a valid DAG; raised before any work starts."""
 
 
 @dataclass

@@ -16,7 +16,6 @@ first stage that must run is about to start (``start_ray``): a fully cached run 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import os
 import queue
@@ -24,7 +23,6 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -33,9 +31,10 @@ import yaml
 from pipelines import cache
 from pipelines.config import LoadedConfig, flatten, to_plain
 from pipelines.graph import Dag, GraphError, Pipeline, build_dag, select
+from pipelines.planning import (CACHED, RUN, SKIP, PlanItem, RunSummary, StageEvent, cached_outcome, decide,
+                                default_run_name, producer_of)
 from pipelines.stage import StageContext, TrackingHandle
 
-RUN, CACHED, SKIP = "run", "cached", "skip"
 
 
 class StageFailed(RuntimeError):
@@ -51,49 +50,7 @@ class StageFailed(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-@dataclass
-class PlanItem:
-    name: str
-    key: str
-    action: str  # run | cached | skip
-    reason: str
-    out_dir: Path
-
-
-@dataclass
-class StageEvent:
-    """One state change, handed to ``Engine.run``'s ``on_event`` in the main thread.
-
-    kind: ``waiting`` (planned, upstream not done; or, after ``start``, another run holds the
-    key's lock), ``start``, ``damaged`` (the cached output failed verification and is moved aside
-    and recomputed), ``cached``, ``done``, ``failed``, ``blocked`` (an upstream stage failed), or
-    ``ray`` (Ray was started; ``detail`` says where).
-    """
-
-    stage: str
-    kind: str
-    detail: str = ""
-    seconds: float | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-    error: BaseException | None = None
-    log_path: Path | None = None  # the stage's log file (None without a log_dir)
-    progress_path: Path | None = None
-
-
 EventFn = Callable[[StageEvent], None]
-
-
-@dataclass
-class RunSummary:
-    parent_run_id: str | None
-    statuses: dict[str, str] = field(default_factory=dict)  # stage -> ran | cached | failed | blocked
-    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    out_dirs: dict[str, Path] = field(default_factory=dict)
-    log_dir: Path | None = None
-    # cached stage -> the MLflow run that computed its output (from its manifest: the pipeline
-    # run if recorded, else the stage's own run); a fully cached run opens none of its own
-    produced_by: dict[str, str] = field(default_factory=dict)
 
 
 class Engine:
@@ -127,18 +84,17 @@ class Engine:
     def artifact_dir(self, artifact: str) -> Path:
         return self.out_dir(self.dag.producer[artifact]) / artifact
 
-    def plan(
-        self,
-        only: Iterable[str] = (),
-        from_: str | None = None,
-        until: str | None = None,
-        force: Iterable[str] = (),
-        verify: bool | None = None,
-    ) -> list[PlanItem]:
-        if verify is not None:
-            self.verify_hashes = verify
+    def graph_facts(self) -> dict[str, Any]:
+        """What planning needs from the config and the stage code, as plain data: the DAG's order
+        and edges, every stage's cache key, the resumable stages (``planning.decide``'s inputs)."""
+        order = self.dag.order
+        return {"order": order, "upstream": {n: self.dag.upstream(n) for n in order}, "keys": dict(self.keys),
+                "resumable": [n for n in order if self.dag.stages[n].resumable]}
+
+    def selection(self, only: Iterable[str] = (), from_: str | None = None, until: str | None = None,
+                  force: Iterable[str] = ()) -> tuple[set[str], set[str]]:
+        """(selected, forced) stage names; unknown or unselected names raise ``GraphError``."""
         selected = select(self.dag, only, from_, until)
-        force = list(force)
         forced: set[str] = set()
         for f in force:
             if f in ("all", "*"):
@@ -149,45 +105,21 @@ class Engine:
                 raise GraphError(f"--force {f!r}: that stage is not selected by --only/--from/--until")
             else:
                 forced.add(f)
-        items: dict[str, PlanItem] = {}
-        # stages that rerun because of --force, and everything selected downstream of them: they
-        # replace valid outputs. Any other stage that runs (missing, damaged, resumable) produces
-        # the content its key names, so valid outputs downstream of it stay cached.
-        dirty: set[str] = set()
-        for n in self.dag.order:
-            out = self.out_dir(n)
-            complete = cache.is_complete(out, self.keys[n])
-            ups = self.dag.upstream(n)
-            if n not in selected:
-                items[n] = PlanItem(n, self.keys[n], SKIP, "not selected" + (" (cached)" if complete else ""), out)
-                continue
-            damage = cache.verify(out, hashes=self.verify_hashes) if complete and n not in forced else []
-            if n in forced:
-                action, reason = RUN, "forced"
-            elif any(u in dirty for u in ups):
-                action, reason = RUN, "upstream reruns"
-            elif damage:  # recomputed under the key's lock (moved aside there)
-                action = RUN
-                reason = f"cached output damaged: {damage[0]}" + (f" (+{len(damage) - 1} more)" if len(damage) > 1 else "")
-            elif complete:
-                action, reason = CACHED, "manifest " + ("and sha256 verified" if self.verify_hashes else "and sizes match")
-            else:
-                ckpt = cache.stage_dirs(self.run_root, n, self.keys[n])[2]
-                resumable = self.dag.stages[n].resumable and ckpt.exists() and any(ckpt.iterdir())
-                action, reason = RUN, "resume from checkpoint" if resumable else "no cached output"
-            if reason in ("forced", "upstream reruns"):
-                dirty.add(n)
-            items[n] = PlanItem(n, self.keys[n], action, reason, out)
-        for n, it in items.items():
-            if it.action == SKIP:
-                continue
-            for u in self.dag.upstream(n):
-                if items[u].action == SKIP and not cache.is_complete(items[u].out_dir, self.keys[u]):
-                    raise GraphError(
-                        f"stage {n!r} needs the output of {u!r} (key {self.keys[u]}), which is not "
-                        f"cached and not selected; run it first or widen the selection"
-                    )
-        return [items[n] for n in self.dag.order]
+        return selected, forced
+
+    def plan(
+        self,
+        only: Iterable[str] = (),
+        from_: str | None = None,
+        until: str | None = None,
+        force: Iterable[str] = (),
+        verify: bool | None = None,
+    ) -> list[PlanItem]:
+        if verify is not None:
+            self.verify_hashes = verify
+        selected, forced = self.selection(only, from_, until, force)
+        return decide(**self.graph_facts(), run_root=self.run_root, selected=selected, forced=forced,
+                      verify_hashes=self.verify_hashes)
 
     def validate_stages(self, plan: list[PlanItem]) -> None:
         for it in plan:
@@ -367,20 +299,11 @@ class Engine:
         return summary
 
     def _record_cached(self, it: PlanItem, tracker, parent: TrackingHandle, summary: RunSummary) -> None:
-        if cache.has_leftovers(it.out_dir):  # `.old-*` of a replacement a crash interrupted
-            from pipelines.lock import StageLock, lock_path
-
-            lk = StageLock(lock_path(self.run_root, it.name, it.key))
-            if lk.try_acquire():  # held by another run: it cleans up itself
-                try:
-                    cache.recover(self.run_root, it.name, it.key)
-                finally:
-                    lk.release()
-        manifest = cache.read_manifest(it.out_dir) or {}
+        manifest = cached_outcome(self.run_root, it)
         summary.statuses[it.name] = "cached"
         summary.stats[it.name] = manifest.get("stats", {})
         summary.out_dirs[it.name] = it.out_dir
-        producer = manifest.get("mlflow_parent_run_id") or manifest.get("mlflow_run_id")
+        producer = producer_of(manifest)
         if producer:
             summary.produced_by[it.name] = producer
         if tracker is None:
@@ -541,10 +464,6 @@ def _numeric(stats: dict[str, Any]) -> dict[str, float]:
         if isinstance(v, (int, float)):
             out[k.replace(":", "_")] = float(v)
     return out
-
-
-def default_run_name(preset: str | None) -> str:
-    return f"{preset or 'run'}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 # Ray 2.60 binds every server of a node (GCS, raylet, object manager, core workers, dashboard

@@ -70,7 +70,7 @@ def run_sweep(
     say=log.info,
 ) -> dict[str, Any]:
     """Validate every cell's config first, then run the cells in order with ``execute_fn``
-    (``pipelines.cli.execute``: plan, validate, run with the live view); return a summary.
+    (``pipelines.commands.execute``: plan, validate, run with the live view); return a summary.
     ``say`` prints a line per cell (the CLI's console)."""
     from pipelines.tracking import make_tracker
     sweep = read_sweep(path)

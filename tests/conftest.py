@@ -14,6 +14,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+if "METAMORPH_CLI_CACHE_DIR" not in os.environ:  # remembered CLI resolutions: per test session
+    import tempfile
+
+    os.environ["METAMORPH_CLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="metamorph-cli-cache-")
 
 import pytest
 

@@ -83,7 +83,7 @@ def ray_gpu():
 
 
 def test_smoke_dag_on_gpu_with_fsdp2_and_bf16(ray_gpu, tmp_path):
-    from pipelines.cli import execute
+    from pipelines.commands import execute
     from pipelines.config import load_config
     from pipelines.definitions import get_pipeline
 

@@ -42,7 +42,7 @@ def smoke_run(ray_session, tmp_path_factory):
     """One run of the whole default DAG on the smoke preset, shared by every test that only reads
     its outputs (a run takes minutes on 2 cores). Returns {"root", "loaded", "summary"}; the run
     registers its VPiT model as ``metamorph-smoke`` (evaluate.register_as)."""
-    from pipelines.cli import execute
+    from pipelines.commands import execute
     from pipelines.config import load_config
     from pipelines.definitions import get_pipeline
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import sys
-from pipelines.cli import execute
+from pipelines.commands import execute
 from pipelines.config import load_config
 from tests.integration.engine.toy_stages import toy_pipeline
 p = toy_pipeline()

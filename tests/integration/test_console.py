@@ -28,8 +28,8 @@ def _report():
     with open(os.environ["MM_MODULES_OUT"], "w") as f:
         json.dump(heavy, f)
 atexit.register(_report)
-from pipelines.cli import app
-app(prog_name="metamorph")
+from pipelines.cli import main
+main()
 """
 # Lines that only Ray, its workers or Ray Train print: none may reach the console.
 NOISE = ("(raylet)", "(pid=", "TrainingReport", "PlacementGroupCleaner", "worker.py:", "Started a local Ray",

@@ -150,7 +150,7 @@ def test_failure_keeps_upstream_and_rerun_completes(ray_session, tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from pipelines.cli import execute
+from pipelines.commands import execute
 from pipelines.config import load_config
 from tests.integration.engine.toy_stages import toy_pipeline
 p = toy_pipeline()

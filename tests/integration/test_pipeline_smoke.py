@@ -14,7 +14,7 @@ import webdataset as wds
 from mlflow import MlflowClient
 
 from pipelines import cache
-from pipelines.cli import execute
+from pipelines.commands import execute
 from pipelines.config import load_config
 from pipelines.definitions import get_pipeline
 from pipelines.tracking import default_uri

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import execute
+from pipelines.commands import execute
 from pipelines.config import load_config
 from pipelines.definitions import get_pipeline
 

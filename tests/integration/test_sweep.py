@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.config import ConfigError
-from pipelines.cli import execute
+from pipelines.commands import execute
 from pipelines.sweep import read_sweep, run_sweep
 from pipelines.tracking import default_uri
 from tests.integration.engine.toy_stages import toy_pipeline

@@ -131,7 +131,7 @@ def test_cli_stage_modules_and_planning_import_no_heavy_library(tmp_path):
     # none of the libraries that only running a stage needs
     code = (
         "import sys\n"
-        "import pipelines.cli\n"
+        "import pipelines.commands\n"
         "from pipelines.config import load_config\n"
         "from pipelines.definitions import get_pipeline\n"
         "from pipelines.runner import Engine\n"
