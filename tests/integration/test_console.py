@@ -20,13 +20,14 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
-# Runs the CLI and, at exit, writes which heavy modules were imported (and whether Ray was up).
+# Runs the CLI and, at exit, writes which heavy modules were imported, and whether the config was
+# resolved (OmegaConf loaded) or the command was answered from its remembered resolution.
 HOOK = """
 import atexit, json, os, sys
 def _report():
     heavy = [m for m in ("torch", "transformers", "diffusers", "ray", "mlflow", "numpy", "pyarrow", "PIL", "av") if m in sys.modules]
     with open(os.environ["MM_MODULES_OUT"], "w") as f:
-        json.dump(heavy, f)
+        json.dump({"heavy": heavy, "resolved": "omegaconf" in sys.modules}, f)
 atexit.register(_report)
 from pipelines.cli import main
 main()
@@ -46,13 +47,15 @@ def _env(tmp: Path, name: str) -> dict[str, str]:
     return env
 
 
-def _cli(args: list[str], tmp: Path, name: str, timeout: int = 600) -> tuple[str, list[str]]:
-    """Run the CLI off a terminal (stdout+stderr piped); return its output and heavy imports."""
+def _cli(args: list[str], tmp: Path, name: str, timeout: int = 600) -> tuple[str, list[str], bool]:
+    """Run the CLI off a terminal (stdout+stderr piped); return its output, heavy imports and
+    whether it resolved the config (False: answered from memory)."""
     r = subprocess.run([sys.executable, "-c", HOOK, *args], cwd=ROOT, env=_env(tmp, name), capture_output=True,
                        text=True, timeout=timeout)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
-    return out, json.loads((tmp / f"{name}.modules.json").read_text())
+    report = json.loads((tmp / f"{name}.modules.json").read_text())
+    return out, report["heavy"], report["resolved"]
 
 
 def _cli_pty(args: list[str], tmp: Path, timeout: int = 900) -> str:
@@ -115,7 +118,7 @@ def test_tty_run_draws_a_table_and_a_summary_and_no_ray_output(smoke_root):
 
 def test_piped_rerun_prints_one_line_per_event(smoke_root, tmp_path):
     root, _ = smoke_root
-    out, _ = _cli(["run", "--preset", "smoke", "--run-root", str(root), "--name", "piped",
+    out, _, _ = _cli(["run", "--preset", "smoke", "--run-root", str(root), "--name", "piped",
                    "--only", "train_vpit", "--force", "train_vpit"], tmp_path, "piped")
     assert "\x1b[" not in out  # plain text off a terminal
     for noise in NOISE:
@@ -132,13 +135,48 @@ def test_piped_rerun_prints_one_line_per_event(smoke_root, tmp_path):
 
 def test_plan_and_cached_run_import_no_torch_and_start_no_ray(smoke_root, tmp_path):
     root, _ = smoke_root
-    out, heavy = _cli(["plan", "--preset", "smoke", "--run-root", str(root)], tmp_path, "plan")
+    out, heavy, _ = _cli(["plan", "--preset", "smoke", "--run-root", str(root)], tmp_path, "plan")
     assert heavy == [], heavy
     assert "cached" in out
-    out, heavy = _cli(["run", "--preset", "smoke", "--run-root", str(root), "--name", "cached"], tmp_path, "cached")
-    assert heavy == [], heavy  # neither torch nor ray (nor MLflow: nothing to record) was even imported
-    table = out[out.rindex("summary"):].split("done in")[0]
-    for stage in STAGES:
-        row = next(ln for ln in table.splitlines() if f" {stage} " in ln)
-        assert "cached" in row, row
-    assert "started" not in out  # Ray never started
+    for attempt in ("resolved", "remembered"):  # the second identical command answers from memory
+        out, heavy, resolved = _cli(["run", "--preset", "smoke", "--run-root", str(root), "--name", "cached"],
+                                    tmp_path, "cached")
+        assert resolved == (attempt == "resolved")
+        assert heavy == [], heavy  # neither torch nor ray (nor MLflow: nothing to record) was even imported
+        table = out[out.rindex("summary"):].split("done in")[0]
+        for stage in STAGES:
+            row = next(ln for ln in table.splitlines() if f" {stage} " in ln)
+            assert "cached" in row, row
+        assert "started" not in out  # Ray never started
+        assert "nothing to run, every stage cached" in out
+
+
+def test_a_repeated_plan_is_answered_from_memory_until_something_changes(smoke_root, tmp_path):
+    root, _ = smoke_root
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("stages:\n  evaluate:\n    n_t2i: 8\n")  # smoke's own value: nothing changes
+    args = ["plan", "--preset", "smoke", "--run-root", str(root), "--config", str(exp), "--json"]
+
+    def plan() -> tuple[dict[str, tuple[str, str]], bool]:
+        out, heavy, resolved = _cli(args, tmp_path, "memo")
+        assert heavy == []
+        return {p["stage"]: (p["key"], p["action"]) for p in json.loads(out[out.index("["):])}, resolved
+
+    first, resolved = plan()
+    assert resolved and all(action == "cached" for _, action in first.values())
+    again, resolved = plan()
+    assert not resolved and again == first  # same answer without loading the config
+    ev_dir = root / "evaluate" / first["evaluate"][0]
+    aside = ev_dir.with_name(ev_dir.name + ".aside")
+    ev_dir.rename(aside)  # the run root is always read live
+    try:
+        live, resolved = plan()
+        assert not resolved and live["evaluate"] == (first["evaluate"][0], "run")
+    finally:
+        aside.rename(ev_dir)
+    st = exp.stat()
+    exp.write_text("stages:\n  evaluate:\n    n_t2i: 6\n")  # a config file the command read changed
+    os.utime(exp, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed, resolved = plan()
+    assert resolved and changed["evaluate"][0] != first["evaluate"][0] and changed["evaluate"][1] == "run"
+    assert changed["train_vpit"] == first["train_vpit"]
