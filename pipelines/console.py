@@ -152,13 +152,22 @@ def _dur(s: float | None) -> str:
     return f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+# The figures a reader of the summary looks for first: the evaluation's headline scores, then
+# what a curation stage kept and set aside.
+HEADLINE_FIRST = ("eval/qa_acc", "eval/retrieval_top1", "eval/gen_attr_acc")
+HEADLINE_COUNTS = ("samples_out", "heldout_out", "quarantined")
+
+
 def headline(stats: dict[str, Any], n: int = 3) -> str:
-    """The few numbers worth a glance: eval/* first, then losses, then counts."""
+    """The few numbers worth a glance: the headline scores, other eval/*, then final values and
+    losses, then counts (n_*, samples out, quarantined)."""
     nums = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    order = [k for k in nums if k.startswith("eval/")]
+    order = [k for k in HEADLINE_FIRST if k in nums]
+    order += [k for k in nums if k.startswith("eval/") and k not in order]
     order += [k for k in nums if k.startswith("final") and k not in order]
     order += [k for k in nums if "loss" in k and not k.startswith("first") and k not in order]
     order += [k for k in nums if k.startswith("n_") and k not in order]
+    order += [k for k in HEADLINE_COUNTS if k in nums and k not in order]
     return "  ".join(f"{k}={nums[k]:.4g}" for k in order[:n])
 
 

@@ -80,6 +80,11 @@ def test_verbose_view_tails_the_log_files(tmp_path):
 
 def test_headline_prefers_eval_then_final_losses():
     assert headline({"first_loss": 3.0, "final_loss": 1.0, "eval/qa": 0.5, "n_rows": 4}, 2) == "eval/qa=0.5  final_loss=1"
+    assert headline({"eval/fd_encoder": 1.3, "eval/qa_acc": 0.6, "eval/retrieval_top1": 0.9}, 2) == \
+        "eval/qa_acc=0.6  eval/retrieval_top1=0.9"
+    # a curation stage: what it kept and set aside, not its timings
+    assert headline({"seconds": 4.2, "images_per_s": 45.0, "samples_out": 120, "quarantined": 0}) == \
+        "samples_out=120  quarantined=0"
 
 
 def test_router_files_records_by_stage_thread(tmp_path):
