@@ -17,6 +17,7 @@ import os
 import pipelines.env  # noqa: F401  (environment defaults, before ray or transformers are imported)
 
 import contextlib
+import functools
 import dataclasses
 import json
 import logging
@@ -353,7 +354,8 @@ def sweep(
     if pipeline not in PIPELINES:
         _fail(f"unknown pipeline {pipeline!r}")
     try:
-        out = run_sweep(PIPELINES[pipeline], file, execute_fn=execute, preset=preset,
+        # capture: each cell's Ray and library output goes to its driver.log, as `run`'s does
+        out = run_sweep(PIPELINES[pipeline], file, execute_fn=functools.partial(execute, capture=True), preset=preset,
                         overrides=_with_run_root(overrides, run_root), address=address, say=console.print)
     except (ConfigError, GraphError) as e:
         _fail(str(e))
