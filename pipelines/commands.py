@@ -17,8 +17,8 @@ import os
 import pipelines.env  # noqa: F401  (environment defaults, before ray or transformers are imported)
 
 import contextlib
-import functools
 import dataclasses
+import functools
 import json
 import logging
 import sys
