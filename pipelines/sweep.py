@@ -153,7 +153,7 @@ def plot(table: list[dict], spec: dict[str, Any], out: Path) -> None:
     if len(y_labels) != len(ys):
         raise ConfigError(f"sweep.plot.y_label: {len(y_labels)} labels for {len(ys)} metrics")
     labels = {str(k): v for k, v in (spec.get("series_labels") or {}).items()}
-    fig, axes = plt.subplots(1, len(ys), figsize=(6 * len(ys), 4), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(ys), figsize=(6 * len(ys), 4.6), dpi=120, squeeze=False)
     # series: one key, or a list of keys (a curve per combination, labelled "v1/v2")
     keys = [series] if isinstance(series, str) else list(series or [])
     groups: dict[Any, list] = {}
@@ -169,9 +169,11 @@ def plot(table: list[dict], spec: dict[str, Any], out: Path) -> None:
         ax.set_xlabel(spec.get("x_label", x))
         ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
     fig.suptitle(spec.get("title", "sweep"))
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if handles:  # one legend for every panel (same curves, same colours), below them
+        fig.legend(handles, names, loc="lower center", ncol=min(2, len(handles)), frameon=False)
+    rows = (len(handles) + 1) // 2
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
     fig.savefig(out)
     plt.close(fig)
