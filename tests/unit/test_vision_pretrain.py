@@ -66,3 +66,14 @@ def test_stage_pretrains_logs_probes_and_fails_below_floor(tmp_path):
     bad = VisionEncoderConfig(**SMALL, pretrain=VisionPretrainConfig(**pre, probe_floors={"shape": 1.01}))
     with pytest.raises(RuntimeError, match="shape .* < floor"):
         run_stage(VisionEncoderStage(), bad, root=tmp_path / "bad")
+
+
+def test_probe_never_trains_on_a_test_scene():
+    # centred one-object scenes: 1620 exist, so 3000 test draws leave almost none unseen to train on;
+    # the probe refuses rather than scoring images it was fitted on
+    enc = VisionEncoder.from_config(VisionConfig(**SMALL))
+    cfg = VisionPretrainConfig(probe_train=400, probe_test=3000, jitter=0.0, max_objects=1)
+    with pytest.raises(ValueError, match="probe_test"):
+        VP.probe_attributes(enc, cfg)
+    a = VP.render_scenes(300, enc, VisionPretrainConfig(jitter=0.0), seed=1, min_objects=1, max_objects=1)
+    assert len(set(a.keys)) < len(a.keys)  # repeats exist among independent draws: why the filter is needed
