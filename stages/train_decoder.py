@@ -75,7 +75,7 @@ class TrainDecoderConfig(StageConfig):
 
 class TrainDecoder(Stage):
     name = "train_decoder"
-    version = "1"
+    version = "2"  # 2: v-prediction Min-SNR weight min(snr+1, g)/(snr+1) (metamorph/decoder/train.py)
     inputs = ("curated_generation", "vision_encoder")
     outputs = ("decoder",)
     config_cls = TrainDecoderConfig

@@ -172,6 +172,24 @@ def test_v_prediction_with_zero_terminal_snr():
         tiny_cfg(prediction_type="epsilon", zero_terminal_snr=True)  # epsilon is undefined where alpha_bar = 0
 
 
+def test_min_snr_weight_keeps_the_pure_noise_end_for_v_prediction():
+    """v's Min-SNR weight is min(snr + 1, g) / (snr + 1): 1 at a zero terminal SNR (where the UNet
+    must draw x0 from noise + tokens), g / (snr + 1) at low noise; the old min(snr, g) / (snr + 1)
+    gave the terminal step weight 0."""
+    pipe = tiny_pipe(prediction_type="v_prediction", zero_terminal_snr=True)
+    data = toy_data()
+    x0 = pipe.encode_pixels(to_unit_range(data.pixels(torch.arange(len(data)), 16)))
+    model = Denoiser(pipe.unet, pipe.conditioner)
+    draws = step_draws(0, 0, len(data), tuple(x0.shape[1:]), 1000, cfg_prob=0.0, noise_offset=0.0)
+    with torch.no_grad():
+        for t, expect in ((999, lambda snr: 1.0), (0, lambda snr: 5.0 / (snr + 1))):
+            draws.t_B[:] = t
+            plain = diffusion_loss(pipe, model, x0, data.tokens_BND, draws, snr_gamma=None)
+            weighted = diffusion_loss(pipe, model, x0, data.tokens_BND, draws, snr_gamma=5.0)
+            ab = float(pipe.scheduler.alphas_cumprod[t])
+            assert float(weighted) == pytest.approx(float(plain) * expect(ab / (1 - ab)), rel=1e-4), t
+
+
 @pytest.mark.parametrize("spatial", [False, True])
 def test_save_load_round_trip_gives_identical_samples(tmp_path, spatial):
     pipe = tiny_pipe(seed=3, context_length=N + 2, spatial_condition=spatial)
