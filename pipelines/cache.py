@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+# shutil and subprocess are imported in the functions that use them: a remembered `plan`
+# (pipelines/memo.py) loads this module and nothing it does not need.
 
 log = logging.getLogger(__name__)
 

@@ -120,7 +120,7 @@ def execute(
     """
     from pipelines.console import NORMAL, LiveView
     from pipelines.logs import DRIVER_LOG, RunLogs, redirect_fds
-    from pipelines.planning import RUN, finish_cached_run, log_dir_for
+    from pipelines.planning import RUN, log_dir_for, run_cached
     from pipelines.runner import StageFailed, default_run_name, init_ray
     from pipelines.tracking import make_tracker
 
@@ -140,7 +140,7 @@ def execute(
             command="run", verbosity=verbosity, name=name, preset=loaded.typed.preset, capture=capture),
             selected, forced, verify)
     if not record_cached and not any(it.action == RUN for it in plan):
-        return finish_cached_run(plan, loaded.run_root, verbosity, name, loaded.typed.preset, capture)
+        return run_cached(plan, loaded.run_root, verbosity, name, loaded.typed.preset, capture)
     if verbosity > NORMAL:
         print_plan(plan)
     name = name or default_run_name(loaded.typed.preset)

@@ -142,7 +142,7 @@ def answer(argv: list[str]) -> int | None:
     stored = recall(argv, ENV)
     if stored is None:
         return None
-    from pipelines.planning import RUN, GraphError, decide, finish_cached_run
+    from pipelines.planning import RUN, GraphError, decide, run_cached
 
     try:
         items = decide(**stored["facts"], run_root=Path(stored["run_root"]), selected=stored["selected"],
@@ -156,7 +156,7 @@ def answer(argv: list[str]) -> int | None:
         return 0
     if any(it.action == RUN for it in items):
         return None  # Ray, MLflow, the stage code: the full path
-    finish_cached_run(items, Path(stored["run_root"]), stored["verbosity"], stored["name"], stored["preset"],
+    run_cached(items, Path(stored["run_root"]), stored["verbosity"], stored["name"], stored["preset"],
                       stored["capture"])
     return 0
 

@@ -5,7 +5,7 @@
 ``decide`` turns the DAG's order, its edges, every stage's cache key and the selection into the
 plan (run / cached / skip, with the reason); ``Engine.plan`` computes those inputs from the config
 and the stage code, and the remembered resolution of a repeated command (``pipelines.memo``) hands
-in the same inputs without either. ``cached_outcome`` and ``run_cached`` finish a run in which
+in the same inputs without either. ``record_cached`` and ``run_cached`` finish a run in which
 every selected stage is cached: no Ray, no MLflow run, the summary names the runs that computed
 the outputs. Nothing here imports more than the standard library and ``pipelines.cache``.
 """
@@ -121,9 +121,10 @@ def decide(
     return [items[n] for n in order]
 
 
-def cached_outcome(run_root: Path, it: PlanItem) -> dict[str, Any]:
-    """The manifest of a cached stage's output, after finishing a replacement a crash interrupted
-    (``{key}.old-*`` leftovers) if no other run is doing so."""
+def record_cached(run_root: Path, it: PlanItem, summary: RunSummary) -> dict[str, Any]:
+    """Put a cached stage's output in ``summary`` (stats, out dir, the run that computed it), after
+    finishing a replacement a crash interrupted (``{key}.old-*`` leftovers) if no other run is
+    doing so. Returns its manifest."""
     if cache.has_leftovers(it.out_dir):
         from pipelines.lock import StageLock, lock_path
 
@@ -133,7 +134,14 @@ def cached_outcome(run_root: Path, it: PlanItem) -> dict[str, Any]:
                 cache.recover(run_root, it.name, it.key)
             finally:
                 lk.release()
-    return cache.read_manifest(it.out_dir) or {}
+    manifest = cache.read_manifest(it.out_dir) or {}
+    summary.statuses[it.name] = "cached"
+    summary.stats[it.name] = manifest.get("stats", {})
+    summary.out_dirs[it.name] = it.out_dir
+    producer = producer_of(manifest)
+    if producer:
+        summary.produced_by[it.name] = producer
+    return manifest
 
 
 def producer_of(manifest: dict[str, Any]) -> str | None:
@@ -161,19 +169,23 @@ def log_dir_for(run_root: Path, name: str) -> Path:
     return out
 
 
-def run_cached(plan: list[PlanItem], run_root: Path, name: str, verbosity: int, capture: bool) -> RunSummary:
-    """Finish a run whose every selected stage is cached: the same console, log directory and
-    summary as a run that computes something, but no Ray and no MLflow run (the summary names the
-    runs that computed the outputs). ``capture``: this process's stdout/stderr go to driver.log."""
+def run_cached(items: list[PlanItem], run_root: Path, verbosity: int, name: str | None, preset: str | None,
+               capture: bool) -> RunSummary:
+    """Finish a `run` whose every selected stage is cached, answered from memory or resolved: the
+    same console, log directory and summary as a run that computes something, but no Ray and no
+    MLflow run (the summary names the runs that computed the outputs). ``capture``: this
+    process's stdout/stderr go to driver.log."""
     import contextlib
     import os
     import sys
 
     from pipelines import logs
-    from pipelines.console import LiveView
+    from pipelines.console import NORMAL, LiveView, print_plan
 
-    log_dir = log_dir_for(run_root, name)
-    todo = [it for it in plan if it.action != SKIP]
+    if verbosity > NORMAL:
+        print_plan(items)
+    log_dir = log_dir_for(run_root, name or default_run_name(preset))
+    todo = [it for it in items if it.action != SKIP]
     summary = RunSummary(parent_run_id=None, log_dir=log_dir)
     with contextlib.ExitStack() as stack:
         term = sys.stderr
@@ -183,28 +195,9 @@ def run_cached(plan: list[PlanItem], run_root: Path, name: str, verbosity: int, 
         stack.enter_context(logs.RunLogs(log_dir))
         view = LiveView([it.name for it in todo], file=term, verbosity=verbosity)
         view.log_dir = log_dir
-        paths = {it.name: (logs.log_path(log_dir, it.name), logs.progress_path(log_dir, it.name)) for it in todo}
         with view:
-            for it in todo:
-                view(StageEvent(it.name, "waiting", it.reason, log_path=paths[it.name][0], progress_path=paths[it.name][1]))
             for it in todo:  # topological order: every stage's upstream is reported first
-                manifest = cached_outcome(run_root, it)
-                summary.statuses[it.name] = "cached"
-                summary.stats[it.name] = manifest.get("stats", {})
-                summary.out_dirs[it.name] = it.out_dir
-                if producer_of(manifest):
-                    summary.produced_by[it.name] = producer_of(manifest)
-                view(StageEvent(it.name, "cached", it.key, stats=summary.stats[it.name], log_path=paths[it.name][0],
-                                progress_path=paths[it.name][1]))
+                record_cached(run_root, it, summary)
+                view(StageEvent(it.name, "cached", it.key, stats=summary.stats[it.name]))
         view.summary(None, run_root, log_dir, ok=True, produced_by=summary.produced_by)
     return summary
-
-
-def finish_cached_run(items: list[PlanItem], run_root: Path, verbosity: int, name: str | None,
-                      preset: str | None, capture: bool) -> RunSummary:
-    """A `run` whose every selected stage is cached, answered from memory or resolved: same end."""
-    from pipelines.console import NORMAL, print_plan
-
-    if verbosity > NORMAL:
-        print_plan(items)
-    return run_cached(items, run_root, name or default_run_name(preset), verbosity, capture)

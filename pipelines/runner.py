@@ -31,8 +31,8 @@ import yaml
 from pipelines import cache
 from pipelines.config import LoadedConfig, flatten, to_plain
 from pipelines.graph import Dag, GraphError, Pipeline, build_dag, select
-from pipelines.planning import (CACHED, RUN, SKIP, PlanItem, RunSummary, StageEvent, cached_outcome, decide,
-                                default_run_name, producer_of)
+from pipelines.planning import (CACHED, RUN, SKIP, PlanItem, RunSummary, StageEvent, decide,
+                                default_run_name, record_cached)
 from pipelines.stage import StageContext, TrackingHandle
 
 
@@ -299,13 +299,7 @@ class Engine:
         return summary
 
     def _record_cached(self, it: PlanItem, tracker, parent: TrackingHandle, summary: RunSummary) -> None:
-        manifest = cached_outcome(self.run_root, it)
-        summary.statuses[it.name] = "cached"
-        summary.stats[it.name] = manifest.get("stats", {})
-        summary.out_dirs[it.name] = it.out_dir
-        producer = producer_of(manifest)
-        if producer:
-            summary.produced_by[it.name] = producer
+        manifest = record_cached(self.run_root, it, summary)
         if tracker is None:
             return
         child = tracker.start_run(
