@@ -52,7 +52,7 @@ class Out:
 
             self.console.print(Text.assemble(*cells))
         else:
-            self.file.write("".join(c if isinstance(c, str) else c[0] for c in cells) + "\n")
+            self.file.write("".join(_text(c) for c in cells) + "\n")
             self.file.flush()
 
     def raw(self, text: str) -> None:
@@ -66,7 +66,7 @@ class Out:
         if self.console is not None:
             self.console.print(rich_table(title, columns, rows))
             return
-        text = [[c if isinstance(c, str) else c[0] for c in row] for row in rows]
+        text = [[_text(c) for c in row] for row in rows]
         widths = [max([len(col)] + [len(r[i]) for r in text]) for i, col in enumerate(columns)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [title, "  " + fmt.format(*columns).rstrip()] + ["  " + fmt.format(*r).rstrip() for r in text]
@@ -84,6 +84,10 @@ def rich_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Cell]
     for row in rows:
         t.add_row(*(Text(c) if isinstance(c, str) else Text(c[0], style=c[1]) for c in row))
     return t
+
+
+def _text(cell: Cell) -> str:
+    return cell if isinstance(cell, str) else cell[0]
 
 
 def _isatty(f: Any) -> bool:
