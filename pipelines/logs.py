@@ -137,6 +137,9 @@ def quiet_library_loggers() -> None:
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
             lg.removeHandler(h)
+            # Ray Data's own ray-data.log FileHandler would otherwise stay open (a ResourceWarning at
+            # exit); an append-mode FileHandler reopens on its next emit if anything still uses it
+            h.close()
         lg.propagate = True
 
 

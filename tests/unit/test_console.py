@@ -146,3 +146,30 @@ def test_cli_stage_modules_and_planning_import_no_heavy_library(tmp_path):
     ).replace("HEAVY", repr(("torch", "transformers", "diffusers", "ray", "mlflow", "numpy", "pyarrow", "pandas", "PIL", "av")))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(r.stdout.strip().replace("'", '"')) == []
+
+
+def test_quieted_library_file_handler_is_closed_and_its_records_reach_root(tmp_path):
+    """Ray Data attaches its own ray-data.log FileHandler on import; routing its logger to ours
+    must close that file (no leaked descriptor) and still deliver the records through root."""
+    lg = logging.getLogger("ray.data")
+    saved = (list(lg.handlers), lg.propagate)
+    fh = logging.FileHandler(tmp_path / "ray-data.log")
+    lg.addHandler(fh)
+    lg.propagate = False
+    seen: list[str] = []
+    catch = logging.Handler()
+    catch.emit = lambda rec: seen.append(rec.getMessage())  # type: ignore[method-assign]
+    root = logging.getLogger()
+    root.addHandler(catch)
+    try:
+        logs.quiet_library_loggers()
+        assert fh not in lg.handlers and fh.stream is None  # closed, not just detached
+        lg.warning("from ray data")
+        assert seen == ["from ray data"]
+    finally:
+        root.removeHandler(catch)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        for h in saved[0]:
+            lg.addHandler(h)
+        lg.propagate = saved[1]
