@@ -128,7 +128,7 @@ def execute(
     engine = make_engine(pipeline, loaded)
     try:
         selected, forced = engine.selection(only, from_, until, force)
-        plan = engine.plan(only=only, from_=from_, until=until, force=force, verify=verify)
+        plan = engine.plan_selected(selected, forced, verify=verify)
         if not dry_run:  # a dry run collects every problem instead of stopping at the first
             engine.validate_stages(plan)
     except (GraphError, ConfigError, ValueError) as e:
@@ -304,7 +304,7 @@ def plan(
     engine = make_engine(p, loaded)
     try:
         selected, forced = engine.selection(only, from_, until, force)
-        items = engine.plan(only=only, from_=from_, until=until, force=force)
+        items = engine.plan_selected(selected, forced)
     except (GraphError, ValueError) as e:
         _fail(str(e))
     from pipelines.console import print_plan as show

@@ -115,9 +115,12 @@ class Engine:
         force: Iterable[str] = (),
         verify: bool | None = None,
     ) -> list[PlanItem]:
+        return self.plan_selected(*self.selection(only, from_, until, force), verify=verify)
+
+    def plan_selected(self, selected: set[str], forced: set[str], verify: bool | None = None) -> list[PlanItem]:
+        """The plan for a selection already checked by ``selection``."""
         if verify is not None:
             self.verify_hashes = verify
-        selected, forced = self.selection(only, from_, until, force)
         return decide(**self.graph_facts(), run_root=self.run_root, selected=selected, forced=forced,
                       verify_hashes=self.verify_hashes)
 
