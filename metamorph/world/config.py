@@ -61,6 +61,10 @@ class WorldConfig:
     min_travel: float = 0.35  # distance an object moves over a clip, as a fraction of image_size
     max_travel: float = 0.6
     video_max_distractors: int = 1  # static objects beside the moving one (0..this many)
+    # the mover starts in a grid cell (as a still scene's object, ``jitter`` applies) and travels
+    # exactly one or two cells, so the first and last frames are still-scene layouts; the travel
+    # fractions above are then unused
+    video_on_grid: bool = False
 
     # --- visual thinking
     visual_thinking_scale: int = 2  # these images are image_size*scale px, so after curation's resize

@@ -82,31 +82,50 @@ def sample_clip(
     small_frac: float = 0.5,
     large_frac: float = 0.85,
     jitter: float = 1.0,
+    on_grid: bool = False,
 ) -> Clip:
-    """A random clip; the mover stays fully inside the frame for every frame."""
+    """A random clip; the mover stays fully inside the frame for every frame.
+
+    ``on_grid``: the mover starts where a still scene's object would sit in a grid cell (``jitter``
+    applies) and travels exactly one or two cells, so its first and last frames are still-scene
+    layouts; distractors take other cells than those two. ``min_travel``/``max_travel`` are unused."""
     n = image_size
     n_distractors = int(rng.integers(0, max_distractors + 1))
     shapes = sample(rng, A.SHAPES, n_distractors + 1)
     background = pick(rng, list(A.BACKGROUNDS))
-    distractors = []
-    for shape, cell in zip(shapes[:-1], sample(rng, range(A.GRID * A.GRID), n_distractors)):
+    free = list(range(A.GRID * A.GRID))
+    if on_grid:
         size = pick(rng, A.SIZES)
         extent = extent_for(size, n, small_frac, large_frac)
-        cx, cy = place_in_cell(rng, *divmod(cell, A.GRID), extent, n, jitter)
-        distractors.append(Obj(shape=shape, colour=pick(rng, list(A.COLOURS)), size=size, cx=cx, cy=cy, extent=extent))
-    size = pick(rng, A.SIZES)
-    extent = extent_for(size, n, small_frac, large_frac)
-    direction = pick(rng, list(A.DIRECTIONS))
-    travel = float(rng.uniform(min_travel, max_travel)) * n
-    travel = min(travel, n - extent)  # a large object at high travel must still fit
-    h = extent / 2
-    along = float(rng.uniform(h, n - h - travel))  # start coordinate along the motion axis
-    across = float(rng.uniform(h, n - h))
-    dx, dy = A.DIRECTIONS[direction]
-    if dx:
-        cx, cy = (along if dx > 0 else n - along), across
-    else:
-        cx, cy = across, (along if dy > 0 else n - along)
+        direction = pick(rng, list(A.DIRECTIONS))
+        dx, dy = A.DIRECTIONS[direction]
+        cell = n / A.GRID
+        starts = [(r, c, k) for r in range(A.GRID) for c in range(A.GRID) for k in (1, 2)
+                  if 0 <= r + dy * k < A.GRID and 0 <= c + dx * k < A.GRID]
+        r0, c0, k = pick(rng, starts)
+        cx, cy = place_in_cell(rng, r0, c0, extent, n, jitter)
+        travel = k * cell
+        free = [i for i in free if i not in (r0 * A.GRID + c0, (r0 + dy * k) * A.GRID + c0 + dx * k)]
+    distractors = []
+    for shape, cell_i in zip(shapes[:-1], sample(rng, free, n_distractors)):
+        d_size = pick(rng, A.SIZES)
+        d_extent = extent_for(d_size, n, small_frac, large_frac)
+        d_cx, d_cy = place_in_cell(rng, *divmod(cell_i, A.GRID), d_extent, n, jitter)
+        distractors.append(Obj(shape=shape, colour=pick(rng, list(A.COLOURS)), size=d_size, cx=d_cx, cy=d_cy, extent=d_extent))
+    if not on_grid:  # (the draws keep their order from before on_grid existed: same worlds)
+        size = pick(rng, A.SIZES)
+        extent = extent_for(size, n, small_frac, large_frac)
+        direction = pick(rng, list(A.DIRECTIONS))
+        dx, dy = A.DIRECTIONS[direction]
+        travel = float(rng.uniform(min_travel, max_travel)) * n
+        travel = min(travel, n - extent)  # a large object at high travel must still fit
+        h = extent / 2
+        along = float(rng.uniform(h, n - h - travel))  # start coordinate along the motion axis
+        across = float(rng.uniform(h, n - h))
+        if dx:
+            cx, cy = (along if dx > 0 else n - along), across
+        else:
+            cx, cy = across, (along if dy > 0 else n - along)
     mover = Obj(shape=shapes[-1], colour=pick(rng, list(A.COLOURS)), size=size, cx=cx, cy=cy, extent=extent)
     scene = Scene(image_size=n, background=background, objects=tuple(distractors) + (mover,))
     return Clip(scene=scene, direction=direction, speed=travel / (n_frames - 1), n_frames=n_frames)
