@@ -61,6 +61,9 @@ class WorldConfig:
     min_travel: float = 0.35  # distance an object moves over a clip, as a fraction of image_size
     max_travel: float = 0.6
     video_max_distractors: int = 1  # static objects beside the moving one (0..this many)
+    # questions per VideoQA clip (distinct types: direction, mover shape, mover colour; 1..3). The
+    # frames dominate a clip's tokens, so each extra turn is cheap supervision; 1 = one random question
+    video_turns: int = 1
 
     # --- visual thinking
     visual_thinking_scale: int = 2  # these images are image_size*scale px, so after curation's resize
@@ -99,6 +102,7 @@ class WorldConfig:
         need(not bad and bool(self.question_types), "question_types",
              f"unknown {bad} or empty; choose from {list(A.QUESTION_TYPES)}")
         need(self.max_turns >= 1, "max_turns", "must be >= 1")
+        need(1 <= self.video_turns <= 3, "video_turns", "must be in 1..3 (direction, mover shape, mover colour)")
         need(0.0 <= self.mc_fraction <= 1.0, "mc_fraction", "must be in [0, 1]")
         need(self.n_frames >= 2, "n_frames", "a clip needs >= 2 frames to move")
         need(self.fps >= 1, "fps", "must be >= 1")
