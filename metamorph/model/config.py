@@ -61,6 +61,11 @@ class MetaMorphConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision_dim: int = 64  # D_v, the vision encoder's feature dim (1152 for SigLIP so400m)
     n_tokens: int = 16  # N visual positions per image (64 at paper scale); a square
+    # Add a learned embedding per image slot (0..N-1, [N, d]) to the projected visual tokens.
+    # False = the paper's plain MLP connector. The LLM's RoPE sees only relative distances, so in
+    # a short image (tiny: 9 tokens, one per grid cell) "which cell holds the object" is hard to
+    # read from a question token at a variable distance; the slot embedding names the cell.
+    visual_pos_embed: bool = False
     # Token ids, from the tokenizer (-1 = not set yet). pad_id fills visual positions in
     # input_ids (their embeddings come from the projector) and padding.
     image_start_id: int = -1

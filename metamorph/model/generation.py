@@ -182,14 +182,14 @@ def generate(
             if in_image:
                 # h_d is the state at <image_start>: it predicts the first visual token
                 feats = []
-                for _ in range(n_vis):
+                for slot in range(n_vis):
                     raw_D = model.predict_visual(h_d).float()
                     if uncond is not None:
                         raw_u_D = model.predict_visual(uncond.flush()).float()
                         raw_D = raw_u_D + cfg.image_cfg_scale * (raw_D - raw_u_D)
                     v_D = F.normalize(raw_D, dim=-1)
                     feats.append(v_D)
-                    h_d = feed(model.project(v_D)[None, None].to(h_d.dtype))
+                    h_d = feed(model.project(v_D, slot)[None, None].to(h_d.dtype))
                 out.images.append(torch.stack(feats).cpu())
                 in_image = False
                 if cfg.force_image_end and len(out.token_ids) < cfg.max_new_tokens:

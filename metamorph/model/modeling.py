@@ -41,6 +41,11 @@ HF_PREFIX = "vpit."  # the weights' prefix under MetaMorphVPiTForCausalLM
 HF_ARCHITECTURE = "MetaMorphVPiTForCausalLM"
 # Saved beside the weights as the model's remote code: copies of this package's own files (they
 # import only torch / transformers / safetensors and each other), never a second copy of the model.
+# Init std of the slot embedding: about the projector's output scale at init (tiny: ~0.47 per dim),
+# not a ViT's 0.02. Measured (tiny, 9 tokens, in-process trainer, 100 held-out items each): at 0.02
+# the model reads position from RoPE distances instead (rows right, columns at chance; position
+# 0.38-0.70 over runs), at 0.5 position 0.92, shape 0.81.
+VISUAL_POS_INIT_STD = 0.5
 REMOTE_CODE_FILES = ("configuration_metamorph.py", "modeling_metamorph.py", "modeling.py", "config.py", "generation.py")
 
 
@@ -67,6 +72,10 @@ class MetaMorphForCausalLM(nn.Module):
         d = llm.get_input_embeddings().embedding_dim
         self.projector = _mlp(config.vision_dim, d, d)
         self.vision_head = _mlp(d, d, config.vision_dim)
+        # learned per-slot embedding added after the projector (config.visual_pos_embed)
+        self.visual_pos_embed = (
+            nn.Parameter(torch.randn(config.n_tokens, d) * VISUAL_POS_INIT_STD) if config.visual_pos_embed else None
+        )
         self.train_stage = "vpit"  # see set_trainable
         self._decoder_cache_kw = (
             "cache" if "cache" in inspect.signature(llm.get_decoder().forward).parameters else "past_key_values"
@@ -105,6 +114,8 @@ class MetaMorphForCausalLM(nn.Module):
             if dtype is not None:
                 model.projector.to(dtype)
                 model.vision_head.to(dtype)
+                if model.visual_pos_embed is not None:
+                    model.visual_pos_embed.data = model.visual_pos_embed.data.to(dtype)
         return model
 
     def save_pretrained(self, path: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -144,6 +155,7 @@ class MetaMorphForCausalLM(nn.Module):
             text_config=text,
             vision_dim=c.vision_dim,
             n_tokens=c.n_tokens,
+            visual_pos_embed=c.visual_pos_embed,
             image_start_token_id=c.image_start_id,
             image_end_token_id=c.image_end_id,
             tie_word_embeddings=bool(getattr(self.llm.config, "tie_word_embeddings", False)),
@@ -175,6 +187,7 @@ class MetaMorphForCausalLM(nn.Module):
         head tied to the embedding). That masks in the graph itself, so it holds under DDP and
         FSDP alike, with no hooks. The other rows get an exact-zero gradient: with AdamW they
         stay put only with weight decay 0 on this weight (the paper uses 0 everywhere).
+        The slot embedding (``config.visual_pos_embed``) belongs to the connector and trains in both.
         ``vpit`` (stage 2): everything in this module (the vision encoder is not part of it).
         """
         if stage not in TRAIN_STAGES:
@@ -185,6 +198,8 @@ class MetaMorphForCausalLM(nn.Module):
         else:
             self.requires_grad_(False)
             self.projector.requires_grad_(True)
+            if self.visual_pos_embed is not None:  # part of the connector
+                self.visual_pos_embed.requires_grad_(True)
             self.llm.get_input_embeddings().weight.requires_grad_(True)
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
@@ -201,10 +216,22 @@ class MetaMorphForCausalLM(nn.Module):
             x_BLd = torch.where(special_BL[..., None], x_BLd, x_BLd.detach())
         return x_BLd
 
-    def project(self, feats_KD: torch.Tensor) -> torch.Tensor:
-        """Visual tokens (L2-normalised, [..., D]) -> LLM input embeddings [..., d]."""
+    def project(self, feats_KD: torch.Tensor, slot_K: Optional[torch.Tensor | int] = None) -> torch.Tensor:
+        """Visual tokens (L2-normalised, [..., D]) -> LLM input embeddings [..., d].
+
+        With ``config.visual_pos_embed`` the embedding of each token's slot in its image is added:
+        ``slot_K`` gives the slots (an int for one fed-back token at generation); None means
+        ``feats_KD`` [K, D] is whole images, N rows each in slot order (how visual_mask lays them out)."""
         w = self.projector[0].weight
-        return self.projector(feats_KD.to(w.dtype))
+        x_Kd = self.projector(feats_KD.to(w.dtype))
+        if self.visual_pos_embed is None:
+            return x_Kd
+        if slot_K is None:
+            N = self.config.n_tokens
+            if feats_KD.ndim != 2 or feats_KD.shape[0] % N:
+                raise ValueError(f"project: {tuple(feats_KD.shape)} is not whole images of {N} tokens; pass slot_K")
+            slot_K = torch.arange(feats_KD.shape[0], device=x_Kd.device) % N
+        return x_Kd + self.visual_pos_embed[slot_K].to(x_Kd.dtype)
 
     def predict_visual(self, h_Td: torch.Tensor) -> torch.Tensor:
         """Raw (unnormalised) vision-head output; callers normalise (after CFG mixing, if any)."""

@@ -65,6 +65,9 @@ class WorldConfig:
     # exactly one or two cells, so the first and last frames are still-scene layouts; the travel
     # fractions above are then unused
     video_on_grid: bool = False
+    # questions per VideoQA clip (distinct types: direction, mover shape, mover colour; 1..3). The
+    # frames dominate a clip's tokens, so each extra turn is cheap supervision; 1 = one random question
+    video_turns: int = 1
 
     # --- visual thinking
     visual_thinking_scale: int = 2  # these images are image_size*scale px, so after curation's resize
@@ -103,6 +106,7 @@ class WorldConfig:
         need(not bad and bool(self.question_types), "question_types",
              f"unknown {bad} or empty; choose from {list(A.QUESTION_TYPES)}")
         need(self.max_turns >= 1, "max_turns", "must be >= 1")
+        need(1 <= self.video_turns <= 3, "video_turns", "must be in 1..3 (direction, mover shape, mover colour)")
         need(0.0 <= self.mc_fraction <= 1.0, "mc_fraction", "must be in [0, 1]")
         need(self.n_frames >= 2, "n_frames", "a clip needs >= 2 frames to move")
         need(self.fps >= 1, "fps", "must be >= 1")

@@ -109,14 +109,23 @@ def videoqa_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[str, Any],
     """A LLaVA-Video-178K style record: the LLaVA conversation layout with a ``video`` key."""
     rng = record_rng(seed, cfg, "videoqa", i)
     clip = _clip(rng, cfg)
-    qa = T.video_question(rng, clip.mover, clip.direction, mc=bool(rng.random() < cfg.mc_fraction))
+    qas = [T.video_question(rng, clip.mover, clip.direction, mc=bool(rng.random() < cfg.mc_fraction))]
+    if cfg.video_turns > 1:  # the other types, in random order (1 turn draws exactly as before)
+        others = [k for k in T.VIDEO_QUESTION_TYPES if k != qas[0].type]
+        for k in rng.permutation(others)[: cfg.video_turns - 1]:
+            qas.append(T.video_question(rng, clip.mover, clip.direction, mc=bool(rng.random() < cfg.mc_fraction),
+                                        kind=str(k)))
     rid = f"vq{i:06d}"
+    conversations = []
+    for t, qa in enumerate(qas):
+        conversations.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + qa.prompt})
+        conversations.append({"from": "gpt", "value": qa.answer})
     record = {
         "id": rid,
         "video": f"{rid}.mp4",
-        "conversations": [{"from": "human", "value": "<image>\n" + qa.prompt}, {"from": "gpt", "value": qa.answer}],
+        "conversations": conversations,
         "data_source": "toyworld",
-        "meta": {"task": "video_qa", "clip": clip.to_meta(), "fps": cfg.fps, "qa": [qa.to_meta()]},
+        "meta": {"task": "video_qa", "clip": clip.to_meta(), "fps": cfg.fps, "qa": [q.to_meta() for q in qas]},
     }
     return record, _mp4(clip, cfg)
 

@@ -21,14 +21,15 @@ BOS, USER, ASSIST, EOT, PAD = 1, 5, 6, 2, 0
 START, END = 38, 39
 
 
-def _cfg(**llm_kw) -> MetaMorphConfig:
+def _cfg(visual_pos_embed: bool = False, **llm_kw) -> MetaMorphConfig:
     llm = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=V)
     llm.update(llm_kw)
-    return MetaMorphConfig(llm=LLMConfig(**llm), vision_dim=D, n_tokens=N, image_start_id=START, image_end_id=END)
+    return MetaMorphConfig(llm=LLMConfig(**llm), vision_dim=D, n_tokens=N, image_start_id=START, image_end_id=END,
+                           visual_pos_embed=visual_pos_embed)
 
 
-def _model(**llm_kw) -> MetaMorphForCausalLM:
-    return MetaMorphForCausalLM.from_config(_cfg(**llm_kw), seed=0)
+def _model(visual_pos_embed: bool = False, **llm_kw) -> MetaMorphForCausalLM:
+    return MetaMorphForCausalLM.from_config(_cfg(visual_pos_embed, **llm_kw), seed=0)
 
 
 def _example():
@@ -257,3 +258,46 @@ def test_save_load_round_trip(tmp_path, tie):
         a, b = model(**batch), back(**batch)
     assert torch.equal(a.logits, b.logits)
     assert torch.equal(a.loss, b.loss)
+
+
+def test_visual_pos_embed_tells_the_slots_apart():
+    """The same feature in every slot of an image: the plain connector gives the LLM N identical
+    inputs; with visual_pos_embed each slot's input (and so the logits) depends on its slot."""
+    feat_D = F.normalize(torch.randn(D, generator=torch.Generator().manual_seed(1)), dim=-1)
+    same_KD = feat_D.expand(N, D)
+    with torch.no_grad():
+        plain = _model().project(same_KD)
+        assert torch.equal(plain, plain[:1].expand(N, -1))
+        model = _model(visual_pos_embed=True)
+        x_Kd = model.project(same_KD)
+        assert model.visual_pos_embed.shape == (N, 32)
+        assert torch.allclose(x_Kd, model.projector(same_KD) + model.visual_pos_embed)
+        assert len({tuple(r.tolist()) for r in x_Kd}) == N
+        # generation feeds one token at a time with its slot: the same inputs as a whole image
+        for k in range(N):
+            assert torch.allclose(model.project(same_KD[k], k), x_Kd[k], atol=1e-6)
+        with pytest.raises(ValueError, match="slot_K"):
+            model.project(same_KD[:N - 1])
+        # the logits follow the slot embedding: permuting the table changes them
+        batch = _example()
+        batch["vision_feats"] = feat_D.expand(2 * N, D).clone()
+        before = model(**batch).logits
+        model.visual_pos_embed.copy_(model.visual_pos_embed.flip(0))
+        assert not torch.allclose(model(**batch).logits, before)
+    # it is part of the connector: it trains in stage 1 and stage 2
+    assert "visual_pos_embed" in model.set_trainable("connector")
+    g = _grad_report(model, _example())["visual_pos_embed"]
+    assert g is not None and (g.abs().sum(-1) > 0).all()
+    assert "visual_pos_embed" in model.set_trainable("vpit")
+
+
+def test_visual_pos_embed_round_trip(tmp_path):
+    model = _model(visual_pos_embed=True)
+    with torch.no_grad():
+        model.visual_pos_embed.add_(torch.randn_like(model.visual_pos_embed))
+    model.save_pretrained(tmp_path / "m")
+    back = load_vpit(tmp_path / "m")
+    assert back.config == model.config and back.config.visual_pos_embed
+    assert torch.equal(back.visual_pos_embed, model.visual_pos_embed)
+    with torch.no_grad():
+        assert torch.equal(model(**_example()).logits, back(**_example()).logits)

@@ -366,3 +366,19 @@ def test_world_stage_runs_and_presets_validate(tmp_path):
     assert stats["n_understanding"] == 5 and stats["n_image_edit"] == 2 and stats["seconds"] > 0
     assert (out / "world" / F.LLAVA_JSONL).is_file()
     assert len(list((out / "world" / F.VIDEO_DIR).glob("*.mp4"))) == 1
+
+
+def test_video_turns_ask_distinct_types_and_one_turn_draws_as_before():
+    one, default = F.videoqa_record(0, WorldConfig(video_turns=1), 3)[0], F.videoqa_record(0, WorldConfig(), 3)[0]
+    assert one == default and len(one["conversations"]) == 2
+    for i in range(6):
+        rec = F.videoqa_record(0, WorldConfig(video_turns=3), i)[0]
+        types = [q["type"] for q in rec["meta"]["qa"]]
+        assert sorted(types) == ["direction", "mover_colour", "mover_shape"]
+        conv = rec["conversations"]
+        assert [c["from"] for c in conv] == ["human", "gpt"] * 3
+        assert conv[0]["value"].startswith("<image>\n") and not any("<image>" in c["value"] for c in conv[1:])
+        # the first question is the one a 1-turn record asks (same clip, same draw)
+        assert rec["meta"]["qa"][0] == F.videoqa_record(0, WorldConfig(), i)[0]["meta"]["qa"][0]
+    with pytest.raises(ValueError, match="video_turns"):
+        WorldConfig(video_turns=4)
