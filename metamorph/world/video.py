@@ -88,8 +88,9 @@ def sample_clip(
     n_distractors = int(rng.integers(0, max_distractors + 1))
     shapes = sample(rng, A.SHAPES, n_distractors + 1)
     background = pick(rng, list(A.BACKGROUNDS))
-    distractors = []
+    distractors, taken = [], set()
     for shape, cell in zip(shapes[:-1], sample(rng, range(A.GRID * A.GRID), n_distractors)):
+        taken.add(divmod(cell, A.GRID))
         size = pick(rng, A.SIZES)
         extent = extent_for(size, n, small_frac, large_frac)
         cx, cy = place_in_cell(rng, *divmod(cell, A.GRID), extent, n, jitter)
@@ -97,16 +98,28 @@ def sample_clip(
     size = pick(rng, A.SIZES)
     extent = extent_for(size, n, small_frac, large_frac)
     direction = pick(rng, list(A.DIRECTIONS))
-    travel = float(rng.uniform(min_travel, max_travel)) * n
-    travel = min(travel, n - extent)  # a large object at high travel must still fit
-    h = extent / 2
-    along = float(rng.uniform(h, n - h - travel))  # start coordinate along the motion axis
-    across = float(rng.uniform(h, n - h))
     dx, dy = A.DIRECTIONS[direction]
-    if dx:
-        cx, cy = (along if dx > 0 else n - along), across
+    if jitter == 0.0:
+        # centred scenes (the still images' regime): the mover starts at a cell centre and ends at
+        # the centre of the cell 1 or 2 steps away (min/max_travel unused), off any distractor's
+        # cell, so the first and last frames look like still scenes (one cell = one patch of a
+        # grid-aligned encoder)
+        cell = n / A.GRID
+        paths = [(r, c, k) for k in (1, 2) for r in range(A.GRID) for c in range(A.GRID)
+                 if 0 <= r + dy * k < A.GRID and 0 <= c + dx * k < A.GRID
+                 and not taken & {(r + dy * j, c + dx * j) for j in range(k + 1)}]
+        r, c, k = paths[int(rng.integers(len(paths)))]
+        cx, cy, travel = (c + 0.5) * cell, (r + 0.5) * cell, k * cell
     else:
-        cx, cy = across, (along if dy > 0 else n - along)
+        travel = float(rng.uniform(min_travel, max_travel)) * n
+        travel = min(travel, n - extent)  # a large object at high travel must still fit
+        h = extent / 2
+        along = float(rng.uniform(h, n - h - travel))  # start coordinate along the motion axis
+        across = float(rng.uniform(h, n - h))
+        if dx:
+            cx, cy = (along if dx > 0 else n - along), across
+        else:
+            cx, cy = across, (along if dy > 0 else n - along)
     mover = Obj(shape=shapes[-1], colour=pick(rng, list(A.COLOURS)), size=size, cx=cx, cy=cy, extent=extent)
     scene = Scene(image_size=n, background=background, objects=tuple(distractors) + (mover,))
     return Clip(scene=scene, direction=direction, speed=travel / (n_frames - 1), n_frames=n_frames)
