@@ -64,6 +64,10 @@ class WorldConfig:
     # questions per VideoQA clip (distinct types: direction, mover shape, mover colour; 1..3). The
     # frames dominate a clip's tokens, so each extra turn is cheap supervision; 1 = one random question
     video_turns: int = 1
+    # the mover starts on a grid-cell centre and ends on the centre of the cell 1 or 2 steps away
+    # (min/max_travel unused), off any distractor's cell: first and last frames look like centred
+    # still scenes (jitter 0). False: it starts anywhere and travels min..max_travel
+    video_on_grid: bool = False
 
     # --- visual thinking
     visual_thinking_scale: int = 2  # these images are image_size*scale px, so after curation's resize

@@ -70,7 +70,7 @@ def _clip(rng: np.random.Generator, cfg: WorldConfig) -> Clip:
     return sample_clip(rng, image_size=cfg.image_size, n_frames=cfg.n_frames,
                        max_distractors=cfg.video_max_distractors, min_travel=cfg.min_travel,
                        max_travel=cfg.max_travel, small_frac=cfg.small_frac, large_frac=cfg.large_frac,
-                       jitter=cfg.jitter)
+                       jitter=cfg.jitter, on_grid=cfg.video_on_grid)
 
 
 def _mp4(clip: Clip, cfg: WorldConfig) -> bytes:

@@ -82,8 +82,10 @@ def sample_clip(
     small_frac: float = 0.5,
     large_frac: float = 0.85,
     jitter: float = 1.0,
+    on_grid: bool = False,
 ) -> Clip:
-    """A random clip; the mover stays fully inside the frame for every frame."""
+    """A random clip; the mover stays fully inside the frame for every frame. ``on_grid``: the mover
+    starts and ends on grid-cell centres (see below); else it starts anywhere."""
     n = image_size
     n_distractors = int(rng.integers(0, max_distractors + 1))
     shapes = sample(rng, A.SHAPES, n_distractors + 1)
@@ -99,8 +101,8 @@ def sample_clip(
     extent = extent_for(size, n, small_frac, large_frac)
     direction = pick(rng, list(A.DIRECTIONS))
     dx, dy = A.DIRECTIONS[direction]
-    if jitter == 0.0:
-        # centred scenes (the still images' regime): the mover starts at a cell centre and ends at
+    if on_grid:
+        # as centred still scenes (world.jitter 0): the mover starts at a cell centre and ends at
         # the centre of the cell 1 or 2 steps away (min/max_travel unused), off any distractor's
         # cell, so the first and last frames look like still scenes (one cell = one patch of a
         # grid-aligned encoder)

@@ -365,7 +365,7 @@ def test_video_turns_ask_distinct_types_and_one_turn_draws_as_before():
 def test_centred_clips_start_and_end_at_cell_centres():
     cell = 32 / A.GRID
     for seed in range(20):
-        clip = sample_clip(np.random.default_rng(seed), image_size=32, n_frames=8, max_distractors=1, jitter=0.0)
+        clip = sample_clip(np.random.default_rng(seed), image_size=32, n_frames=8, max_distractors=1, jitter=0.0, on_grid=True)
         (x0, y0), (x1, y1) = clip.centres()[0], clip.centres()[-1]
         for v in (x0, y0, x1, y1):
             assert abs(v / cell - 0.5 - round(v / cell - 0.5)) < 1e-6  # a cell centre
