@@ -61,13 +61,13 @@ class WorldConfig:
     min_travel: float = 0.35  # distance an object moves over a clip, as a fraction of image_size
     max_travel: float = 0.6
     video_max_distractors: int = 1  # static objects beside the moving one (0..this many)
-    # the mover starts in a grid cell (as a still scene's object, ``jitter`` applies) and travels
-    # exactly one or two cells, so the first and last frames are still-scene layouts; the travel
-    # fractions above are then unused
-    video_on_grid: bool = False
     # questions per VideoQA clip (distinct types: direction, mover shape, mover colour; 1..3). The
     # frames dominate a clip's tokens, so each extra turn is cheap supervision; 1 = one random question
     video_turns: int = 1
+    # the mover starts on a grid-cell centre and ends on the centre of the cell 1 or 2 steps away
+    # (min/max_travel unused), off any distractor's cell: first and last frames look like centred
+    # still scenes (jitter 0). False: it starts anywhere and travels min..max_travel
+    video_on_grid: bool = False
 
     # --- visual thinking
     visual_thinking_scale: int = 2  # these images are image_size*scale px, so after curation's resize

@@ -84,39 +84,35 @@ def sample_clip(
     jitter: float = 1.0,
     on_grid: bool = False,
 ) -> Clip:
-    """A random clip; the mover stays fully inside the frame for every frame.
-
-    ``on_grid``: the mover starts where a still scene's object would sit in a grid cell (``jitter``
-    applies) and travels exactly one or two cells, so its first and last frames are still-scene
-    layouts; distractors take other cells than those two. ``min_travel``/``max_travel`` are unused."""
+    """A random clip; the mover stays fully inside the frame for every frame. ``on_grid``: the mover
+    starts and ends on grid-cell centres (see below); else it starts anywhere."""
     n = image_size
     n_distractors = int(rng.integers(0, max_distractors + 1))
     shapes = sample(rng, A.SHAPES, n_distractors + 1)
     background = pick(rng, list(A.BACKGROUNDS))
-    free = list(range(A.GRID * A.GRID))
+    distractors, taken = [], set()
+    for shape, cell in zip(shapes[:-1], sample(rng, range(A.GRID * A.GRID), n_distractors)):
+        taken.add(divmod(cell, A.GRID))
+        size = pick(rng, A.SIZES)
+        extent = extent_for(size, n, small_frac, large_frac)
+        cx, cy = place_in_cell(rng, *divmod(cell, A.GRID), extent, n, jitter)
+        distractors.append(Obj(shape=shape, colour=pick(rng, list(A.COLOURS)), size=size, cx=cx, cy=cy, extent=extent))
+    size = pick(rng, A.SIZES)
+    extent = extent_for(size, n, small_frac, large_frac)
+    direction = pick(rng, list(A.DIRECTIONS))
+    dx, dy = A.DIRECTIONS[direction]
     if on_grid:
-        size = pick(rng, A.SIZES)
-        extent = extent_for(size, n, small_frac, large_frac)
-        direction = pick(rng, list(A.DIRECTIONS))
-        dx, dy = A.DIRECTIONS[direction]
+        # as centred still scenes (world.jitter 0): the mover starts at a cell centre and ends at
+        # the centre of the cell 1 or 2 steps away (min/max_travel unused), off any distractor's
+        # cell, so the first and last frames look like still scenes (one cell = one patch of a
+        # grid-aligned encoder)
         cell = n / A.GRID
-        starts = [(r, c, k) for r in range(A.GRID) for c in range(A.GRID) for k in (1, 2)
-                  if 0 <= r + dy * k < A.GRID and 0 <= c + dx * k < A.GRID]
-        r0, c0, k = pick(rng, starts)
-        cx, cy = place_in_cell(rng, r0, c0, extent, n, jitter)
-        travel = k * cell
-        free = [i for i in free if i not in (r0 * A.GRID + c0, (r0 + dy * k) * A.GRID + c0 + dx * k)]
-    distractors = []
-    for shape, cell_i in zip(shapes[:-1], sample(rng, free, n_distractors)):
-        d_size = pick(rng, A.SIZES)
-        d_extent = extent_for(d_size, n, small_frac, large_frac)
-        d_cx, d_cy = place_in_cell(rng, *divmod(cell_i, A.GRID), d_extent, n, jitter)
-        distractors.append(Obj(shape=shape, colour=pick(rng, list(A.COLOURS)), size=d_size, cx=d_cx, cy=d_cy, extent=d_extent))
-    if not on_grid:  # (the draws keep their order from before on_grid existed: same worlds)
-        size = pick(rng, A.SIZES)
-        extent = extent_for(size, n, small_frac, large_frac)
-        direction = pick(rng, list(A.DIRECTIONS))
-        dx, dy = A.DIRECTIONS[direction]
+        paths = [(r, c, k) for k in (1, 2) for r in range(A.GRID) for c in range(A.GRID)
+                 if 0 <= r + dy * k < A.GRID and 0 <= c + dx * k < A.GRID
+                 and not taken & {(r + dy * j, c + dx * j) for j in range(k + 1)}]
+        r, c, k = paths[int(rng.integers(len(paths)))]
+        cx, cy, travel = (c + 0.5) * cell, (r + 0.5) * cell, k * cell
+    else:
         travel = float(rng.uniform(min_travel, max_travel)) * n
         travel = min(travel, n - extent)  # a large object at high travel must still fit
         h = extent / 2

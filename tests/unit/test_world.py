@@ -382,3 +382,19 @@ def test_video_turns_ask_distinct_types_and_one_turn_draws_as_before():
         assert rec["meta"]["qa"][0] == F.videoqa_record(0, WorldConfig(), i)[0]["meta"]["qa"][0]
     with pytest.raises(ValueError, match="video_turns"):
         WorldConfig(video_turns=4)
+
+
+def test_centred_clips_start_and_end_at_cell_centres():
+    cell = 32 / A.GRID
+    for seed in range(20):
+        clip = sample_clip(np.random.default_rng(seed), image_size=32, n_frames=8, max_distractors=1, jitter=0.0, on_grid=True)
+        (x0, y0), (x1, y1) = clip.centres()[0], clip.centres()[-1]
+        for v in (x0, y0, x1, y1):
+            assert abs(v / cell - 0.5 - round(v / cell - 0.5)) < 1e-6  # a cell centre
+        dx, dy = A.DIRECTIONS[clip.direction]
+        steps = ((x1 - x0) * dx + (y1 - y0) * dy) / cell
+        assert round(steps) in (1, 2) and abs(steps - round(steps)) < 1e-6
+        for d in clip.scene.objects[:-1]:  # the path never crosses a distractor's cell
+            for t in range(round(steps) + 1):
+                px, py = x0 + dx * t * cell, y0 + dy * t * cell
+                assert (int(px // cell), int(py // cell)) != (int(d.cx // cell), int(d.cy // cell))
