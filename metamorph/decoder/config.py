@@ -27,7 +27,7 @@ _OPERATIONAL = {"operational": True}
 
 SAMPLERS = ("ddim", "dpm")  # DDIMScheduler, DPMSolverMultistepScheduler
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _default_blocks() -> list[int]:
@@ -74,6 +74,9 @@ class DecoderConfig:
     # position without it (tiny preset, 1500 steps: object colour agreement 0.16 -> 0.55, object
     # IoU 0.03 -> 0.31). A pretrained (SD) UNet keeps its 4 input channels: ignored there.
     spatial_condition: bool = True
+    # Spatial condition: also give each pixel its offset inside its token's grid cell (2 more
+    # input channels, in [-1, 1]), so a conv UNet knows where in the cell it draws.
+    cell_coords: bool = False
     context_length: Optional[int] = None
     cond_hidden_dim: Optional[int] = None  # conditioner MLP hidden width; None: context width (SD: 2048)
     # Conditioner layout (metamorph.decoder.conditioning): "official", the MetaMorph code's
@@ -149,8 +152,9 @@ class DecoderConfig:
             raise ValueError(f"decoder.beta_start={self.beta_start} / beta_end={self.beta_end} need 0 < start < end < 1")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"decoder.prediction_type={self.prediction_type!r} must be one of {PREDICTION_TYPES}")
-        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
-            raise ValueError("decoder.zero_terminal_snr needs decoder.prediction_type=v_prediction")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("decoder.zero_terminal_snr needs decoder.prediction_type v_prediction or sample "
+                             "(epsilon is undefined where alpha_bar = 0)")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"decoder.beta_schedule={self.beta_schedule!r} must be one of {BETA_SCHEDULES}")
 

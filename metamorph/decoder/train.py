@@ -184,8 +184,11 @@ def diffusion_loss(
     noise = draws.noise_BCHW.to(dev, x0_BCHW.dtype)
     t_B = draws.t_B.to(dev)
     x_t = pipe.scheduler.add_noise(x0_BCHW, noise, t_B)
-    v_pred = pipe.scheduler.config.prediction_type == "v_prediction"
-    target = pipe.scheduler.get_velocity(x0_BCHW, noise, t_B) if v_pred else noise
+    kind = pipe.scheduler.config.prediction_type
+    if kind == "v_prediction":
+        target = pipe.scheduler.get_velocity(x0_BCHW, noise, t_B)
+    else:
+        target = x0_BCHW if kind == "sample" else noise
     tokens_BND = torch.where(draws.drop_B.to(dev)[:, None, None], torch.zeros_like(tokens_BND), tokens_BND)
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
         pred = denoiser(x_t, t_B, tokens_BND)
@@ -198,8 +201,12 @@ def diffusion_loss(
     # older v form min(snr, g) / (snr + 1) weighs the pure-noise end ~0 (exactly 0 at a zero
     # terminal SNR), so the UNet never learned to draw x0 from noise + tokens (1-step samples were
     # noise). Tiny preset, 600 steps, judged reconstructions: 0.64 -> 0.71 at 10 sampling steps
-    snr_B = snr_B + 1 if v_pred else snr_B
-    weight_B = torch.clamp(snr_B, max=snr_gamma) / snr_B
+    if kind == "epsilon":
+        weight_B = torch.clamp(snr_B, max=snr_gamma) / snr_B
+    elif kind == "v_prediction":
+        weight_B = torch.clamp(snr_B + 1, max=snr_gamma) / (snr_B + 1)
+    else:  # sample: x0-MSE = v-MSE / (snr + 1), so v's weight in x0 units: min(snr + 1, g)
+        weight_B = torch.clamp(snr_B + 1, max=snr_gamma)
     mse_B = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     return (weight_B * mse_B).mean()
 
