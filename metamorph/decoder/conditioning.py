@@ -51,15 +51,12 @@ class VisionConditioner(ModelMixin, ConfigMixin):
         hidden_dim: int = 64,  # H: MLP hidden width
         spatial: bool = False,  # also feed the context to the UNet as input channels (see unet_input)
         layout: str = "mlp",  # "official" (Linear-LayerNorm-ReLU-Linear-LayerNorm) or "mlp"
-        cell_coords: bool = False,  # spatial: also give each pixel its offset inside its token's cell
     ):
         super().__init__()
         if context_length < n_tokens:
             raise ValueError(f"context_length={context_length} must be >= n_tokens={n_tokens}")
         if layout not in LAYOUTS:
             raise ValueError(f"conditioner layout {layout!r}: use one of {LAYOUTS}")
-        if cell_coords and not spatial:
-            raise ValueError("cell_coords needs spatial=True (they are extra spatial channels)")
         self.fc1 = nn.Linear(feature_dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, cross_attention_dim)
         if layout == "official":
@@ -93,9 +90,7 @@ class VisionConditioner(ModelMixin, ConfigMixin):
     @property
     def spatial_channels(self) -> int:
         """Input channels ``unet_input`` adds (0 without the spatial condition)."""
-        if not self.config.spatial:
-            return 0
-        return int(self.config.cross_attention_dim) + (2 if self.config.get("cell_coords", False) else 0)
+        return int(self.config.cross_attention_dim) if self.config.spatial else 0
 
     def unet_input(self, x_BCHW: torch.Tensor, ctx_BLC: torch.Tensor) -> torch.Tensor:
         """The UNet's input: ``x_BCHW``, plus (spatial condition) the N context rows laid out as
@@ -113,19 +108,8 @@ class VisionConditioner(ModelMixin, ConfigMixin):
         side = math.isqrt(cfg.n_tokens)
         B, _, H, W = x_BCHW.shape
         grid_BCss = ctx_BLC[:, : cfg.n_tokens].transpose(1, 2).reshape(B, -1, side, side)
-        if not cfg.get("cell_coords", False):
-            grid_BCHW = F.interpolate(grid_BCss.to(x_BCHW.dtype), size=(H, W), mode="nearest")
-            return torch.cat([x_BCHW, grid_BCHW], dim=1)
-        # pixel centres in token-grid units: cell = floor, offset in the cell in [-1, 1]
-        # (the cells split the canvas exactly, 5-6-5 of 16 rows for 3 cells, not nearest's 6-5-5)
-        u_H = (torch.arange(H, device=x_BCHW.device, dtype=torch.float32) + 0.5) * side / H
-        v_W = (torch.arange(W, device=x_BCHW.device, dtype=torch.float32) + 0.5) * side / W
-        row_H, col_W = u_H.floor().long(), v_W.floor().long()
-        grid_BCHW = grid_BCss[:, :, row_H][:, :, :, col_W].to(x_BCHW.dtype)
-        dy_HW = (2 * (u_H - row_H) - 1)[:, None].expand(H, W)
-        dx_HW = (2 * (v_W - col_W) - 1)[None, :].expand(H, W)
-        coords_B2HW = torch.stack([dy_HW, dx_HW]).to(x_BCHW.dtype).expand(B, 2, H, W)
-        return torch.cat([x_BCHW, grid_BCHW, coords_B2HW], dim=1)
+        grid_BCHW = F.interpolate(grid_BCss.to(x_BCHW.dtype), size=(H, W), mode="nearest")
+        return torch.cat([x_BCHW, grid_BCHW], dim=1)
 
     def null_tokens(self, batch_size: int) -> torch.Tensor:
         """The all-zero condition (the unconditional branch), [B, N, D]."""

@@ -74,9 +74,6 @@ class DecoderConfig:
     # position without it (tiny preset, 1500 steps: object colour agreement 0.16 -> 0.55, object
     # IoU 0.03 -> 0.31). A pretrained (SD) UNet keeps its 4 input channels: ignored there.
     spatial_condition: bool = True
-    # Spatial condition: also give each pixel its offset inside its token's grid cell (2 more
-    # input channels, in [-1, 1]), so a conv UNet knows where in the cell it draws.
-    cell_coords: bool = False
     context_length: Optional[int] = None
     cond_hidden_dim: Optional[int] = None  # conditioner MLP hidden width; None: context width (SD: 2048)
     # Conditioner layout (metamorph.decoder.conditioning): "official", the MetaMorph code's
@@ -224,6 +221,10 @@ class DecoderTrainConfig:
     # paper's; the cluster preset). Default 5 (the paper's gamma): on the tiny preset the samples
     # lost their residual grain at the same step count.
     snr_gamma: Optional[float] = 5.0
+    # Pixel space: weight each pixel's loss by 1 + edge_weight * (its edge magnitude in the clean
+    # image, in [0, 1]), renormalised to mean 1, so the few pixels that outline a shape count more
+    # than flat background. 0 = plain per-pixel MSE.
+    edge_weight: float = 0.0
     # EMA of the trained weights, exported instead of the raw ones; 0 disables. The decay warms
     # up as 1 - (1 + step)**-ema_power (capped at ema_decay): with 0.75 it is ~0.99 after 500
     # steps, so a short run's EMA averages its last ~100 steps rather than its random start.
@@ -253,8 +254,8 @@ class DecoderTrainConfig:
             raise ValueError(f"train.cfg_prob={self.cfg_prob} must be in [0, 1) (1 would never see a condition)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"train.snr_gamma={self.snr_gamma} must be > 0 or null (null: unweighted)")
-        if self.noise_offset < 0 or self.grad_clip < 0:
-            raise ValueError("train.noise_offset and train.grad_clip must be >= 0")
+        if self.noise_offset < 0 or self.grad_clip < 0 or self.edge_weight < 0:
+            raise ValueError("train.noise_offset, train.grad_clip and train.edge_weight must be >= 0")
         if not 0 <= self.ema_decay < 1 or self.ema_power <= 0:
             raise ValueError("train.ema_decay must be in [0, 1) (0 = off) and train.ema_power > 0")
         for key in ("checkpoint_every", "sample_every"):

@@ -128,7 +128,6 @@ class MetaMorphDecoderPipeline(DiffusionPipeline):
                 hidden_dim=cfg.cond_hidden_dim or width,
                 spatial=cfg.spatial_condition and cfg.pretrained_path is None,
                 layout=cfg.conditioner,
-                cell_coords=cfg.cell_coords and cfg.spatial_condition and cfg.pretrained_path is None,
             )
         return cls(
             unet=unet,
@@ -320,7 +319,7 @@ def _build_pixel_components(cfg: DecoderConfig):
     unet = UNet2DConditionModel(
         sample_size=cfg.image_size // p,
         # the spatial condition adds one input channel per context width (see VisionConditioner)
-        in_channels=3 * p * p + (cfg.cross_attention_dim + 2 * cfg.cell_coords if cfg.spatial_condition else 0),
+        in_channels=3 * p * p + (cfg.cross_attention_dim if cfg.spatial_condition else 0),
         out_channels=3 * p * p,
         block_out_channels=tuple(cfg.block_out_channels),
         down_block_types=down,

@@ -177,6 +177,7 @@ def diffusion_loss(
     draws: StepDraws,
     autocast: bool = False,
     snr_gamma: Optional[float] = None,
+    edge_weight: float = 0.0,
 ) -> torch.Tensor:
     """MSE of ``denoiser``'s prediction (the noise, or v for a v-prediction schedule) on clean
     model-space inputs ``x0_BCHW`` under ``draws``; Min-SNR-weighted when ``snr_gamma`` is set."""
@@ -192,8 +193,11 @@ def diffusion_loss(
     tokens_BND = torch.where(draws.drop_B.to(dev)[:, None, None], torch.zeros_like(tokens_BND), tokens_BND)
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
         pred = denoiser(x_t, t_B, tokens_BND)
+    err = (pred.float() - target.float()).pow(2)
+    if edge_weight > 0:
+        err = err * edge_weights(pipe, x0_BCHW, edge_weight)
     if snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float())
+        return err.mean()
     alpha_bar_B = pipe.scheduler.alphas_cumprod.to(dev)[t_B].float()
     snr_B = alpha_bar_B / (1 - alpha_bar_B)
     # Min-SNR-gamma in the predicted quantity's units, as diffusers' training scripts: epsilon
@@ -207,8 +211,26 @@ def diffusion_loss(
         weight_B = torch.clamp(snr_B + 1, max=snr_gamma) / (snr_B + 1)
     else:  # sample: x0-MSE = v-MSE / (snr + 1), so v's weight in x0 units: min(snr + 1, g)
         weight_B = torch.clamp(snr_B + 1, max=snr_gamma)
-    mse_B = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    mse_B = err.flatten(1).mean(dim=1)
     return (weight_B * mse_B).mean()
+
+
+def edge_weights(pipe: MetaMorphDecoderPipeline, x0_BCHW: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-element loss weights in model space: 1 + strength * (the image's edge magnitude, a
+    3x3-dilated Sobel norm scaled to [0, 1] per image), renormalised to mean 1 per image. Pixel
+    space only (a VAE latent has no pixel edges): 1 elsewhere."""
+    if pipe.vae is not None:
+        return torch.ones_like(x0_BCHW)
+    px_B3SS = pipe.decode_to_pixels(x0_BCHW.float())
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=px_B3SS.device)
+    k = torch.stack([kx, kx.T])[:, None].repeat(3, 1, 1, 1)  # [6, 1, 3, 3]: x and y per channel
+    g = F.conv2d(F.pad(px_B3SS, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    mag_B1SS = g.pow(2).sum(dim=1, keepdim=True).sqrt()
+    mag_B1SS = F.max_pool2d(mag_B1SS, 3, stride=1, padding=1)
+    mag_B1SS = mag_B1SS / mag_B1SS.flatten(1).amax(dim=1).clamp(min=1e-6)[:, None, None, None]
+    w_B1SS = 1 + strength * mag_B1SS
+    w_B1SS = w_B1SS / w_B1SS.flatten(1).mean(dim=1)[:, None, None, None]
+    return pipe.encode_pixels(w_B1SS.expand(-1, 3, -1, -1))
 
 
 # --- checkpoints: metamorph.train.checkpoint (DCP), as the LLM loop -------------------------------
@@ -341,7 +363,8 @@ def train_loop(
         with torch.no_grad():
             x0 = pipe.encode_pixels(pixels, generator=_gen(cfg.seed, f"vae{rank}", step))
         loss = diffusion_loss(
-            pipe, model, x0.float(), tokens[idx].to(device), draws, autocast=autocast, snr_gamma=cfg.snr_gamma
+            pipe, model, x0.float(), tokens[idx].to(device), draws, autocast=autocast, snr_gamma=cfg.snr_gamma,
+            edge_weight=cfg.edge_weight,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
