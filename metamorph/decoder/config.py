@@ -95,7 +95,9 @@ class DecoderConfig:
     # a pretrained UNet keeps its checkpoint's target. The pixel-space default is v with a zero
     # terminal SNR (below): measured on the tiny preset (1500 steps, held-out reconstructions from
     # their own tokens), epsilon on SD's schedule sampled noise (background agreement 0.28, i.e.
-    # chance) while v + zero SNR got every background right (1.00).
+    # chance) while v + zero SNR got every background right (1.00). "sample" (x0) predicts the
+    # clean image itself: its samples are clean where v's keep residual grain after a few hundred
+    # steps (the tiny preset's choice, with train.edge_weight; figures there).
     prediction_type: str = "v_prediction"
     # Rescale the betas so alpha_bar_T = 0 (Lin et al. 2024, "Common Diffusion Noise Schedules
     # and Sample Steps are Flawed") and sample from T ("trailing" spacing). With alpha_bar_T > 0
@@ -223,7 +225,8 @@ class DecoderTrainConfig:
     snr_gamma: Optional[float] = 5.0
     # Pixel space: weight each pixel's loss by 1 + edge_weight * (its edge magnitude in the clean
     # image, in [0, 1]), renormalised to mean 1, so the few pixels that outline a shape count more
-    # than flat background. 0 = plain per-pixel MSE.
+    # than flat background (a one-object 32 px scene: ~10% of pixels carry the outline, and with
+    # plain MSE a few hundred steps draw right-coloured blobs of no shape). 0 = plain per-pixel MSE.
     edge_weight: float = 0.0
     # EMA of the trained weights, exported instead of the raw ones; 0 disables. The decay warms
     # up as 1 - (1 + step)**-ema_power (capped at ema_decay): with 0.75 it is ~0.99 after 500

@@ -1,4 +1,4 @@
-"""Train the decoder: epsilon-prediction MSE on (image, its own vision tokens), with checkpoints.
+"""Train the decoder: diffusion MSE (epsilon, v or x0 target) on (image, its own vision tokens), with checkpoints.
 
     python -m metamorph.decoder.train      # 20 steps on random images/tokens, prints the loss
 
@@ -6,7 +6,8 @@ One step: take the global batch's images and vision tokens, zero the whole condi
 sample with probability ``cfg_prob`` (so the UNet also learns the unconditional branch that
 classifier-free guidance subtracts), draw timesteps uniformly in [0, T), noise the images in
 model space (pixels folded into patches, or VAE latents) with DDPM's schedule, and regress the
-noise. AdamW with linear warmup; optional noise offset and EMA.
+noise (or v, or the clean image: the schedule's prediction type), optionally weighting outline
+pixels up (``edge_weights``). AdamW with linear warmup; optional noise offset and EMA.
 
 Every random draw of step s (which items, timesteps, noise, condition drops) comes from
 generators seeded by (seed, s) and is made for the *global* batch, of which each rank takes its
@@ -180,7 +181,8 @@ def diffusion_loss(
     edge_weight: float = 0.0,
 ) -> torch.Tensor:
     """MSE of ``denoiser``'s prediction (the noise, or v for a v-prediction schedule) on clean
-    model-space inputs ``x0_BCHW`` under ``draws``; Min-SNR-weighted when ``snr_gamma`` is set."""
+    model-space inputs ``x0_BCHW`` under ``draws`` (or of x0 itself for a "sample" schedule);
+    Min-SNR-weighted when ``snr_gamma`` is set, per-pixel edge-weighted when ``edge_weight`` > 0."""
     dev = x0_BCHW.device
     noise = draws.noise_BCHW.to(dev, x0_BCHW.dtype)
     t_B = draws.t_B.to(dev)
