@@ -434,3 +434,11 @@ def test_decoder_defaults_are_the_official_conditioner_and_decay():
     assert DecoderTrainConfig().weight_decay == 0.01
     with pytest.raises(ValueError, match="decoder.conditioner"):
         DecoderConfig(conditioner="x")
+
+
+def test_stage_config_rejects_guidance_without_an_unconditional_branch():
+    from stages.train_decoder import TrainDecoderConfig
+
+    with pytest.raises(ValueError, match="guidance_scale"):
+        TrainDecoderConfig(train=DecoderTrainConfig(cfg_prob=0.0), sampling=SamplingConfig(guidance_scale=3.0))
+    TrainDecoderConfig(train=DecoderTrainConfig(cfg_prob=0.0))  # scale 1 (tiny's): no unconditional branch needed
