@@ -68,6 +68,9 @@ class TrainDecoderConfig(StageConfig):
         if self.train.batch_size % self.scaling.num_workers:
             raise ValueError(f"train_decoder.train.batch_size={self.train.batch_size} must be divisible by "
                              f"train_decoder.scaling.num_workers={self.scaling.num_workers}")
+        if self.train.cfg_prob == 0 and self.sampling.guidance_scale != 1:
+            raise ValueError(f"train_decoder.sampling.guidance_scale={self.sampling.guidance_scale} needs an unconditional "
+                             "branch: set train_decoder.train.cfg_prob > 0 (e.g. 0.1) or guidance_scale 1")
         if self.encode_batch_size < 1 or self.num_encoders < 0 or self.encoder_cpus <= 0 or self.encoder_gpus < 0:
             raise ValueError("train_decoder: encode_batch_size >= 1, num_encoders >= 0, encoder_cpus > 0 and "
                              "encoder_gpus >= 0 are required")

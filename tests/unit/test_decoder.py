@@ -26,6 +26,7 @@ from metamorph.decoder.train import (
     Denoiser,
     batch_indices,
     diffusion_loss,
+    edge_weights,
     set_trainable,
     step_draws,
     to_unit_range,
@@ -188,6 +189,48 @@ def test_min_snr_weight_keeps_the_pure_noise_end_for_v_prediction():
             weighted = diffusion_loss(pipe, model, x0, data.tokens_BND, draws, snr_gamma=5.0)
             ab = float(pipe.scheduler.alphas_cumprod[t])
             assert float(weighted) == pytest.approx(float(plain) * expect(ab / (1 - ab)), rel=1e-4), t
+
+
+def test_sample_prediction_regresses_x0_and_weighs_it_in_x0_units():
+    """x0 ('sample') prediction: the target is the clean input; its Min-SNR weight is v's in x0
+    units, min(snr + 1, g) (x0-MSE = v-MSE / (snr + 1)): 1 at the zero terminal SNR, g at low noise."""
+    pipe = tiny_pipe(prediction_type="sample", zero_terminal_snr=True)
+    data = toy_data()
+    x0 = pipe.encode_pixels(to_unit_range(data.pixels(torch.arange(len(data)), 16)))
+    draws = step_draws(0, 0, len(data), tuple(x0.shape[1:]), 1000, cfg_prob=0.0, noise_offset=0.0)
+    draws.t_B[:] = 999
+    echo = lambda x, t, tok: x  # at T, x_t is pure noise: the "prediction" x_t misses x0 by the noise
+    loss = diffusion_loss(pipe, echo, x0, data.tokens_BND, draws)
+    assert float(loss) == pytest.approx(float((draws.noise_BCHW - x0).pow(2).mean()), rel=1e-5)
+    model = Denoiser(pipe.unet, pipe.conditioner)
+    with torch.no_grad():
+        for t, expect in ((999, lambda snr: 1.0), (0, lambda snr: 5.0)):
+            draws.t_B[:] = t
+            plain = diffusion_loss(pipe, model, x0, data.tokens_BND, draws, snr_gamma=None)
+            weighted = diffusion_loss(pipe, model, x0, data.tokens_BND, draws, snr_gamma=5.0)
+            ab = float(pipe.scheduler.alphas_cumprod[t])
+            assert float(weighted) == pytest.approx(float(plain) * expect(ab / (1 - ab)), rel=1e-4), t
+    out = pipe(tokens(2), num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(out).all()
+
+
+def test_edge_weights_favour_outlines_and_keep_the_mean():
+    pipe = tiny_pipe()
+    data = toy_data()
+    x0 = pipe.encode_pixels(to_unit_range(data.pixels(torch.arange(len(data)), 16)))
+    w = edge_weights(pipe, x0, 10.0)
+    assert w.shape == x0.shape and torch.allclose(w.flatten(1).mean(dim=1), torch.ones(len(data)), atol=1e-5)
+    px = pipe.decode_to_pixels(w)[:, 0]  # [B, 16, 16]: the squares span rows/cols 4..11
+    assert float(px[:, 4, 4:12].mean()) > 3 * float(px[:, 0, :].mean())  # the outline outweighs the far background
+    assert bool((px[:, 8, 8] < px[:, 4, 8]).all())  # the flat inside of a square too
+    draws = step_draws(0, 0, len(data), tuple(x0.shape[1:]), 1000, cfg_prob=0.0, noise_offset=0.0)
+    model = Denoiser(pipe.unet, pipe.conditioner)
+    with torch.no_grad():
+        plain = diffusion_loss(pipe, model, x0, data.tokens_BND, draws)
+        weighted = diffusion_loss(pipe, model, x0, data.tokens_BND, draws, edge_weight=10.0)
+    assert float(plain) != pytest.approx(float(weighted), rel=1e-3)
+    with pytest.raises(ValueError, match="edge_weight"):
+        DecoderTrainConfig(edge_weight=-1.0)
 
 
 @pytest.mark.parametrize("spatial", [False, True])
@@ -391,3 +434,11 @@ def test_decoder_defaults_are_the_official_conditioner_and_decay():
     assert DecoderTrainConfig().weight_decay == 0.01
     with pytest.raises(ValueError, match="decoder.conditioner"):
         DecoderConfig(conditioner="x")
+
+
+def test_stage_config_rejects_guidance_without_an_unconditional_branch():
+    from stages.train_decoder import TrainDecoderConfig
+
+    with pytest.raises(ValueError, match="guidance_scale"):
+        TrainDecoderConfig(train=DecoderTrainConfig(cfg_prob=0.0), sampling=SamplingConfig(guidance_scale=3.0))
+    TrainDecoderConfig(train=DecoderTrainConfig(cfg_prob=0.0))  # scale 1 (tiny's): no unconditional branch needed
