@@ -79,6 +79,15 @@ def _mp4(clip: Clip, cfg: WorldConfig) -> bytes:
 
 # ---------------------------------------------------------------- understanding (LLaVA + VideoQA)
 
+def _llava_turns(qas: list[T.QA]) -> list[dict[str, str]]:
+    """LLaVA conversation turns: the media placeholder opens the first question only."""
+    turns = []
+    for t, qa in enumerate(qas):
+        turns.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + qa.prompt})
+        turns.append({"from": "gpt", "value": qa.answer})
+    return turns
+
+
 def understanding_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[str, Any], bytes]:
     """A LLaVA conversation about one scene (1..max_turns question turns) and its PNG."""
     rng = record_rng(seed, cfg, "understanding", i)
@@ -92,14 +101,10 @@ def understanding_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[str,
             qas.append(qa)
         if len(qas) == n_turns:
             break
-    conversations = []
-    for t, qa in enumerate(qas):
-        conversations.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + qa.prompt})
-        conversations.append({"from": "gpt", "value": qa.answer})
     record = {
         "id": rid,
         "image": f"{rid}.png",
-        "conversations": conversations,
+        "conversations": _llava_turns(qas),
         "meta": {"task": "image_qa", "scene": scene.to_meta(), "qa": [q.to_meta() for q in qas]},
     }
     return record, png_bytes(render(scene, cfg.supersample))
@@ -116,14 +121,10 @@ def videoqa_record(seed: int, cfg: WorldConfig, i: int) -> tuple[dict[str, Any],
             qas.append(T.video_question(rng, clip.mover, clip.direction, mc=bool(rng.random() < cfg.mc_fraction),
                                         kind=str(k)))
     rid = f"vq{i:06d}"
-    conversations = []
-    for t, qa in enumerate(qas):
-        conversations.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + qa.prompt})
-        conversations.append({"from": "gpt", "value": qa.answer})
     record = {
         "id": rid,
         "video": f"{rid}.mp4",
-        "conversations": conversations,
+        "conversations": _llava_turns(qas),
         "data_source": "toyworld",
         "meta": {"task": "video_qa", "clip": clip.to_meta(), "fps": cfg.fps, "qa": [q.to_meta() for q in qas]},
     }
