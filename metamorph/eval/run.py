@@ -28,6 +28,12 @@ from metamorph.fields import operational
 QA_TASKS = ("image_qa", "video_qa", "visual_thinking")
 HEADLINE_PREFIX = "eval/"
 
+# How the judge gets trained: (config, geometry) -> a zero-argument callable that returns
+# (judge, stats). Starting may return at once with the training under way elsewhere (the evaluate
+# stage runs it as a Ray task beside the QA pass); evaluate_all asks for the result only when the
+# generation scores need it.
+JudgeStarter = Callable[[JudgeConfig, dict], Callable[[], tuple[Any, dict[str, float]]]]
+
 
 @dataclass(kw_only=True)
 class EvalConfig:
@@ -116,17 +122,31 @@ def _log(msg: str) -> None:
     logging.getLogger("metamorph.eval.run").info(msg)
 
 
+def train_judge_here(log: Callable[[str], None] = _log) -> JudgeStarter:
+    """The default ``JudgeStarter``: train in this process, before anything else is scored."""
+    from metamorph.eval.judge import Judge
+
+    def start(cfg: JudgeConfig, geometry: dict) -> Callable[[], tuple[Any, dict[str, float]]]:
+        done = Judge.train(cfg, geometry, log=log)
+        return lambda: done
+
+    return start
+
+
 def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_seed: int = 0,
-                 device: str = "cpu", log: Callable[[str], None] = _log
+                 device: str = "cpu", log: Callable[[str], None] = _log,
+                 start_judge: Optional[JudgeStarter] = None,
                  ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     """Run every evaluation, write metrics.json / samples.jsonl / report.html into ``out_dir``;
-    returns (all metrics, headline metrics, protocol params)."""
+    returns (all metrics, headline metrics, protocol params). ``start_judge`` trains the
+    attribute judge (default: here, first); the judge is deterministic in its config, so where it
+    trains does not change a figure as long as it runs on the same number of threads."""
     import torch
 
     from metamorph.eval.generation import evaluate_generation, gen_items
     from metamorph.eval.heldout import iter_train, load_heldout
     from metamorph.eval.inference import VPiTRunner
-    from metamorph.eval.judge import Judge, infer_geometry
+    from metamorph.eval.judge import infer_geometry
     from metamorph.eval.understanding import answer_prior, evaluate_qa, every_question_items, qa_items, summarise
 
     t0 = time.perf_counter()
@@ -144,18 +164,15 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
     # --- the judge: trained on fresh renders whose geometry matches the held-out scenes
     gen_samples = [(s, ims) for t in ("t2i", "image_edit", "frame_prediction") for s, ims in heldout.get(t, [])]
     items = [it for s, ims in gen_samples for it in gen_items(s, ims)]
-    judge = None
+    judge, judge_result = None, None
     if any(it.truth is not None for it in items):
         geometry = infer_geometry(cfg.judge, [s.meta for s, _ in gen_samples if s.task in ("t2i", "image_edit")])
         judge_cfg = JudgeConfig(**{**cfg.judge.__dict__, "seed": cfg.judge.seed + seed})
-        judge, jstats = Judge.train(judge_cfg, geometry, log=log)
-        metrics.update(jstats)
+        judge_result = (start_judge or train_judge_here(log))(judge_cfg, geometry)
         params.update({f"judge_{k}": v for k, v in geometry.items()})
-        log(f"judge: min accuracy {jstats['judge_acc_min']:.3f} (threshold {cfg.judge.threshold}), ok={bool(jstats['judge_ok'])}")
     else:
         metrics["judge_ok"] = 0.0
         params["judge_skipped"] = "no held-out generation sample carries toy-world scene meta"
-    judge_ok = bool(metrics["judge_ok"])
 
     # --- understanding: held-out QA
     t = time.perf_counter()
@@ -176,6 +193,12 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
         log(f"QA: {len(qa_records)} items, acc {metrics['qa_acc']:.3f} vs majority {metrics['qa_majority']:.3f} "
             f"(training answers; held-out answers' own majority {metrics['qa_majority_heldout']:.3f}) "
             f"({time.perf_counter() - t:.1f}s)")
+
+    if judge_result is not None:
+        judge, jstats = judge_result()
+        metrics.update(jstats)
+        log(f"judge: min accuracy {jstats['judge_acc_min']:.3f} (threshold {cfg.judge.threshold}), ok={bool(jstats['judge_ok'])}")
+    judge_ok = bool(metrics["judge_ok"])
 
     # --- generation
     collected: dict[str, dict[str, list]] = {}
