@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from metamorph.data.schema import IMAGE_PLACEHOLDER, Sample
 from metamorph.eval.frechet import frechet_distance_features
@@ -121,6 +122,72 @@ def _pooled(runner, images) -> np.ndarray:
     return runner.encoder.encode_images(list(images)).float().mean(dim=1).cpu().numpy()
 
 
+@dataclass
+class _TaskOutputs:
+    """One task's generations, kept until the judge is ready."""
+
+    task: str
+    items: list[GenItem]
+    ref_images: list[Image.Image]
+    start_p: list[float] = field(default_factory=list)
+    recon_images: Optional[list[Image.Image]] = None
+    scales: list[tuple[float, np.ndarray, np.ndarray, Optional[list[Image.Image]]]] = field(default_factory=list)
+
+
+def _judge_and_record(out: _TaskOutputs, judge, metrics: dict[str, float], records: list[dict[str, Any]],
+                      gallery: dict[str, list[dict[str, Any]]], keep_images: int) -> None:
+    """The judged metrics of one task's generations, its per-item records and its gallery rows."""
+    task, its, M = out.task, out.items, len(out.items)
+    truths = [it.truth for it in its]
+    judged_idx = [i for i, t in enumerate(truths) if t is not None]
+    base = [
+        {"kind": "generation", "id": it.sample_id, "task": task, "prompt": it.text, "truth": it.truth}
+        for it in its
+    ]
+    if judge is not None and judged_idx:
+        ref_j = judge.predict([out.ref_images[i] for i in judged_idx])
+        for k, v in mean_scores([compare(j, truths[i]) for j, i in zip(ref_j, judged_idx)]).items():
+            metrics[f"{task}/reference/judge/{k}"] = v
+        if out.recon_images is not None:
+            rj = judge.predict([out.recon_images[i] for i in judged_idx])
+            for k, v in mean_scores([compare(j, truths[i]) for j, i in zip(rj, judged_idx)]).items():
+                metrics[f"{task}/recon/judge/{k}"] = v
+    for s, cos_M, ranks, gen_images in out.scales:
+        tag = f"{task}/cfg{s:g}"
+        judged: list[Optional[dict]] = [None] * M
+        scores: list[Optional[dict]] = [None] * M
+        if gen_images is not None and judge is not None and judged_idx:
+            jj = judge.predict([gen_images[i] for i in judged_idx])
+            for j, i in zip(jj, judged_idx):
+                judged[i] = j
+                scores[i] = compare(j, truths[i])
+            metrics[f"{tag}/judge_n"] = float(len(judged_idx))
+            for k, v in mean_scores([scores[i] for i in judged_idx]).items():
+                metrics[f"{tag}/judge/{k}"] = v
+                # Wilson 95% (per-item scores are 0/1 for one-object captions)
+                metrics[f"{tag}/judge/{k}/ci_lo"], metrics[f"{tag}/judge/{k}/ci_hi"] = wilson(v * len(judged_idx), len(judged_idx))
+        for i, it in enumerate(its):
+            rec = dict(base[i], cfg_scale=s, cosine=float(cos_M[i]), retrieval_rank=int(ranks[i]))
+            if np.isfinite(out.start_p[i]):
+                rec["image_start_p"] = out.start_p[i]
+            if judged[i] is not None:
+                rec["judged"] = {"shapes": judged[i]["shapes"], "background": judged[i]["background"],
+                                 "slots": judged[i]["slots"]}
+                rec["scores"] = scores[i]
+            records.append(rec)
+            if i < keep_images:
+                entry = next((g for g in gallery[task] if g["id"] == it.sample_id), None)
+                if entry is None:
+                    entry = {"id": it.sample_id, "text": it.text, "reference": out.ref_images[i], "generated": {},
+                             "inputs": [open_image(b) for b in it.prompt_images][:4], "scores": {},
+                             "recon": out.recon_images[i] if out.recon_images is not None else None}
+                    gallery[task].append(entry)
+                if gen_images is not None:
+                    entry["generated"][f"{s:g}"] = gen_images[i]
+                if scores[i] is not None:
+                    entry["scores"][f"{s:g}"] = scores[i]
+
+
 def evaluate_generation(
     runner,
     items: Sequence[GenItem],
@@ -139,6 +206,9 @@ def evaluate_generation(
     ``collect``: a dict that receives every generated image, as ``collect["{task}/{scale}"] =
     {"generated", "reference", "text"}`` (for FID / CLIP score).
 
+    ``judge``: a ``Judge``, or a zero-argument callable returning one, called once after every
+    image is generated (so the judge can be training meanwhile); None: nothing is judged.
+
     Metric keys: ``{task}/cfg{s}/cosine``, ``.../retrieval_top1``, ``.../judge/{attr}``,
     ``{task}/cfg{s}/fd_encoder``, ``{task}/image_start_p``, ``{task}/recon/judge/{attr}``,
     ``{task}/reference/judge/{attr}`` (the judge on the real held-out images), ``{task}/n``.
@@ -146,42 +216,26 @@ def evaluate_generation(
     """
     log = log or (lambda m: None)
     metrics: dict[str, float] = {}
-    records: list[dict[str, Any]] = []
-    gallery: dict[str, list[dict[str, Any]]] = defaultdict(list)
     by_task: dict[str, list[GenItem]] = defaultdict(list)
     for it in items:
         by_task[it.task].append(it)
     have_decoder = runner.decoder is not None
+    generated: list[_TaskOutputs] = []
     for task, its in by_task.items():
         t0 = time.perf_counter()
         M = len(its)
         metrics[f"{task}/n"] = float(M)
         prompt_feats = [runner.encode_images(it.prompt_images) for it in its]
         true_MND = runner.encode_images([it.target for it in its])
-        ref_images = [open_image(it.target) for it in its]
-        truths = [it.truth for it in its]
-        judged_idx = [i for i, t in enumerate(truths) if t is not None]
-        start_p = [
+        out = _TaskOutputs(task=task, items=its, ref_images=[open_image(it.target) for it in its])
+        out.start_p = [
             runner.image_start_prob(it.conversation, image_feats=pf) if not it.answer_prefix else float("nan")
             for it, pf in zip(its, prompt_feats)
         ]
         if not any(it.answer_prefix for it in its):
-            metrics[f"{task}/image_start_p"] = float(np.mean(start_p))
-        base = [
-            {"kind": "generation", "id": it.sample_id, "task": task, "prompt": it.text, "truth": it.truth}
-            for it in its
-        ]
-        if judge is not None and judged_idx:
-            ref_j = judge.predict([ref_images[i] for i in judged_idx])
-            for k, v in mean_scores([compare(j, truths[i]) for j, i in zip(ref_j, judged_idx)]).items():
-                metrics[f"{task}/reference/judge/{k}"] = v
-        recon_images = None
+            metrics[f"{task}/image_start_p"] = float(np.mean(out.start_p))
         if have_decoder and recon:
-            recon_images = runner.render(true_MND, decoder_guidance, decoder_steps, seed=seed)
-            if judge is not None and judged_idx:
-                rj = judge.predict([recon_images[i] for i in judged_idx])
-                for k, v in mean_scores([compare(j, truths[i]) for j, i in zip(rj, judged_idx)]).items():
-                    metrics[f"{task}/recon/judge/{k}"] = v
+            out.recon_images = runner.render(true_MND, decoder_guidance, decoder_steps, seed=seed)
         for s in cfg_scales:
             tag = f"{task}/cfg{s:g}"
             preds = [
@@ -201,41 +255,18 @@ def evaluate_generation(
                                                                  for i in range(0, M, retrieval_pool or M)
                                                                  for _ in range(min(M - i, retrieval_pool or M))]))
             gen_images = runner.render(pred_MND, decoder_guidance, decoder_steps, seed=seed) if have_decoder else None
-            judged: list[Optional[dict]] = [None] * M
-            scores: list[Optional[dict]] = [None] * M
-            if gen_images is not None and judge is not None and judged_idx:
-                jj = judge.predict([gen_images[i] for i in judged_idx])
-                for j, i in zip(jj, judged_idx):
-                    judged[i] = j
-                    scores[i] = compare(j, truths[i])
-                metrics[f"{tag}/judge_n"] = float(len(judged_idx))
-                for k, v in mean_scores([scores[i] for i in judged_idx]).items():
-                    metrics[f"{tag}/judge/{k}"] = v
-                    # Wilson 95% (per-item scores are 0/1 for one-object captions)
-                    metrics[f"{tag}/judge/{k}/ci_lo"], metrics[f"{tag}/judge/{k}/ci_hi"] = wilson(v * len(judged_idx), len(judged_idx))
             if collect is not None and gen_images is not None:
-                collect[f"{task}/{s:g}"] = {"generated": gen_images, "reference": ref_images, "text": [it.text for it in its]}
+                collect[f"{task}/{s:g}"] = {"generated": gen_images, "reference": out.ref_images, "text": [it.text for it in its]}
             if gen_images is not None and M >= 2:
-                metrics[f"{tag}/fd_encoder"] = frechet_distance_features(_pooled(runner, gen_images), _pooled(runner, ref_images))
-            for i, it in enumerate(its):
-                rec = dict(base[i], cfg_scale=s, cosine=float(cos_M[i]), retrieval_rank=int(ranks[i]))
-                if np.isfinite(start_p[i]):
-                    rec["image_start_p"] = start_p[i]
-                if judged[i] is not None:
-                    rec["judged"] = {"shapes": judged[i]["shapes"], "background": judged[i]["background"],
-                                     "slots": judged[i]["slots"]}
-                    rec["scores"] = scores[i]
-                records.append(rec)
-                if i < keep_images:
-                    entry = next((g for g in gallery[task] if g["id"] == it.sample_id), None)
-                    if entry is None:
-                        entry = {"id": it.sample_id, "text": it.text, "reference": ref_images[i], "generated": {},
-                                 "inputs": [open_image(b) for b in it.prompt_images][:4], "scores": {},
-                                 "recon": recon_images[i] if recon_images is not None else None}
-                        gallery[task].append(entry)
-                    if gen_images is not None:
-                        entry["generated"][f"{s:g}"] = gen_images[i]
-                    if scores[i] is not None:
-                        entry["scores"][f"{s:g}"] = scores[i]
+                metrics[f"{tag}/fd_encoder"] = frechet_distance_features(_pooled(runner, gen_images), _pooled(runner, out.ref_images))
+            out.scales.append((s, cos_M, ranks, gen_images))
+        generated.append(out)
         log(f"generation {task}: {M} items x {len(cfg_scales)} cfg scales in {time.perf_counter() - t0:.1f}s")
+
+    if callable(judge):
+        judge = judge()
+    records: list[dict[str, Any]] = []
+    gallery: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for out in generated:
+        _judge_and_record(out, judge, metrics, records, gallery, keep_images)
     return metrics, records, dict(gallery)

@@ -164,7 +164,7 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
     # --- the judge: trained on fresh renders whose geometry matches the held-out scenes
     gen_samples = [(s, ims) for t in ("t2i", "image_edit", "frame_prediction") for s, ims in heldout.get(t, [])]
     items = [it for s, ims in gen_samples for it in gen_items(s, ims)]
-    judge, judge_result = None, None
+    judge_result = None
     if any(it.truth is not None for it in items):
         geometry = infer_geometry(cfg.judge, [s.meta for s, _ in gen_samples if s.task in ("t2i", "image_edit")])
         judge_cfg = JudgeConfig(**{**cfg.judge.__dict__, "seed": cfg.judge.seed + seed})
@@ -194,20 +194,23 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
             f"(training answers; held-out answers' own majority {metrics['qa_majority_heldout']:.3f}) "
             f"({time.perf_counter() - t:.1f}s)")
 
-    if judge_result is not None:
+    def trained_judge():
+        """The judge, once generation needs its verdicts (it may have been training meanwhile)."""
         judge, jstats = judge_result()
         metrics.update(jstats)
         log(f"judge: min accuracy {jstats['judge_acc_min']:.3f} (threshold {cfg.judge.threshold}), ok={bool(jstats['judge_ok'])}")
-    judge_ok = bool(metrics["judge_ok"])
+        return judge
 
     # --- generation
     collected: dict[str, dict[str, list]] = {}
     want_real = cfg.fid.inception_path is not None or cfg.fid.clip_path is not None
     gen_metrics, gen_records, gallery = evaluate_generation(
-        runner, items, cfg.cfg_scales, judge=judge, decoder_guidance=cfg.decoder_guidance,
-        decoder_steps=cfg.decoder_steps, recon=cfg.recon, seed=seed, keep_images=cfg.report_samples,
-        collect=collected if want_real else None, log=log, retrieval_pool=cfg.retrieval_pool,
+        runner, items, cfg.cfg_scales, judge=trained_judge if judge_result is not None else None,
+        decoder_guidance=cfg.decoder_guidance, decoder_steps=cfg.decoder_steps, recon=cfg.recon, seed=seed,
+        keep_images=cfg.report_samples, collect=collected if want_real else None, log=log,
+        retrieval_pool=cfg.retrieval_pool,
     )
+    judge_ok = bool(metrics["judge_ok"])
     for k, v in gen_metrics.items():
         if "/judge/" in k and not judge_ok and "/reference/" not in k:
             continue  # the judge failed its own test: its verdicts on generations do not count
