@@ -14,8 +14,8 @@ Inputs: ``vpit_model`` (weights + tokenizer), ``decoder``, ``vision_encoder``, `
 * ``report.html``: metric tables and sample grids with inline images (logged as an artifact).
 
 Steps (``metamorph.eval.run.evaluate_all``; this module is the Ray and MLflow glue): train the attribute judge on fresh toy-world renders
-(its accuracy gates the judged generation scores: ``judge_ok``; on CPU a Ray task beside the QA pass,
-``judge_beside_qa``); held-out QA (exact match per
+(its accuracy gates the judged generation scores: ``judge_ok``; on CPU a Ray task beside the QA pass
+and the generations, ``judge_beside_qa``); held-out QA (exact match per
 task/attribute vs the majority baseline); generation (t2i, image edit, frame prediction) at each
 visual-token CFG scale; VLMEvalKit TSV benchmarks; FID / CLIP score when weights are given.
 With ``use_gpu`` the whole evaluation runs as one Ray task holding a GPU (the driver may have none).
@@ -47,9 +47,10 @@ class EvaluateConfig(StageConfig, EvalConfig):
     # terminal start torch with different thread counts, and float sums follow them)
     cpus: float = field(default=1.0, metadata=operational())
     # On CPU, train the attribute judge as a Ray task (cpus CPUs, as many torch threads as the
-    # stage's own) beside the QA pass instead of before it: the judge is deterministic in its
-    # config, so every figure is the same either way; tiny's evaluate 50 s -> ~30 s. False: train
-    # it in the stage's process first (the only way with use_gpu).
+    # stage's own) while the QA pass and the generations run, instead of before them; the images
+    # are judged at the end. The judge is deterministic in its config, so every figure is the same
+    # either way; tiny's evaluate 50 s -> 31 s. False (or Ray not started, as when the stage runs
+    # on its own): train it in the stage's process first (the only way with use_gpu).
     judge_beside_qa: bool = field(default=True, metadata=operational())
 
     def __post_init__(self) -> None:
@@ -97,11 +98,19 @@ class EvaluateStage(Stage):
         else:
             from metamorph.threads import torch_threads
 
-            starter = _judge_task(cfg.cpus) if cfg.judge_beside_qa else None
+            starter = _judge_task(cfg.cpus) if cfg.judge_beside_qa and _ray_is_up() else None
             with torch_threads(int(cfg.cpus)):
                 metrics, headline, params = evaluate_all(paths, cfg.library(), str(out), ctx.seed, "cpu",
                                                          start_judge=starter)
         return publish(ctx, out, metrics, headline, params)
+
+
+def _ray_is_up() -> bool:
+    """A pipeline run has started (or joined) Ray before any stage runs; a stage run on its own
+    (``pipelines.testing.run_stage``) has not, and must not start one for the judge."""
+    import ray
+
+    return ray.is_initialized()
 
 
 def _train_judge(judge_cfg: Any, geometry: dict, threads: int) -> tuple[Any, dict[str, float], list[str]]:
