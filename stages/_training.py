@@ -14,6 +14,7 @@ checkpoint dir of a ``resumable`` stage whose key did not change, for a rerun of
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -81,6 +82,50 @@ def fit(ctx: StageContext, worker_fn: Callable[[Any], None], job: Any, scaling: 
     )
     with system_metrics(ctx.tracking):  # this host's CPU/memory (and GPU) while the workers train
         return trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
+
+
+def ray_is_up() -> bool:
+    """Inside a pipeline run (Ray started or joined before any stage runs); not when a stage runs
+    on its own (``pipelines.testing.run_stage``), which must not start Ray for a side task."""
+    import ray
+
+    return ray.is_initialized()
+
+
+def start_task(fn: Callable[..., Any], *args: Any, cpus: float, logger: str) -> Callable[[], Any]:
+    """Run ``fn(*args)`` as a Ray task holding ``cpus`` CPUs; return a zero-argument callable that
+    waits for its result. The INFO lines ``logger`` wrote in the task are replayed into this
+    process's ``logger`` then (a task's output does not reach the stage's log)."""
+    import ray
+
+    ref = ray.remote(num_cpus=cpus)(_logged_call).remote(fn, logger, *args)
+
+    def result() -> Any:
+        out, lines = ray.get(ref)
+        for line in lines:
+            logging.getLogger(logger).info(line)
+        return out
+
+    return result
+
+
+def _logged_call(fn: Callable[..., Any], logger: str, *args: Any) -> tuple[Any, list[str]]:
+    lines: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    lg = logging.getLogger(logger)
+    keep, level = _Keep(logging.INFO), lg.level
+    lg.addHandler(keep)
+    if not lg.isEnabledFor(logging.INFO):  # a fresh Ray worker: the root logger's WARNING
+        lg.setLevel(logging.INFO)
+    try:
+        return fn(*args), lines
+    finally:
+        lg.removeHandler(keep)
+        lg.setLevel(level)
 
 
 def _worker_entry(config: dict[str, Any]) -> None:

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from metamorph.eval.run import GALLERY_FILE, EvalConfig, evaluate_all
 from pipelines.stage import Stage, StageConfig, StageContext, operational
+
+_EVAL_LOGGER = "metamorph.eval.run"  # evaluate_all's log, where the judge's epochs belong
 
 
 @dataclass(kw_only=True)
@@ -97,55 +100,30 @@ class EvaluateStage(Stage):
             metrics, headline, params = ray.get(task.remote(paths, cfg.library(), str(out), ctx.seed, "cuda"))
         else:
             from metamorph.threads import torch_threads
+            from stages._training import ray_is_up
 
-            starter = _judge_task(cfg.cpus) if cfg.judge_beside_qa and _ray_is_up() else None
+            starter = _judge_task(cfg.cpus) if cfg.judge_beside_qa and ray_is_up() else None
             with torch_threads(int(cfg.cpus)):
                 metrics, headline, params = evaluate_all(paths, cfg.library(), str(out), ctx.seed, "cpu",
                                                          start_judge=starter)
         return publish(ctx, out, metrics, headline, params)
 
 
-def _ray_is_up() -> bool:
-    """A pipeline run has started (or joined) Ray before any stage runs; a stage run on its own
-    (``pipelines.testing.run_stage``) has not, and must not start one for the judge."""
-    import ray
-
-    return ray.is_initialized()
-
-
-def _train_judge(judge_cfg: Any, geometry: dict, threads: int) -> tuple[Any, dict[str, float], list[str]]:
-    """A Ray task: train the judge on ``threads`` torch threads; its log lines come back with it
-    (task output does not reach the stage's log file)."""
+def _train_judge(judge_cfg: Any, geometry: dict, threads: int) -> tuple[Any, dict[str, float]]:
+    """The judge task's body: train on ``threads`` torch threads."""
     from metamorph.eval.judge import Judge
     from metamorph.threads import torch_threads
 
-    lines: list[str] = []
     with torch_threads(threads):
-        judge, stats = Judge.train(judge_cfg, geometry, log=lines.append)
-    return judge, stats, lines
+        return Judge.train(judge_cfg, geometry, log=logging.getLogger(_EVAL_LOGGER).info)
 
 
 def _judge_task(cpus: float):
     """A ``JudgeStarter`` that trains the judge as a Ray task holding ``cpus`` CPUs."""
-    import logging
+    from stages._training import start_task
 
-    import ray
-
-    task = ray.remote(num_cpus=cpus)(_train_judge)
-    log = logging.getLogger("metamorph.eval.run").info
-
-    def start(judge_cfg: Any, geometry: dict):
-        ref = task.remote(judge_cfg, geometry, int(cpus))
-
-        def result():
-            judge, stats, lines = ray.get(ref)
-            for line in lines:
-                log(line)
-            return judge, stats
-
-        return result
-
-    return start
+    return lambda judge_cfg, geometry: start_task(_train_judge, judge_cfg, geometry, int(cpus), cpus=cpus,
+                                                  logger=_EVAL_LOGGER)
 
 
 def publish(ctx: StageContext, out: Path, metrics: dict[str, float], headline: dict[str, float],

@@ -15,7 +15,6 @@ stage writes `VisionEncoder.save_pretrained` into the `vision_encoder` artifact,
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,24 +64,21 @@ class VisionEncoderStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, float]:
         from metamorph.model import vision_pretrain
         from metamorph.model.vision import VisionEncoder
+        from stages._training import ray_is_up, start_task
 
         cfg: VisionEncoderConfig = ctx.cfg
         pcfg = cfg.pretrain
         enc = VisionEncoder.from_config(cfg.encoder_config())
         stats: dict[str, float] = {}
         if cfg.path is None:
-            if _ray_is_up():
+            if ray_is_up():
                 # a Ray task holding its CPU: in the driver's thread it shared both cores with the
                 # curations' Ray Data workers (tiny: 46 s inside the DAG, 36 s alone); seeded, so
                 # the encoder is the same wherever it trains
-                import ray
-
-                task = ray.remote(num_cpus=1)(_pretrain_and_probe)
-                enc, pstats, probes, lines = ray.get(task.remote(enc, pcfg))
-                for line in lines:  # the task's output does not reach this stage's log
-                    logging.getLogger(vision_pretrain.__name__).info(line)
+                enc, pstats, probes = start_task(_pretrain_and_probe, enc, pcfg, cpus=1,
+                                                 logger=vision_pretrain.__name__)()
             else:
-                enc, pstats, probes, _ = _pretrain_and_probe(enc, pcfg)
+                enc, pstats, probes = _pretrain_and_probe(enc, pcfg)
             stats.update(pstats)
             if probes:
                 stats.update({f"probe/{a}": v for a, v in probes.items()})
@@ -98,42 +94,18 @@ class VisionEncoderStage(Stage):
         }
 
 
-def _ray_is_up() -> bool:
-    """Inside a pipeline run (Ray started before any stage runs); not when the stage runs alone."""
-    import ray
-
-    return ray.is_initialized()
-
-
-def _pretrain_and_probe(enc: Any, pcfg: VisionPretrainConfig) -> tuple[Any, dict[str, float], dict[str, float], list[str]]:
+def _pretrain_and_probe(enc: Any, pcfg: VisionPretrainConfig) -> tuple[Any, dict[str, float], dict[str, float]]:
     """Pretrain ``enc`` and fit the attribute probes on one torch thread (this tiny tower gains
     nothing from two, and on a busy machine two threads spin: measured 0.09 CPU-s per 128-pair
-    step on one). Returns (encoder, pretrain stats, probe accuracies, the log lines it wrote),
-    the lines so that a Ray task's progress still reaches the stage's log."""
+    step on one). Returns (encoder, pretrain stats, probe accuracies)."""
     from metamorph.model import vision_pretrain
     from metamorph.threads import torch_threads
 
-    lines: list[str] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    logger = logging.getLogger(vision_pretrain.__name__)
-    keep = _Keep(logging.INFO)
-    logger.addHandler(keep)
-    level = logger.level
-    if not logger.isEnabledFor(logging.INFO):  # a fresh Ray worker: the root logger's WARNING
-        logger.setLevel(logging.INFO)
     stats: dict[str, float] = {}
     probes: dict[str, float] = {}
-    try:
-        with torch_threads(1):
-            if pcfg.steps:
-                stats.update(vision_pretrain.pretrain(enc, pcfg))
-            if pcfg.probe_train and pcfg.probe_test:
-                probes = vision_pretrain.probe_attributes(enc, pcfg)
-    finally:
-        logger.removeHandler(keep)
-        logger.setLevel(level)
-    return enc, stats, probes, lines
+    with torch_threads(1):
+        if pcfg.steps:
+            stats.update(vision_pretrain.pretrain(enc, pcfg))
+        if pcfg.probe_train and pcfg.probe_test:
+            probes = vision_pretrain.probe_attributes(enc, pcfg)
+    return enc, stats, probes
