@@ -68,7 +68,7 @@ class EvaluateConfig(StageConfig, EvalConfig):
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    version = "1"
+    version = "2"  # 2: visual thinking also answered after the true crop (qa_acc_true_crop)
     inputs = ("vpit_model", "decoder", "vision_encoder", "tokenizer", "mixture")
     outputs = ("eval_report",)
     config_cls = EvaluateConfig

@@ -168,6 +168,32 @@ class VPiTRunner:
         out = self.model.generate(self.prompt(conversation, images, image_feats), cfg, stop_ids=[self.ids.eot])
         return TokenPrediction(tokens=out.images, text=self.decode_text(out.token_ids), output=out)
 
+    def answer_after_image(
+        self,
+        conversation: Conversation | str,
+        images: Sequence[Any],
+        response_feats_ND: torch.Tensor,
+        max_new_tokens: int = 32,
+    ) -> TokenPrediction:
+        """Greedy text answer once the answer has *drawn* ``response_feats_ND`` [N, D] (forced, as
+        in training: ``<image_start>`` + the N tokens + ``<image_end>``, then free text).
+
+        Visual thinking with the true crop instead of the model's own: how well it reads a crop,
+        apart from how well it draws one (``evaluate_qa``'s ``correct_true_crop``)."""
+        p = self.prompt(conversation, images, start_image=True)
+        n = self.model.config.n_tokens
+        if tuple(response_feats_ND.shape) != (n, self.model.config.vision_dim):
+            raise ValueError(f"response image is {tuple(response_feats_ND.shape)}, the model draws "
+                             f"{n} x {self.model.config.vision_dim}")
+        feats = F.normalize(response_feats_ND.float(), dim=-1)
+        ids = list(p.input_ids) + [self.ids.pad] * n + [self.ids.image_end]
+        vm = list(p.visual_mask) + [True] * n + [False]
+        feats_KD = feats if p.vision_feats is None else torch.cat([p.vision_feats.float(), feats])
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, max_images=0)
+        out = self.model.generate(Prompt(input_ids=ids, visual_mask=vm, vision_feats=feats_KD), cfg,
+                                  stop_ids=[self.ids.eot])
+        return TokenPrediction(tokens=[], text=self.decode_text(out.token_ids), output=out)
+
     @torch.no_grad()
     def next_token_logits(self, prompt: Prompt) -> torch.Tensor:
         """[V] logits of the token right after the prompt (one forward, no cache)."""

@@ -212,6 +212,15 @@ def summarise(records: Sequence[dict[str, Any]], prior: Optional[dict[tuple, str
         sfx = f"/{key}" if key else ""
         n = out[f"qa_n{sfx}"]
         out[f"qa_ci_lo{sfx}"], out[f"qa_ci_hi{sfx}"] = wilson(out[f"qa_acc{sfx}"] * n, n)
+    # visual thinking asked again with the true crop drawn (evaluate_qa's correct_true_crop):
+    # qa_acc_true_crop/<task>[/<attribute>] beside qa_acc, whose answers follow the model's own crop
+    given: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        if "correct_true_crop" in r:
+            given[r["task"]].append(bool(r["correct_true_crop"]))
+            given[f"{r['task']}/{r['attribute']}"].append(bool(r["correct_true_crop"]))
+    for key, ok in sorted(given.items()):
+        out[f"qa_acc_true_crop/{key}"] = float(np.mean(ok))
     return out
 
 
@@ -242,9 +251,14 @@ def evaluate_qa(
         }
         if think:
             rec["drew_crop"] = bool(pred.tokens)
-            if pred.tokens and it.response_images:
+            if it.response_images:
                 true_ND = runner.encode_images(it.response_images[:1])[0]
-                rec["crop_cosine"] = float(F.cosine_similarity(pred.tokens[0], true_ND, dim=-1).mean())
+                if pred.tokens:
+                    rec["crop_cosine"] = float(F.cosine_similarity(pred.tokens[0], true_ND, dim=-1).mean())
+                # the same question once the true crop is drawn: reading a crop, apart from drawing it
+                given = runner.answer_after_image(it.conversation, it.images, true_ND, max_new_tokens=max_new_tokens)
+                rec["prediction_true_crop"] = given.text
+                rec["correct_true_crop"] = normalise_answer(given.text) == normalise_answer(it.truth)
         records.append(rec)
         if on_item:
             on_item(rec)

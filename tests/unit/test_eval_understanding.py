@@ -93,3 +93,45 @@ def test_gen_items_and_retrieval():
     true = torch.nn.functional.normalize(torch.randn(5, 4, 8), dim=-1)
     assert retrieval_ranks(true, true).tolist() == [0] * 5
     assert retrieval_ranks(true.roll(1, dims=0), true).max() > 0
+
+
+def test_visual_thinking_asked_again_with_the_true_crop(tmp_path):
+    """Each visual-thinking item is also answered after the true crop is drawn, laid out as in
+    training (the answer's first token is the teacher-forced argmax after <image_end>), and
+    summarised as qa_acc_true_crop beside qa_acc."""
+    from metamorph.eval.inference import VPiTRunner
+    from metamorph.eval.understanding import evaluate_qa
+    from tests.unit.eval_fixtures import build_models, build_tokenizer
+
+    samples = make_samples(2)
+    tok = build_tokenizer(samples, tmp_path / "tok")
+    dirs = build_models(tok, tmp_path)
+    runner = VPiTRunner.from_dirs(dirs["vpit_model"], dirs["vpit_model"], dirs["vision_encoder"])
+    vt = [it for s, ims in samples if s.task == "visual_thinking" for it in qa_items(s, ims)]
+    assert vt and all(it.response_images for it in vt)
+    recs = evaluate_qa(runner, vt, max_new_tokens=4)
+    for it, r in zip(vt, recs):
+        assert isinstance(r["prediction_true_crop"], str)
+        assert r["correct_true_crop"] == (normalise_answer(r["prediction_true_crop"]) == normalise_answer(it.truth))
+        crop_ND = runner.encode_images(it.response_images[:1])[0]
+        first = runner.answer_after_image(it.conversation, it.images, crop_ND, max_new_tokens=1).output.token_ids
+        # teacher-forced: the whole conversation rendered as training renders it, crop in place
+        rd = runner.template.render([*it.conversation, {"role": "assistant", "content": "<image>\n" + it.truth}])
+        feats = runner.encode_images([*it.images, it.response_images[0]])
+        m = runner.model
+        with torch.no_grad():
+            ids = torch.tensor(rd.input_ids)[None]
+            x = m.embed_tokens(ids).masked_scatter(torch.tensor(rd.visual_mask)[None, :, None],
+                                                   m.project(feats.reshape(-1, feats.shape[-1])))
+            logits = m.lm_logits(m.decode(x, torch.arange(ids.shape[1])[None]))[0, rd.image_span(1)[1] - 1]
+        logits[runner.ids.image_start] = float("-inf")  # no second drawing (max_images=0)
+        assert first[0] == int(logits.argmax())
+    with pytest.raises(ValueError, match="response image"):
+        runner.answer_after_image(vt[0].conversation, vt[0].images, torch.zeros(3, 16))
+    m = summarise(recs)
+    got = [r["correct_true_crop"] for r in recs]
+    assert m["qa_acc_true_crop/visual_thinking"] == pytest.approx(sum(got) / len(got))
+    assert all(k.startswith("qa_acc_true_crop/visual_thinking") for k in m if "true_crop" in k)
+    # items that drew nothing get no true-crop figure
+    assert not any("true_crop" in k for k in summarise([{"task": "image_qa", "attribute": "colour", "truth": "red",
+                                                          "correct": True}]))
