@@ -6,8 +6,10 @@ majority-answer baseline.
 Items come from held-out curated samples of the understanding tasks (``image_qa``, ``video_qa``,
 ``visual_thinking``): every assistant turn is one question, asked with the true conversation
 before it. The model answers greedily (text only, except visual thinking, where it may draw its
-crop first, as it was trained to). Prediction and truth are compared after
-``normalise_answer`` (lowercase, no surrounding punctuation), so "Red." == "red".
+crop first, as it was trained to; each visual-thinking item is asked again with the true crop
+drawn instead, ``qa_acc_true_crop``, which tells reading a crop apart from drawing it).
+Prediction and truth are compared after ``normalise_answer`` (lowercase, no surrounding
+punctuation), so "Red." == "red".
 
 Majority baseline: within each (task, attribute, open/multiple-choice) group, always answering
 that group's most common answer in the *training* data (``answer_prior``), which is what a model
