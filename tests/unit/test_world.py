@@ -98,6 +98,20 @@ def test_records_do_not_depend_on_family_size(tmp_path):
     assert lines_b[: len(lines_s)] == lines_s
 
 
+def test_question_types_listed_twice_are_asked_twice_as_often():
+    """question_types is drawn uniformly, so a repeated type weights it (how tiny asks position
+    and shape more often)."""
+    def share(types):
+        cfg = WorldConfig(question_types=types, max_turns=1)
+        kinds = [F.understanding_record(0, cfg, i)[0]["meta"]["qa"][0]["type"] for i in range(600)]
+        return kinds.count("position") / len(kinds), set(kinds)
+
+    once, kinds = share(["colour", "position"])
+    twice, kinds2 = share(["colour", "position", "position"])
+    assert kinds == kinds2 == {"colour", "position"}
+    assert 0.42 < once < 0.58 and 0.58 < twice < 0.75
+
+
 def test_render_colour_at_object_centre():
     rng = np.random.default_rng(0)
     for _ in range(300):
