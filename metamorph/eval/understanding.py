@@ -209,20 +209,16 @@ def summarise(records: Sequence[dict[str, Any]], prior: Optional[dict[tuple, str
         out[f"qa_majority/{key}"] = float(np.mean([base[i] for i in idx]))
         out[f"qa_majority_heldout/{key}"] = float(np.mean([upper[i] for i in idx]))
         out[f"qa_n/{key}"] = float(len(idx))
+        # visual thinking asked again with the true crop drawn (evaluate_qa's correct_true_crop),
+        # beside qa_acc, whose answers follow the model's own crop
+        given = [records[i]["correct_true_crop"] for i in idx if "correct_true_crop" in records[i]]
+        if given:
+            out[f"qa_acc_true_crop/{key}"] = float(np.mean(given))
     # Wilson 95% intervals beside every accuracy: qa_ci_lo / qa_ci_hi (overall and per key)
     for key in ["", *sorted(by)]:
         sfx = f"/{key}" if key else ""
         n = out[f"qa_n{sfx}"]
         out[f"qa_ci_lo{sfx}"], out[f"qa_ci_hi{sfx}"] = wilson(out[f"qa_acc{sfx}"] * n, n)
-    # visual thinking asked again with the true crop drawn (evaluate_qa's correct_true_crop):
-    # qa_acc_true_crop/<task>[/<attribute>] beside qa_acc, whose answers follow the model's own crop
-    given: dict[str, list[bool]] = defaultdict(list)
-    for r in records:
-        if "correct_true_crop" in r:
-            given[r["task"]].append(bool(r["correct_true_crop"]))
-            given[f"{r['task']}/{r['attribute']}"].append(bool(r["correct_true_crop"]))
-    for key, ok in sorted(given.items()):
-        out[f"qa_acc_true_crop/{key}"] = float(np.mean(ok))
     return out
 
 
