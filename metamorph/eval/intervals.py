@@ -94,9 +94,10 @@ def expected_qa_items(world, heldout_fraction: Mapping[str, float], caps: Mappin
     from metamorph.world import attributes as A
     from metamorph.world import text as T
 
+    types = world.question_types  # a type listed k times is drawn k times as often
     tasks = {
         # task: (records in the world, {attribute: share of records asking it})
-        "image_qa": (world.n_understanding, {a: 1 / len(world.question_types) for a in world.question_types}),
+        "image_qa": (world.n_understanding, {a: types.count(a) / len(types) for a in types}),
         "video_qa": (world.n_videoqa, {"direction": 0.5, "mover_shape": 0.25, "mover_colour": 0.25}),
         "visual_thinking": (world.n_visual_thinking, {a: 0.5 for a in T.SMALL_OBJECT_QUESTION_TYPES}),
     }

@@ -48,7 +48,7 @@ class WorldConfig:
     # --- understanding questions
     question_types: list[str] = field(default_factory=_default_question_types)  # subset of
     # colour, shape, count, position, size; each question draws one uniformly from this list, so a
-    # type listed twice is asked twice as often (tiny: position)
+    # type listed k times is asked k times as often (tiny lists position three times)
     max_turns: int = 1  # question/answer turns per conversation (LLaVA multi-turn); 1 keeps every
     # record a single exact-match item for evaluation
     mc_fraction: float = 0.25  # fraction of questions posed as multiple choice (letter answers)

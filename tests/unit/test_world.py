@@ -100,7 +100,7 @@ def test_records_do_not_depend_on_family_size(tmp_path):
 
 def test_question_types_listed_twice_are_asked_twice_as_often():
     """question_types is drawn uniformly, so a repeated type weights it (how tiny asks position
-    and shape more often)."""
+    more often)."""
     def share(types):
         cfg = WorldConfig(question_types=types, max_turns=1)
         kinds = [F.understanding_record(0, cfg, i)[0]["meta"]["qa"][0]["type"] for i in range(600)]
