@@ -150,7 +150,9 @@ def fit_llm(
     loss_args: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train an LLM stage with ``fit`` and ``llm_worker`` (resuming from any checkpoint); return
-    the loop's stats. ``loss_args``: the loss's arguments set by the stage (``vision_coef``)."""
+    the loop's stats. ``loss_args``: the loss's arguments set by the stage (``vision_coef``); the
+    forward never returns logits here (the loop reads only the losses: the LM head then runs on the
+    labelled positions alone, ~5% of a tiny-preset step)."""
     ckpt_dir = Path(ctx.checkpoint_dir).resolve()
     job = WorkerJob(
         build_model=build_model,
@@ -163,7 +165,7 @@ def fit_llm(
         tracking=ctx.tracking,
         flops_seq_len=seq_len,
         cpus_per_worker=scaling.cpus_per_worker,
-        loss_args=dict(loss_args or {}),
+        loss_args={"return_logits": False, **(loss_args or {})},
         log_path=str(ctx.log_path or ""),
         progress_path=str(ctx.progress_path or ""),
     )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from metamorph.model.config import LLMConfig, MetaMorphConfig
-from metamorph.model.modeling import MetaMorphForCausalLM
+from metamorph.model.modeling import PACKED_SDPA, MetaMorphForCausalLM
 from metamorph.model.modeling_metamorph import load_vpit
 
 V, D, N = 40, 8, 4
@@ -192,10 +192,13 @@ def test_stage1_with_a_tied_head_still_moves_only_the_new_rows():
     assert g.abs().sum(-1).nonzero().flatten().tolist() == [START, END]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa-mask", "eager"])
 def test_packed_rows_match_unpacked(attn):
-    """Two samples in one row (positions restart, segments 1/2, padding 0) = each alone."""
-    model = _model(attn_implementation=attn)
+    """Two samples in one row (positions restart, segments 1/2, padding 0) = each alone.
+    sdpa runs per sample span (PACKED_SDPA); sdpa-mask with the row's block-diagonal mask."""
+    model = _model(attn_implementation=attn.removesuffix("-mask"))
+    if attn == "sdpa-mask":
+        model.llm.config._attn_implementation = "sdpa"
     a_ids = [BOS, USER, START] + [PAD] * N + [END, ASSIST, 7, EOT]
     b_ids = [BOS, USER, ASSIST, 9, 10, EOT]
     g = torch.Generator().manual_seed(1)
@@ -223,6 +226,39 @@ def test_packed_rows_match_unpacked(attn):
     # token-mean over both samples' targets (2 each); nothing predicted across the boundary
     assert out.n_text_tokens == 4
     assert torch.allclose(out.text_loss, (alone_a.text_loss + alone_b.text_loss) / 2, atol=1e-5)
+
+
+def test_per_span_attention_trains_as_the_mask_does(tmp_path):
+    """Two packed rows of 3 and 2 samples (GQA: 2 heads over 1 kv head): the per-span path gives
+    the block-diagonal mask's loss and gradients; exports still say sdpa, and load back into it."""
+    model = _model(visual_pos_embed=True)
+    assert model.llm.config._attn_implementation == PACKED_SDPA
+    g = torch.Generator().manual_seed(3)
+    L = 24
+    seg = torch.tensor([[1] * 7 + [2] * 9 + [3] * 6 + [0] * 2, [1] * 12 + [2] * 12])
+    pos = torch.cat([torch.arange(int((r == k).sum())) for r in seg for k in r.unique_consecutive()]).view(2, L)
+    vm = torch.zeros(2, L, dtype=torch.bool)
+    vm[0, 1 : 1 + N] = vm[0, 17 : 17 + N] = vm[1, 14 : 14 + N] = True
+    rvm = torch.zeros(2, L, dtype=torch.bool)
+    rvm[1, 14 : 14 + N] = True
+    batch = dict(input_ids=torch.randint(7, 30, (2, L), generator=g), position_ids=pos, segment_ids=seg,
+                 labels=torch.randint(7, 30, (2, L), generator=g), visual_mask=vm, response_visual_mask=rvm,
+                 vision_feats=F.normalize(torch.randn(int(vm.sum()), D, generator=g), dim=-1))
+    got = {}
+    for impl in (PACKED_SDPA, "sdpa"):
+        model.zero_grad(set_to_none=True)
+        model.llm.config._attn_implementation = impl
+        out = model(**batch, vision_coef=2.0)
+        out.loss.backward()
+        got[impl] = (out.loss.detach(), out.logits.detach(), [p.grad.clone() for p in model.parameters()])
+    (l1, z1, g1), (l2, z2, g2) = got[PACKED_SDPA], got["sdpa"]
+    assert torch.allclose(l1, l2, atol=1e-6) and torch.allclose(z1, z2, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+    assert out.n_visual_targets == N  # the response image: each token predicted from the one before
+    model.llm.config._attn_implementation = PACKED_SDPA
+    model.save_pretrained(tmp_path / "m")
+    assert PACKED_SDPA not in (tmp_path / "m" / "config.json").read_text()
+    assert load_vpit(tmp_path / "m").llm.config._attn_implementation == PACKED_SDPA
 
 
 def test_special_rows_start_at_mean_and_checkpoint_resize(tmp_path):
