@@ -26,6 +26,11 @@ class TrainVPiTConfig(StageConfig):
     # Weight of the visual term (-mean cosine) against text CE; the paper uses 1.0. The one home
     # of this value: it reaches the model's loss as an argument (train_loop's loss_args).
     vision_coef: float = 1.0
+    # Fraction of response images (crops, generated images, frames) fed back as the model's own
+    # predictions instead of the true features, as generation feeds them (scheduled sampling;
+    # the loss's self_feed argument). One extra forward without gradient per step when > 0.
+    # 0: teacher forcing throughout (the paper).
+    self_feed: float = 0.0
     scaling: _training.Scaling = field(default_factory=_training.Scaling)
     # Everything trains from a random-init LLM in `tiny`, so several epochs (paper: 1 epoch of a
     # pretrained 8B): ~4 x 80 steps, a few minutes on 2 CPU workers.
@@ -36,6 +41,8 @@ class TrainVPiTConfig(StageConfig):
     def __post_init__(self) -> None:
         if self.vision_coef < 0:
             raise ValueError(f"train_vpit.vision_coef={self.vision_coef} must be >= 0")
+        if not 0.0 <= self.self_feed <= 1.0:
+            raise ValueError(f"train_vpit.self_feed={self.self_feed} must be in [0, 1]")
 
 
 def build_vpit_model(connector_dir: str):
@@ -87,7 +94,7 @@ class TrainVPiT(Stage):
             feature_dim=int(info["feature_dim"]),
             seq_len=int(info["max_length"]),
             export_dir=out,
-            loss_args={"vision_coef": cfg.vision_coef},
+            loss_args={"vision_coef": cfg.vision_coef, **({"self_feed": cfg.self_feed} if cfg.self_feed else {})},
         )
         _llm.publish(ctx, out, tok, "vpit_model")
         return stats

@@ -365,12 +365,17 @@ class MetaMorphForCausalLM(nn.Module):
         num_tokens: Optional[torch.Tensor] = None,  # a collate column; unused here
         return_logits: bool = True,
         vision_coef: float = 1.0,
+        self_feed: float = 0.0,
     ) -> MetaMorphOutput:
         """One teacher-forced pass over the batch dict of docs/CONTRACTS.md ("Tokenized rows").
 
         ``vision_coef``: weight of the visual term (-mean cosine) in the loss, passed by the stage
         that trains with it (train_vpit; the paper uses 1.0). In stage 1
-        (``set_trainable("connector")``) the visual term is never added, whatever it says."""
+        (``set_trainable("connector")``) the visual term is never added, whatever it says.
+
+        ``self_feed``: the fraction of response images whose *inputs* are the model's own
+        predictions instead of the true features (see ``_self_fed``); targets stay the true ones.
+        0 (the paper): every response image is teacher-forced."""
         B, L = input_ids.shape
         dev = input_ids.device
         if segment_ids is None:
@@ -389,14 +394,19 @@ class MetaMorphForCausalLM(nn.Module):
             raise ValueError(f"visual_mask has {K} positions but vision_feats is {got}")
 
         # Inputs: token embeddings, with every visual position (prompt images and, teacher-forced,
-        # response images) replaced by the projected ground-truth feature.
+        # response images) replaced by the projected ground-truth feature (with self_feed, some
+        # response images by the model's own predictions instead).
         x_BLd = self.embed_tokens(input_ids)
+        attn, attn_kwargs = self._packing(segment_ids, x_BLd.dtype)
         proj_Kd = None
         if vision_feats is not None:
-            proj_Kd = self.project(vision_feats)
+            feats_in_KD = vision_feats
+            if self_feed > 0 and self.train_stage != "connector" and torch.is_grad_enabled() and bool(response_visual_mask.any()):
+                feats_in_KD = self._self_fed(x_BLd, vision_feats, visual_mask, response_visual_mask, position_ids,
+                                             attn, attn_kwargs, self_feed)
+            proj_Kd = self.project(feats_in_KD)
             x_BLd = x_BLd.masked_scatter(visual_mask[..., None], proj_Kd.to(x_BLd.dtype))
 
-        attn, attn_kwargs = self._packing(segment_ids, x_BLd.dtype)
         h_BLd = self.decode(x_BLd, position_ids, attention_mask=attn, **attn_kwargs)
 
         # position t predicts t+1, never across a packed-segment boundary
@@ -454,6 +464,33 @@ class MetaMorphForCausalLM(nn.Module):
             n_text_tokens=n_text,
             n_visual_targets=n_vis,
         )
+
+    @torch.no_grad()
+    def _self_fed(self, x_BLd, vision_feats_KD, visual_mask_BL, response_visual_mask_BL, position_ids_BL,
+                  attn, attn_kwargs, fraction: float) -> torch.Tensor:
+        """``vision_feats_KD`` with a random ``fraction`` of the response images replaced, as
+        inputs, by what the model predicts for them in a teacher-forced pass (no gradient).
+
+        At generation the model reads its own drawn tokens back (a visual-thinking crop before
+        its answer, a generated image's later tokens); teacher forcing only ever shows it true
+        ones. Fed its own one-step predictions, it learns to read and continue drawings of its
+        own quality (scheduled sampling, in one parallel pass). Images are chosen with the torch
+        RNG (train_loop seeds it per rank)."""
+        x0_BLd = x_BLd.masked_scatter(visual_mask_BL[..., None], self.project(vision_feats_KD).to(x_BLd.dtype))
+        h_BLd = self.decode(x0_BLd, position_ids_BL, attention_mask=attn, **attn_kwargs)
+        # the head at t predicts the response token at t+1 (the one before an image's first token
+        # is its <image_start>): row-major over t, the same order as the response tokens
+        before_BL = torch.zeros_like(response_visual_mask_BL)
+        before_BL[:, :-1] = response_visual_mask_BL[:, 1:]
+        pred_RD = F.normalize(self.predict_visual(h_BLd[before_BL]).float(), dim=-1)
+        feat_row_BL = visual_mask_BL.flatten().long().cumsum(0).view(visual_mask_BL.shape) - 1
+        row_R = feat_row_BL[response_visual_mask_BL]
+        N = self.config.n_tokens
+        n_img = -(-row_R.numel() // N)  # response images are N contiguous tokens each
+        keep_R = (torch.rand(n_img, device=row_R.device) < fraction).repeat_interleave(N)[: row_R.numel()]
+        out_KD = vision_feats_KD.clone()
+        out_KD[row_R[keep_R]] = pred_RD[keep_R].to(out_KD.dtype)
+        return out_KD
 
     # --- generation ---------------------------------------------------------------------------
 

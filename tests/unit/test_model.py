@@ -261,6 +261,38 @@ def test_per_span_attention_trains_as_the_mask_does(tmp_path):
     assert load_vpit(tmp_path / "m").llm.config._attn_implementation == PACKED_SDPA
 
 
+def test_self_feed_gives_the_model_its_own_drawing_as_input():
+    """self_feed 1: the response image's inputs are the model's teacher-forced predictions (the
+    prompt image stays true), the targets stay the true features; 0: plain teacher forcing."""
+    model = _model(visual_pos_embed=True)
+    batch = _example()
+    seen = []
+    orig = model.project
+    model.project = lambda feats, *a, **k: (seen.append(feats.detach().clone()), orig(feats, *a, **k))[1]
+    torch.manual_seed(0)
+    fed = model(**batch, vision_coef=1.0, self_feed=1.0)
+    tf_inputs = seen[0]  # the teacher-forced pass inside _self_fed
+    fed_inputs = seen[-1]
+    model.project = orig
+    plain = model(**batch, vision_coef=1.0)
+    assert torch.equal(model(**batch, vision_coef=1.0, self_feed=0.0).loss, plain.loss)
+    assert torch.equal(tf_inputs, batch["vision_feats"])
+    assert torch.equal(fed_inputs[:N], batch["vision_feats"][:N])  # the prompt image
+    # the response image's inputs: the head's predictions from the teacher-forced pass (unit norm)
+    with torch.no_grad():
+        h = model.decode(model.embed_tokens(batch["input_ids"]).masked_scatter(
+            batch["visual_mask"][..., None], model.project(batch["vision_feats"])), batch["position_ids"])
+        want = F.normalize(model.predict_visual(h[0, 10:14]), dim=-1)
+    assert torch.allclose(fed_inputs[N:], want, atol=1e-5)
+    assert fed.n_visual_targets == plain.n_visual_targets == N
+    assert not torch.allclose(fed.vision_loss, plain.vision_loss)
+    fed.loss.backward()  # trains through the fed inputs' second pass
+    assert model.projector[0].weight.grad is not None
+    with pytest.raises(ValueError, match="self_feed"):
+        from stages.train_vpit import TrainVPiTConfig
+        TrainVPiTConfig(self_feed=1.5)
+
+
 def test_special_rows_start_at_mean_and_checkpoint_resize(tmp_path):
     model = _model()
     for W in (model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight):
