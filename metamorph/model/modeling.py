@@ -80,6 +80,8 @@ def packed_sdpa_attention(
     attends causally to itself only (``attention_mask`` is then unused: it would be that mask)."""
     if segment_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:  # sdpa refuses it too: never drop it silently
+        raise ValueError("attention logit softcapping is not supported by sdpa; use attn_implementation 'eager'")
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)

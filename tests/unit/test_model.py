@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from metamorph.model.config import LLMConfig, MetaMorphConfig
-from metamorph.model.modeling import PACKED_SDPA, MetaMorphForCausalLM
+from metamorph.model.modeling import PACKED_SDPA, MetaMorphForCausalLM, packed_sdpa_attention
 from metamorph.model.modeling_metamorph import load_vpit
 
 V, D, N = 40, 8, 4
@@ -256,6 +256,9 @@ def test_per_span_attention_trains_as_the_mask_does(tmp_path):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
     assert out.n_visual_targets == N  # the response image: each token predicted from the one before
     model.llm.config._attn_implementation = PACKED_SDPA
+    with pytest.raises(ValueError, match="softcap"):  # an LLM that caps its logits: refused, not dropped
+        packed_sdpa_attention(model.llm.model.layers[0].self_attn, *(torch.zeros(1, 2, 4, 16),) * 3, None,
+                              segment_spans=(((0, 4),),), softcap=30.0)
     model.save_pretrained(tmp_path / "m")
     assert PACKED_SDPA not in (tmp_path / "m" / "config.json").read_text()
     assert load_vpit(tmp_path / "m").llm.config._attn_implementation == PACKED_SDPA
