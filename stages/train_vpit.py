@@ -94,7 +94,7 @@ class TrainVPiT(Stage):
             feature_dim=int(info["feature_dim"]),
             seq_len=int(info["max_length"]),
             export_dir=out,
-            loss_args={"vision_coef": cfg.vision_coef, **({"self_feed": cfg.self_feed} if cfg.self_feed else {})},
+            loss_args={"vision_coef": cfg.vision_coef, "self_feed": cfg.self_feed},
         )
         _llm.publish(ctx, out, tok, "vpit_model")
         return stats

@@ -57,8 +57,8 @@ REMOTE_CODE_FILES = ("configuration_metamorph.py", "modeling_metamorph.py", "mod
 # runs under this name instead: the same kernel, called once per sample span (causal inside it),
 # rather than once per row with a block-diagonal [L, L] mask that computes every cross-sample
 # score only to mask it out. Same result (up to float summation order); on the tiny preset's
-# 512-position rows of ~10 samples, attention forward + backward per layer 3.8 -> 1.1 ms and a
-# training step ~30% shorter on one CPU thread (bench/packed_attention.py). Without spans (plain
+# 512-position rows of ~10 samples, one CPU thread: forward 0.54x, a training step 0.86x the masked
+# one (bench/packed_attention.py, both in one run). Without spans (plain
 # or generation forwards) it is transformers' sdpa, mask creation included. Set in memory only:
 # a config's ``_attn_implementation`` is never written to config.json, so exports say "sdpa".
 PACKED_SDPA = "metamorph_packed_sdpa"
@@ -108,6 +108,11 @@ def segment_spans(segment_ids_BL: torch.Tensor) -> tuple[tuple[tuple[int, int], 
     change_BL[:, 1:] = segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]
     starts = [row.nonzero().flatten().tolist() for row in change_BL.cpu()]
     return tuple(tuple(zip(st, st[1:] + [L])) for st in starts)
+
+
+def _feature_rows(visual_mask_BL: torch.Tensor) -> torch.Tensor:
+    """[B, L] row of vision_feats for each visual position (row-major order over visual_mask)."""
+    return visual_mask_BL.flatten().long().cumsum(0).view(visual_mask_BL.shape) - 1
 
 
 @dataclass
@@ -442,8 +447,7 @@ class MetaMorphForCausalLM(nn.Module):
             h_vis_Td = h_vis_Td.detach()  # reported only: keep it out of the graph
         pred_TD = F.normalize(self.predict_visual(h_vis_Td).float(), dim=-1)
         if n_vis:
-            # row of vision_feats for each position (row-major order over visual_mask)
-            feat_row_BL = visual_mask.flatten().long().cumsum(0).view(B, L) - 1
+            feat_row_BL = _feature_rows(visual_mask)
             tgt_row_T = feat_row_BL[:, 1:][vis_sel_BL[:, :-1]]
             tgt_TD = F.normalize(vision_feats[tgt_row_T].float(), dim=-1)
             vision_loss = -(pred_TD * tgt_TD).sum(-1).mean()
@@ -485,8 +489,7 @@ class MetaMorphForCausalLM(nn.Module):
         before_BL = torch.zeros_like(response_visual_mask_BL)
         before_BL[:, :-1] = response_visual_mask_BL[:, 1:]
         pred_RD = F.normalize(self.predict_visual(h_BLd[before_BL]).float(), dim=-1)
-        feat_row_BL = visual_mask_BL.flatten().long().cumsum(0).view(visual_mask_BL.shape) - 1
-        row_R = feat_row_BL[response_visual_mask_BL]
+        row_R = _feature_rows(visual_mask_BL)[response_visual_mask_BL]
         N = self.config.n_tokens
         n_img = -(-row_R.numel() // N)  # response images are N contiguous tokens each
         keep_R = (torch.rand(n_img, device=row_R.device) < fraction).repeat_interleave(N)[: row_R.numel()]
