@@ -265,8 +265,27 @@ def log_datasets(handle: TrackingHandle, inputs: Mapping[str, Path], context: st
         if is_dataset_artifact(name) and Path(p).is_dir()
     ]
     if datasets:
-        handle._client().log_inputs(handle.run_id, datasets=datasets)
+        log_inputs(handle._client(), handle.run_id, datasets=datasets)
     return [d.dataset.name for d in datasets]
+
+
+def log_inputs(client, run_id: str, *, datasets=None, models=None, attempts: int = 5) -> None:
+    """``client.log_inputs``, safe when two stages log the same input at once. MLflow's SQL store
+    looks a dataset (and a run's input link) up, then inserts it: two stages that start together
+    and read the same dataset both miss it, and the second insert fails its unique constraint
+    (datasets per experiment, inputs per run). Logging is idempotent, so a retry, which finds the
+    row the other writer inserted, is the whole cure; anything else is raised as it was."""
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=datasets, models=models)
+            return
+        except Exception as e:  # noqa: BLE001 - MlflowException wraps the driver's IntegrityError
+            text = str(e).lower()
+            if not any(w in text for w in ("integrityerror", "unique", "duplicate")):
+                raise
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def stage_context(stage: str) -> str:
@@ -332,7 +351,7 @@ def log_model_metrics(handle: TrackingHandle, model_id: str, metrics: Mapping[st
     items = [Metric(k, float(v), ts, 0, model_id=model_id, dataset_name=dn, dataset_digest=dd)
              for k, v in metrics.items() if _is_number(v) and not math.isnan(float(v))]
     client = handle._client()
-    client.log_inputs(handle.run_id, models=[LoggedModelInput(model_id)])
+    log_inputs(client, handle.run_id, models=[LoggedModelInput(model_id)])
     for i in range(0, len(items), 500):
         client.log_batch(handle.run_id, metrics=items[i : i + 500])
 

@@ -108,6 +108,40 @@ def test_datasets_are_run_inputs_with_the_cache_key_as_digest(tracker, tmp_path)
     assert {t.key: t.value for t in got["tokenized"].tags}["mlflow.data.context"] == "training"
 
 
+def test_stages_starting_together_log_the_same_datasets_without_failing(tracker, tmp_path):
+    """Stages that start at once (the runner's threads) log the same inputs to the pipeline run and
+    to their own runs; MLflow's store looks up then inserts, so before the retry one of them failed
+    its stage on a UNIQUE constraint (seen in CI as `mix` failing)."""
+    import threading
+
+    def tokenized(d):
+        pq.write_table(pa.table({"input_ids": [[1]], "labels": [[1]]}), d / "part-00000.parquet")
+        return {}
+
+    arts = {f"curated_f{i}": _promoted(tmp_path, f"curate_f{i}", f"{i}" * 16, f"curated_f{i}", tokenized)
+            for i in range(12)}
+    parent = tracker.start_run("pipeline")
+    children = [tracker.start_run(f"stage{i}", parent_id=parent.run_id) for i in range(4)]
+    barrier, errors = threading.Barrier(len(children)), []
+
+    def stage(child):
+        barrier.wait()
+        try:
+            for name, path in arts.items():
+                log_datasets(child, {name: path}, "processing")
+                log_datasets(parent, {name: path}, "processing")
+        except Exception as e:  # noqa: BLE001 - collected, asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=stage, args=(c,)) for c in children]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    assert errors == []
+    for h in (parent, *children):
+        got = sorted(d.dataset.name for d in tracker.client.get_run(h.run_id).inputs.dataset_inputs)
+        assert got == sorted(arts)  # every input logged once per run, none lost
+
+
 def test_logged_model_linked_to_metrics_and_registered(tracker, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     export = tmp_path / "vpit_model"
