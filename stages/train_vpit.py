@@ -31,6 +31,10 @@ class TrainVPiTConfig(StageConfig):
     # the loss's self_feed argument). One extra forward without gradient per step when > 0.
     # 0: teacher forcing throughout (the paper).
     self_feed: float = 0.0
+    # Which response images self_feed may feed back: "all", or "read": only images an answer
+    # reads (followed in their sample by answer text: visual-thinking crops), not generated
+    # images, edits or predicted frames, which nothing after them reads in their turn.
+    self_feed_scope: str = "all"
     scaling: _training.Scaling = field(default_factory=_training.Scaling)
     # Everything trains from a random-init LLM in `tiny`, so several epochs (paper: 1 epoch of a
     # pretrained 8B): ~4 x 80 steps, a few minutes on 2 CPU workers.
@@ -43,6 +47,8 @@ class TrainVPiTConfig(StageConfig):
             raise ValueError(f"train_vpit.vision_coef={self.vision_coef} must be >= 0")
         if not 0.0 <= self.self_feed <= 1.0:
             raise ValueError(f"train_vpit.self_feed={self.self_feed} must be in [0, 1]")
+        if self.self_feed_scope not in ("all", "read"):  # metamorph.model.modeling.SELF_FEED_SCOPES
+            raise ValueError(f"train_vpit.self_feed_scope={self.self_feed_scope!r} must be 'all' or 'read'")
 
 
 def build_vpit_model(connector_dir: str):
@@ -94,7 +100,8 @@ class TrainVPiT(Stage):
             feature_dim=int(info["feature_dim"]),
             seq_len=int(info["max_length"]),
             export_dir=out,
-            loss_args={"vision_coef": cfg.vision_coef, "self_feed": cfg.self_feed},
+            loss_args={"vision_coef": cfg.vision_coef, "self_feed": cfg.self_feed,
+                       "self_feed_scope": cfg.self_feed_scope},
         )
         _llm.publish(ctx, out, tok, "vpit_model")
         return stats

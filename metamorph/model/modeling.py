@@ -110,6 +110,9 @@ def segment_spans(segment_ids_BL: torch.Tensor) -> tuple[tuple[tuple[int, int], 
     return tuple(tuple(zip(st, st[1:] + [L])) for st in starts)
 
 
+SELF_FEED_SCOPES = ("all", "read")
+
+
 def _feature_rows(visual_mask_BL: torch.Tensor) -> torch.Tensor:
     """[B, L] row of vision_feats for each visual position (row-major order over visual_mask)."""
     return visual_mask_BL.flatten().long().cumsum(0).view(visual_mask_BL.shape) - 1
@@ -373,6 +376,7 @@ class MetaMorphForCausalLM(nn.Module):
         return_logits: bool = True,
         vision_coef: float = 1.0,
         self_feed: float = 0.0,
+        self_feed_scope: str = "all",
     ) -> MetaMorphOutput:
         """One teacher-forced pass over the batch dict of docs/CONTRACTS.md ("Tokenized rows").
 
@@ -382,7 +386,12 @@ class MetaMorphForCausalLM(nn.Module):
 
         ``self_feed``: the fraction of response images whose *inputs* are the model's own
         predictions instead of the true features (see ``_self_fed``); targets stay the true ones.
-        0 (the paper): every response image is teacher-forced."""
+        0 (the paper): every response image is teacher-forced. ``self_feed_scope``: which response
+        images may be fed back: "all", or "read": only those an answer reads, i.e. followed in
+        their sample by answer text (a visual-thinking crop), not those followed only by image
+        and turn ends (a generated image, an edit, a predicted frame)."""
+        if self_feed_scope not in SELF_FEED_SCOPES:
+            raise ValueError(f"self_feed_scope={self_feed_scope!r}: one of {SELF_FEED_SCOPES}")
         B, L = input_ids.shape
         dev = input_ids.device
         if segment_ids is None:
@@ -409,8 +418,11 @@ class MetaMorphForCausalLM(nn.Module):
         if vision_feats is not None:
             feats_in_KD = vision_feats
             if self_feed > 0 and self.train_stage != "connector" and torch.is_grad_enabled() and bool(response_visual_mask.any()):
+                candidates_BL = response_visual_mask
+                if self_feed_scope == "read":
+                    candidates_BL = self._read_images(input_ids, labels, segment_ids, visual_mask, response_visual_mask)
                 feats_in_KD = self._self_fed(x_BLd, vision_feats, visual_mask, response_visual_mask, position_ids,
-                                             attn, attn_kwargs, self_feed)
+                                             attn, attn_kwargs, self_feed, candidates_BL)
             proj_Kd = self.project(feats_in_KD)
             x_BLd = x_BLd.masked_scatter(visual_mask[..., None], proj_Kd.to(x_BLd.dtype))
 
@@ -473,9 +485,10 @@ class MetaMorphForCausalLM(nn.Module):
 
     @torch.no_grad()
     def _self_fed(self, x_BLd, vision_feats_KD, visual_mask_BL, response_visual_mask_BL, position_ids_BL,
-                  attn, attn_kwargs, fraction: float) -> torch.Tensor:
+                  attn, attn_kwargs, fraction: float, candidates_BL: torch.Tensor) -> torch.Tensor:
         """``vision_feats_KD`` with a random ``fraction`` of the response images replaced, as
-        inputs, by what the model predicts for them in a teacher-forced pass (no gradient).
+        inputs, by what the model predicts for them in a teacher-forced pass (no gradient). Only
+        images whose positions ``candidates_BL`` marks are drawn from.
 
         At generation the model reads its own drawn tokens back (a visual-thinking crop before
         its answer, a generated image's later tokens); teacher forcing only ever shows it true
@@ -493,9 +506,31 @@ class MetaMorphForCausalLM(nn.Module):
         N = self.config.n_tokens
         n_img = -(-row_R.numel() // N)  # response images are N contiguous tokens each
         keep_R = (torch.rand(n_img, device=row_R.device) < fraction).repeat_interleave(N)[: row_R.numel()]
+        keep_R &= candidates_BL[response_visual_mask_BL]
         out_KD = vision_feats_KD.clone()
         out_KD[row_R[keep_R]] = pred_RD[keep_R].to(out_KD.dtype)
         return out_KD
+
+    def _read_images(self, input_ids_BL, labels_BL, segment_ids_BL, visual_mask_BL, response_visual_mask_BL):
+        """[B, L]: the response-image positions of images that answer text follows in their sample
+        (a labelled token that is not visual, ``<image_start>``, ``<image_end>`` or eos)."""
+        out_BL = torch.zeros_like(response_visual_mask_BL)
+        if labels_BL is None:
+            return out_BL
+        c = self.config
+        ends = [i for i in (c.image_start_id, c.image_end_id, c.eos_id) if i is not None and i >= 0]
+        answer_BL = (labels_BL != IGNORE_INDEX) & ~visual_mask_BL
+        for i in ends:
+            answer_BL &= input_ids_BL != i
+        pos = response_visual_mask_BL.nonzero()  # row-major: N contiguous rows per image
+        N = self.config.n_tokens
+        for j in range(0, pos.shape[0], N):
+            b, first = int(pos[j, 0]), int(pos[j, 1])
+            last = int(pos[min(j + N, pos.shape[0]) - 1, 1])
+            after = answer_BL[b, last + 1:] & (segment_ids_BL[b, last + 1:] == segment_ids_BL[b, last])
+            if bool(after.any()):
+                out_BL[b, first:last + 1] = True
+        return out_BL & response_visual_mask_BL
 
     # --- generation ---------------------------------------------------------------------------
 

@@ -296,6 +296,35 @@ def test_self_feed_gives_the_model_its_own_drawing_as_input():
         TrainVPiTConfig(self_feed=1.5)
 
 
+def test_self_feed_scope_read_feeds_back_only_images_an_answer_reads():
+    """scope "read": a crop followed by its answer ('7' after <image_end>) is fed back; an image
+    followed only by <image_end> and the turn's end (a generated image) stays teacher-forced."""
+    model = dataclasses.replace(_cfg(visual_pos_embed=True), eos_id=EOT)
+    model = MetaMorphForCausalLM.from_config(model, seed=0)
+    generated = _example()  # ... <is> image <ie> EOT
+    crop = {k: v.clone() for k, v in generated.items()}
+    crop["input_ids"][0, 16] = 7  # ... <is> image <ie> '7' (the answer), then EOT
+    crop["input_ids"][0, 17] = EOT
+    crop["labels"][0, 16:18] = torch.tensor([7, EOT])
+    crop["segment_ids"][0, 17] = 1
+    seen = []
+    orig = model.project
+    model.project = lambda feats, *a, **k: (seen.append(feats.detach().clone()), orig(feats, *a, **k))[1]
+    for batch, fed_back in ((generated, False), (crop, True)):
+        seen.clear()
+        model(**batch, vision_coef=1.0, self_feed=1.0, self_feed_scope="read")
+        assert torch.equal(seen[-1][N:], batch["vision_feats"][N:]) != fed_back
+        seen.clear()
+        model(**batch, vision_coef=1.0, self_feed=1.0, self_feed_scope="all")
+        assert not torch.equal(seen[-1][N:], batch["vision_feats"][N:])  # "all" feeds either back
+    model.project = orig
+    with pytest.raises(ValueError, match="self_feed_scope"):
+        model(**crop, self_feed=1.0, self_feed_scope="crops")
+    from stages.train_vpit import TrainVPiTConfig
+    with pytest.raises(ValueError, match="self_feed_scope"):
+        TrainVPiTConfig(self_feed_scope="crops")
+
+
 def test_special_rows_start_at_mean_and_checkpoint_resize(tmp_path):
     model = _model()
     for W in (model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight):
