@@ -495,6 +495,13 @@ class MetaMorphForCausalLM(nn.Module):
         ones. Fed its own one-step predictions, it learns to read and continue drawings of its
         own quality (scheduled sampling, in one parallel pass). Images are chosen with the torch
         RNG (train_loop seeds it per rank)."""
+        row_R = _feature_rows(visual_mask_BL)[response_visual_mask_BL]
+        N = self.config.n_tokens
+        n_img = -(-row_R.numel() // N)  # response images are N contiguous tokens each
+        keep_R = (torch.rand(n_img, device=row_R.device) < fraction).repeat_interleave(N)[: row_R.numel()]
+        keep_R &= candidates_BL[response_visual_mask_BL]
+        if not bool(keep_R.any()):
+            return vision_feats_KD  # nothing drawn this step: no second pass
         x0_BLd = x_BLd.masked_scatter(visual_mask_BL[..., None], self.project(vision_feats_KD).to(x_BLd.dtype))
         h_BLd = self.decode(x0_BLd, position_ids_BL, attention_mask=attn, **attn_kwargs)
         # the head at t predicts the response token at t+1 (the one before an image's first token
@@ -502,11 +509,6 @@ class MetaMorphForCausalLM(nn.Module):
         before_BL = torch.zeros_like(response_visual_mask_BL)
         before_BL[:, :-1] = response_visual_mask_BL[:, 1:]
         pred_RD = F.normalize(self.predict_visual(h_BLd[before_BL]).float(), dim=-1)
-        row_R = _feature_rows(visual_mask_BL)[response_visual_mask_BL]
-        N = self.config.n_tokens
-        n_img = -(-row_R.numel() // N)  # response images are N contiguous tokens each
-        keep_R = (torch.rand(n_img, device=row_R.device) < fraction).repeat_interleave(N)[: row_R.numel()]
-        keep_R &= candidates_BL[response_visual_mask_BL]
         out_KD = vision_feats_KD.clone()
         out_KD[row_R[keep_R]] = pred_RD[keep_R].to(out_KD.dtype)
         return out_KD
