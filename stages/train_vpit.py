@@ -28,7 +28,7 @@ class TrainVPiTConfig(StageConfig):
     vision_coef: float = 1.0
     # Fraction of response images (crops, generated images, frames) fed back as the model's own
     # predictions instead of the true features, as generation feeds them (scheduled sampling;
-    # the loss's self_feed argument). One extra forward without gradient per step when > 0.
+    # the loss's self_feed argument). One extra forward without gradient on each step that draws one.
     # 0: teacher forcing throughout (the paper).
     self_feed: float = 0.0
     # Which response images self_feed may feed back: "all", or "read": only images an answer
