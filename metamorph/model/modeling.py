@@ -516,23 +516,21 @@ class MetaMorphForCausalLM(nn.Module):
     def _read_images(self, input_ids_BL, labels_BL, segment_ids_BL, visual_mask_BL, response_visual_mask_BL):
         """[B, L]: the response-image positions of images that answer text follows in their sample
         (a labelled token that is not visual, ``<image_start>``, ``<image_end>`` or eos)."""
-        out_BL = torch.zeros_like(response_visual_mask_BL)
         if labels_BL is None:
-            return out_BL
+            return torch.zeros_like(response_visual_mask_BL)
         c = self.config
-        ends = [i for i in (c.image_start_id, c.image_end_id, c.eos_id) if i is not None and i >= 0]
         answer_BL = (labels_BL != IGNORE_INDEX) & ~visual_mask_BL
-        for i in ends:
-            answer_BL &= input_ids_BL != i
-        pos = response_visual_mask_BL.nonzero()  # row-major: N contiguous rows per image
-        N = self.config.n_tokens
-        for j in range(0, pos.shape[0], N):
-            b, first = int(pos[j, 0]), int(pos[j, 1])
-            last = int(pos[min(j + N, pos.shape[0]) - 1, 1])
-            after = answer_BL[b, last + 1:] & (segment_ids_BL[b, last + 1:] == segment_ids_BL[b, last])
-            if bool(after.any()):
-                out_BL[b, first:last + 1] = True
-        return out_BL & response_visual_mask_BL
+        for i in (c.image_start_id, c.image_end_id, c.eos_id):
+            if i is not None and i >= 0:
+                answer_BL &= input_ids_BL != i
+        # the first answer position after each position (L where none): between an image token and
+        # the image's end there are only visual tokens, so every token of an image sees the same one
+        L = answer_BL.shape[1]
+        at_BL = torch.where(answer_BL, torch.arange(L, device=answer_BL.device), L)
+        next_BL = torch.full_like(at_BL, L)
+        next_BL[:, :-1] = at_BL.flip(1).cummin(1).values.flip(1)[:, 1:]
+        seg_next_BL = torch.cat([segment_ids_BL, segment_ids_BL.new_full((answer_BL.shape[0], 1), -1)], 1).gather(1, next_BL)
+        return response_visual_mask_BL & (next_BL < L) & (seg_next_BL == segment_ids_BL)
 
     # --- generation ---------------------------------------------------------------------------
 
