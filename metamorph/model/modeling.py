@@ -422,7 +422,7 @@ class MetaMorphForCausalLM(nn.Module):
                 if self_feed_scope == "read":
                     candidates_BL = self._read_images(input_ids, labels, segment_ids, visual_mask, response_visual_mask)
                 feats_in_KD = self._self_fed(x_BLd, vision_feats, visual_mask, response_visual_mask, position_ids,
-                                             attn, attn_kwargs, self_feed, candidates_BL)
+                                             segment_ids, self_feed, candidates_BL)
             proj_Kd = self.project(feats_in_KD)
             x_BLd = x_BLd.masked_scatter(visual_mask[..., None], proj_Kd.to(x_BLd.dtype))
 
@@ -485,7 +485,7 @@ class MetaMorphForCausalLM(nn.Module):
 
     @torch.no_grad()
     def _self_fed(self, x_BLd, vision_feats_KD, visual_mask_BL, response_visual_mask_BL, position_ids_BL,
-                  attn, attn_kwargs, fraction: float, candidates_BL: torch.Tensor) -> torch.Tensor:
+                  segment_ids_BL, fraction: float, candidates_BL: torch.Tensor) -> torch.Tensor:
         """``vision_feats_KD`` with a random ``fraction`` of the response images replaced, as
         inputs, by what the model predicts for them in a teacher-forced pass (no gradient). Only
         images whose positions ``candidates_BL`` marks are drawn from.
@@ -494,7 +494,12 @@ class MetaMorphForCausalLM(nn.Module):
         its answer, a generated image's later tokens); teacher forcing only ever shows it true
         ones. Fed its own one-step predictions, it learns to read and continue drawings of its
         own quality (scheduled sampling, in one parallel pass). Images are chosen with the torch
-        RNG (train_loop seeds it per rank)."""
+        RNG (train_loop seeds it per rank).
+
+        The pass runs only over what the drawn images need: each packed sample holding one, from
+        its start up to the position before its last drawn token, one sample per row (padding at
+        the end, plain causal attention). Attention never crosses samples, so these prefixes give
+        the predictions a pass over the whole rows would, at a fraction of its positions."""
         row_R = _feature_rows(visual_mask_BL)[response_visual_mask_BL]
         N = self.config.n_tokens
         n_img = -(-row_R.numel() // N)  # response images are N contiguous tokens each
@@ -502,15 +507,32 @@ class MetaMorphForCausalLM(nn.Module):
         keep_R &= candidates_BL[response_visual_mask_BL]
         if not bool(keep_R.any()):
             return vision_feats_KD  # nothing drawn this step: no second pass
+        B, L = visual_mask_BL.shape
+        dev = visual_mask_BL.device
+        # the head at t predicts the response token at t + 1 (an image's first token from its
+        # <image_start>): the positions whose hidden states the drawn tokens need
+        b_T, t_T = response_visual_mask_BL.nonzero(as_tuple=True)  # row-major: the order of row_R
+        b_T, t_T = b_T[keep_R], t_T[keep_R] - 1
+        # the sample (packed segment) each of them sits in, by its first position
+        change_BL = torch.ones(B, L, dtype=torch.bool, device=dev)
+        change_BL[:, 1:] = segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]
+        start_BL = torch.where(change_BL, torch.arange(L, device=dev), 0).cummax(1).values
+        s_T = start_BL[b_T, t_T]
+        key_G, g_T = torch.unique(b_T * L + s_T, return_inverse=True)
+        b_G, s_G = key_G // L, key_G % L
+        end_G = torch.zeros_like(key_G).scatter_reduce(0, g_T, t_T + 1, reduce="amax")
+        len_G = end_G - s_G
+        j_J = torch.arange(int(len_G.max()), device=dev)
+        valid_GJ = j_J < len_G[:, None]
+        at_GJ = torch.where(valid_GJ, s_G[:, None] + j_J, s_G[:, None])  # padding repeats the start
         x0_BLd = x_BLd.masked_scatter(visual_mask_BL[..., None], self.project(vision_feats_KD).to(x_BLd.dtype))
-        h_BLd = self.decode(x0_BLd, position_ids_BL, attention_mask=attn, **attn_kwargs)
-        # the head at t predicts the response token at t+1 (the one before an image's first token
-        # is its <image_start>): row-major over t, the same order as the response tokens
-        before_BL = torch.zeros_like(response_visual_mask_BL)
-        before_BL[:, :-1] = response_visual_mask_BL[:, 1:]
-        pred_RD = F.normalize(self.predict_visual(h_BLd[before_BL]).float(), dim=-1)
+        x_GJd = x0_BLd[b_G[:, None], at_GJ]
+        pos_GJ = position_ids_BL[b_G[:, None], at_GJ]
+        attn, attn_kwargs = self._packing(valid_GJ.long(), x_GJd.dtype)  # one sample per row: plain causal
+        h_GJd = self.decode(x_GJd, pos_GJ, attention_mask=attn, **attn_kwargs)
+        pred_TD = F.normalize(self.predict_visual(h_GJd[g_T, t_T - s_T]).float(), dim=-1)
         out_KD = vision_feats_KD.clone()
-        out_KD[row_R[keep_R]] = pred_RD[keep_R].to(out_KD.dtype)
+        out_KD[row_R[keep_R]] = pred_TD.to(out_KD.dtype)
         return out_KD
 
     def _read_images(self, input_ids_BL, labels_BL, segment_ids_BL, visual_mask_BL, response_visual_mask_BL):

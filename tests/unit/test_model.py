@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from metamorph.model.config import LLMConfig, MetaMorphConfig
-from metamorph.model.modeling import PACKED_SDPA, MetaMorphForCausalLM, packed_sdpa_attention
+from metamorph.model.modeling import PACKED_SDPA, MetaMorphForCausalLM, _feature_rows, packed_sdpa_attention
 from metamorph.model.modeling_metamorph import load_vpit
 
 V, D, N = 40, 8, 4
@@ -323,6 +323,61 @@ def test_self_feed_scope_read_feeds_back_only_images_an_answer_reads():
     from stages.train_vpit import TrainVPiTConfig
     with pytest.raises(ValueError, match="self_feed_scope"):
         TrainVPiTConfig(self_feed_scope="crops")
+
+
+def test_self_feed_pass_over_sample_prefixes_predicts_as_a_pass_over_whole_packed_rows():
+    """The self-fed pass runs only over the samples holding a drawn image, up to it. On two packed
+    rows (the example sample second and third in row 0, first in row 1, padding between), every
+    response image's fed inputs are what a teacher-forced pass over the whole rows predicts."""
+    model = _model(visual_pos_embed=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # away from init: predictions that differ from position to position
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    ex = _example()
+    n = 17  # the example's real positions; its row ends in padding
+    filler = dict(input_ids=[BOS, USER, ASSIST, 9, 10, EOT], labels=[-100, -100, -100, 9, 10, EOT])
+
+    def row(parts):
+        cols = {k: [] for k in ("input_ids", "labels", "position_ids", "segment_ids", "visual_mask", "response_visual_mask")}
+        for seg, part in enumerate(parts, 1):
+            if part == "ex":
+                for k in cols:
+                    cols[k] += ex[k][0, :n].tolist() if k != "segment_ids" else [seg] * n
+            else:
+                m = len(filler["input_ids"])
+                cols["input_ids"] += filler["input_ids"]; cols["labels"] += filler["labels"]
+                cols["position_ids"] += list(range(m)); cols["segment_ids"] += [seg] * m
+                cols["visual_mask"] += [False] * m; cols["response_visual_mask"] += [False] * m
+        return cols
+
+    rows = [row(["filler", "ex", "ex"]), row(["ex"])]
+    L = max(len(r["input_ids"]) for r in rows)
+    for r in rows:  # pad to L (segment 0, after the samples)
+        k = L - len(r["input_ids"])
+        for key, v in (("input_ids", PAD), ("labels", -100), ("position_ids", 0), ("segment_ids", 0),
+                       ("visual_mask", False), ("response_visual_mask", False)):
+            r[key] += [v] * k
+    batch = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+    batch["vision_feats"] = F.normalize(torch.randn(int(batch["visual_mask"].sum()), D, generator=g), dim=-1)
+    seen = []
+    orig = model.project
+    model.project = lambda feats, *a, **k: (seen.append(feats.detach().clone()), orig(feats, *a, **k))[1]
+    model(**batch, vision_coef=1.0, self_feed=1.0)
+    model.project = orig
+    fed = seen[-1]
+    with torch.no_grad():
+        x = model.embed_tokens(batch["input_ids"]).masked_scatter(batch["visual_mask"][..., None], model.project(batch["vision_feats"]))
+        attn, kw = model._packing(batch["segment_ids"], x.dtype)
+        h = model.decode(x, batch["position_ids"], attention_mask=attn, **kw)
+        before = torch.zeros_like(batch["response_visual_mask"])
+        before[:, :-1] = batch["response_visual_mask"][:, 1:]
+        want = F.normalize(model.predict_visual(h[before]), dim=-1)
+    resp = _feature_rows(batch["visual_mask"])[batch["response_visual_mask"]]
+    assert resp.numel() == 3 * N
+    print("DIFF", (fed[resp] - want).abs().max()); assert torch.allclose(fed[resp], want, atol=1e-5)
+    prompt = _feature_rows(batch["visual_mask"])[batch["visual_mask"] & ~batch["response_visual_mask"]]
+    assert torch.equal(fed[prompt], batch["vision_feats"][prompt])  # prompt images stay true
 
 
 def test_special_rows_start_at_mean_and_checkpoint_resize(tmp_path):
