@@ -56,26 +56,29 @@ def packed_batch(rows: int, seq_len: int, per_row: int, n_tokens: int, vision_di
             "response_visual_mask": resp, "vision_feats": feats}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1, help="packed rows per step (tiny: micro_batch_size 1)")
+def add_model_args(ap: argparse.ArgumentParser, rows: int, vocab: int, steps: int) -> None:
+    """The packed rows, model shape and timing arguments the packed-row benches share."""
+    ap.add_argument("--rows", type=int, default=rows, help=f"packed rows per step (tiny: micro_batch_size {rows})")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--samples-per-row", type=int, default=10)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=vocab)
     ap.add_argument("--n-tokens", type=int, default=9)
     ap.add_argument("--vision-dim", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per variant and round")
+    ap.add_argument("--steps", type=int, default=steps, help="timed steps per variant and round")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (machines are noisy)")
     # 1: as each tiny train worker runs; torch's default pool spins against other processes
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
-    a = ap.parse_args()
+
+
+def tiny_setup(a: argparse.Namespace) -> tuple[MetaMorphForCausalLM, list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """(model, its trainable parameters, 8 packed batches) of ``add_model_args``' shape, the model
+    set up as train_vpit trains it (and the torch thread count set)."""
     if a.threads:
         torch.set_num_threads(a.threads)
-
     cfg = MetaMorphConfig(
         llm=LLMConfig(hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads,
                       intermediate_size=a.hidden * 11 // 4, vocab_size=a.vocab, max_position=a.seq_len),
@@ -84,10 +87,17 @@ def main() -> None:
     )
     model = MetaMorphForCausalLM.from_config(cfg, dtype=torch.float32)
     model.set_trainable("vpit")
-    params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
     batches = [packed_batch(a.rows, a.seq_len, a.samples_per_row, a.n_tokens, a.vision_dim, a.vocab, gen)
                for _ in range(8)]
+    return model, [p for p in model.parameters() if p.requires_grad], batches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap, rows=1, vocab=2048, steps=40)
+    a = ap.parse_args()
+    model, params, batches = tiny_setup(a)
     n_spans = sum(int(b["segment_ids"].max()) for b in batches) / (len(batches) * a.rows)
     variants = {"mask": "sdpa", "span": PACKED_SDPA}
 

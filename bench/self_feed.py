@@ -23,10 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from metamorph.model.config import LLMConfig, MetaMorphConfig
-from metamorph.model.modeling import MetaMorphForCausalLM, _feature_rows
+from metamorph.model.modeling import _feature_rows
 
-from packed_attention import packed_batch  # noqa: E402  (bench/ is the script's directory)
+from packed_attention import add_model_args, tiny_setup  # noqa: E402  (bench/ is the script's directory)
 
 
 @torch.no_grad()
@@ -53,36 +52,10 @@ def self_fed_whole_rows(self, x_BLd, vision_feats_KD, visual_mask_BL, response_v
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=2, help="packed rows per step (tiny: micro_batch_size 2)")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--samples-per-row", type=int, default=10)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=600)
-    ap.add_argument("--n-tokens", type=int, default=9)
-    ap.add_argument("--vision-dim", type=int, default=128)
+    add_model_args(ap, rows=2, vocab=600, steps=30)
     ap.add_argument("--fraction", type=float, default=0.5, help="train_vpit.self_feed")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per variant and round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (machines are noisy)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-
-    cfg = MetaMorphConfig(
-        llm=LLMConfig(hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads,
-                      intermediate_size=a.hidden * 11 // 4, vocab_size=a.vocab, max_position=a.seq_len),
-        vision_dim=a.vision_dim, n_tokens=a.n_tokens, visual_pos_embed=True,
-        image_start_id=1, image_end_id=2, pad_id=0, bos_id=3, eos_id=4,
-    )
-    model = MetaMorphForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.set_trainable("vpit")
-    params = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(0)
-    batches = [packed_batch(a.rows, a.seq_len, a.samples_per_row, a.n_tokens, a.vision_dim, a.vocab, gen)
-               for _ in range(8)]
+    model, params, batches = tiny_setup(a)
     prefixes = type(model)._self_fed
 
     # the two passes must feed back the same inputs (same draws: the same torch seed)
