@@ -101,12 +101,17 @@ AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # unpacked forwards: sdpa's own masks
 
 
+def segment_changes(segment_ids_BL: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: True where a run of equal segment id starts (a packed sample, or padding)."""
+    change_BL = torch.ones_like(segment_ids_BL, dtype=torch.bool)
+    change_BL[:, 1:] = segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]
+    return change_BL
+
+
 def segment_spans(segment_ids_BL: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
     """Per row, the (start, end) runs of equal segment id (packed samples, then padding)."""
-    B, L = segment_ids_BL.shape
-    change_BL = torch.ones(B, L, dtype=torch.bool, device=segment_ids_BL.device)
-    change_BL[:, 1:] = segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]
-    starts = [row.nonzero().flatten().tolist() for row in change_BL.cpu()]
+    L = segment_ids_BL.shape[1]
+    starts = [row.nonzero().flatten().tolist() for row in segment_changes(segment_ids_BL).cpu()]
     return tuple(tuple(zip(st, st[1:] + [L])) for st in starts)
 
 
@@ -507,16 +512,14 @@ class MetaMorphForCausalLM(nn.Module):
         keep_R &= candidates_BL[response_visual_mask_BL]
         if not bool(keep_R.any()):
             return vision_feats_KD  # nothing drawn this step: no second pass
-        B, L = visual_mask_BL.shape
+        L = visual_mask_BL.shape[1]
         dev = visual_mask_BL.device
         # the head at t predicts the response token at t + 1 (an image's first token from its
         # <image_start>): the positions whose hidden states the drawn tokens need
         b_T, t_T = response_visual_mask_BL.nonzero(as_tuple=True)  # row-major: the order of row_R
         b_T, t_T = b_T[keep_R], t_T[keep_R] - 1
         # the sample (packed segment) each of them sits in, by its first position
-        change_BL = torch.ones(B, L, dtype=torch.bool, device=dev)
-        change_BL[:, 1:] = segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]
-        start_BL = torch.where(change_BL, torch.arange(L, device=dev), 0).cummax(1).values
+        start_BL = torch.where(segment_changes(segment_ids_BL), torch.arange(L, device=dev), 0).cummax(1).values
         s_T = start_BL[b_T, t_T]
         key_G, g_T = torch.unique(b_T * L + s_T, return_inverse=True)
         b_G, s_G = key_G // L, key_G % L
