@@ -25,7 +25,7 @@ from PIL import Image
 
 from metamorph.data.chat import ChatTemplate
 from metamorph.data.schema import IMAGE_PLACEHOLDER
-from metamorph.model.generation import GenerationConfig, GenerationOutput, Prompt
+from metamorph.model.generation import GenerationConfig, GenerationOutput, Prompt, prompt_embeds
 
 Conversation = Sequence[dict[str, str]]
 
@@ -197,12 +197,7 @@ class VPiTRunner:
     @torch.no_grad()
     def next_token_logits(self, prompt: Prompt) -> torch.Tensor:
         """[V] logits of the token right after the prompt (one forward, no cache)."""
-        ids_1T = torch.as_tensor(prompt.input_ids, dtype=torch.long, device=self.device)[None]
-        x_1Td = self.model.embed_tokens(ids_1T)
-        if prompt.vision_feats is not None:
-            vm_1T = torch.as_tensor(prompt.visual_mask, dtype=torch.bool, device=self.device)[None]
-            proj_Kd = self.model.project(prompt.vision_feats.to(self.device)).to(x_1Td.dtype)
-            x_1Td = x_1Td.masked_scatter(vm_1T[..., None], proj_Kd)
+        x_1Td = prompt_embeds(self.model, prompt)
         pos_1T = torch.arange(x_1Td.shape[1], device=x_1Td.device)[None]
         h_1Td = self.model.decode(x_1Td, pos_1T)
         return self.model.lm_logits(h_1Td[0, -1]).float().cpu()

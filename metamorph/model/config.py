@@ -66,6 +66,12 @@ class MetaMorphConfig:
     # a short image (tiny: 9 tokens, one per grid cell) "which cell holds the object" is hard to
     # read from a question token at a variable distance; the slot embedding names the cell.
     visual_pos_embed: bool = False
+    # Add a learned embedding per image ordinal in its sample ([image_index_embed, d]: the first
+    # image 0, the second 1, ...; later ones share the last row) to the projected visual tokens.
+    # 0 = off (the paper: frames are images in a row, told apart by RoPE alone). A video's frames
+    # differ only by where they sit; from an answer at a variable distance RoPE does not say which
+    # frame came first, and "left" vs "right" is exactly that.
+    image_index_embed: int = 0
     # Token ids, from the tokenizer (-1 = not set yet). pad_id fills visual positions in
     # input_ids (their embeddings come from the projector) and padding.
     image_start_id: int = -1
@@ -82,6 +88,8 @@ class MetaMorphConfig:
         r = int(round(self.n_tokens**0.5)) if self.n_tokens > 0 else 0
         if r * r != self.n_tokens or self.n_tokens <= 0:
             raise ValueError(f"model.n_tokens={self.n_tokens} must be a positive perfect square")
+        if self.image_index_embed < 0:
+            raise ValueError(f"model.image_index_embed={self.image_index_embed} must be >= 0 (0: off)")
 
     def check_buildable(self) -> None:
         """Raise unless the tokenizer-derived fields are filled in (called by from_config)."""

@@ -27,6 +27,7 @@ class MetaMorphVPiTConfig(PreTrainedConfig):
     vision_dim: int = 64  # D: the vision encoder's token width (1152 for SigLIP so400m)
     n_tokens: int = 16  # N visual positions per image (64 at paper scale)
     visual_pos_embed: bool = False  # a learned per-slot embedding added after the projector
+    image_index_embed: int = 0  # rows of a learned per-image-ordinal embedding (0: none)
     image_start_token_id: int | None = None
     image_end_token_id: int | None = None
     # the tokenizer's ids: pad also fills visual positions in input_ids; eos = end of turn

@@ -107,7 +107,8 @@ class _Stream:
         return h_1nd[0, -1]
 
 
-def _prompt_embeds(model, prompt: Prompt) -> torch.Tensor:
+def prompt_embeds(model, prompt: Prompt) -> torch.Tensor:
+    """[1, T, d] input embeddings of a prompt: token embeddings, visual positions projected."""
     dev = next(model.parameters()).device
     ids_T = torch.as_tensor(prompt.input_ids, dtype=torch.long, device=dev)
     x_1Td = model.embed_tokens(ids_T[None])
@@ -116,7 +117,8 @@ def _prompt_embeds(model, prompt: Prompt) -> torch.Tensor:
         if int(vm_T.sum()):
             if prompt.vision_feats is None or prompt.vision_feats.shape[0] != int(vm_T.sum()):
                 raise ValueError("prompt.vision_feats must have one row per visual_mask position")
-            proj_Kd = model.project(prompt.vision_feats.to(dev)).to(x_1Td.dtype)
+            image_K = model.image_ordinals(ids_T[None], vm_T[None])
+            proj_Kd = model.project(prompt.vision_feats.to(dev), image_K=image_K).to(x_1Td.dtype)
             x_1Td = x_1Td.masked_scatter(vm_T[None, :, None], proj_Kd)
     return x_1Td
 
@@ -158,11 +160,11 @@ def generate(
     model.eval()
     try:
         cond = _Stream(model, cfg.use_cache)
-        cond.push(_prompt_embeds(model, prompt))
+        cond.push(prompt_embeds(model, prompt))
         uncond = None
         if uncond_prompt is not None:
             uncond = _Stream(model, cfg.use_cache)
-            uncond.push(_prompt_embeds(model, uncond_prompt))
+            uncond.push(prompt_embeds(model, uncond_prompt))
         dev = next(model.parameters()).device
 
         def feed(x_11d: torch.Tensor) -> torch.Tensor:
@@ -178,6 +180,8 @@ def generate(
         h_d = cond.flush()
         # a prompt that ends in <image_start> asks for an image right away (forced t2i)
         in_image = int(torch.as_tensor(prompt.input_ids)[-1]) == start_id
+        # the ordinal of the next image drawn in this sample (images are counted by <image_start>)
+        n_prompt_images = int((torch.as_tensor(prompt.input_ids) == start_id).sum()) - int(in_image)
         while True:
             if in_image:
                 # h_d is the state at <image_start>: it predicts the first visual token
@@ -189,7 +193,8 @@ def generate(
                         raw_D = raw_u_D + cfg.image_cfg_scale * (raw_D - raw_u_D)
                     v_D = F.normalize(raw_D, dim=-1)
                     feats.append(v_D)
-                    h_d = feed(model.project(v_D, slot)[None, None].to(h_d.dtype))
+                    image = n_prompt_images + len(out.images) if model.image_index_embed is not None else None
+                    h_d = feed(model.project(v_D, slot, image)[None, None].to(h_d.dtype))
                 out.images.append(torch.stack(feats).cpu())
                 in_image = False
                 if cfg.force_image_end and len(out.token_ids) < cfg.max_new_tokens:

@@ -150,6 +150,11 @@ class MetaMorphForCausalLM(nn.Module):
         self.visual_pos_embed = (
             nn.Parameter(torch.randn(config.n_tokens, d) * VISUAL_POS_INIT_STD) if config.visual_pos_embed else None
         )
+        # learned per-image-ordinal embedding (config.image_index_embed rows), the same init scale
+        self.image_index_embed = (
+            nn.Parameter(torch.randn(config.image_index_embed, d) * VISUAL_POS_INIT_STD)
+            if config.image_index_embed else None
+        )
         self.train_stage = "vpit"  # see set_trainable
         if llm.config._attn_implementation == "sdpa":
             llm.config._attn_implementation = PACKED_SDPA  # sdpa, per sample on packed rows (above)
@@ -190,8 +195,9 @@ class MetaMorphForCausalLM(nn.Module):
             if dtype is not None:
                 model.projector.to(dtype)
                 model.vision_head.to(dtype)
-                if model.visual_pos_embed is not None:
-                    model.visual_pos_embed.data = model.visual_pos_embed.data.to(dtype)
+                for p in (model.visual_pos_embed, model.image_index_embed):
+                    if p is not None:
+                        p.data = p.data.to(dtype)
         return model
 
     def save_pretrained(self, path: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -232,6 +238,7 @@ class MetaMorphForCausalLM(nn.Module):
             vision_dim=c.vision_dim,
             n_tokens=c.n_tokens,
             visual_pos_embed=c.visual_pos_embed,
+            image_index_embed=c.image_index_embed,
             image_start_token_id=c.image_start_id,
             image_end_token_id=c.image_end_id,
             tie_word_embeddings=bool(getattr(self.llm.config, "tie_word_embeddings", False)),
@@ -263,7 +270,8 @@ class MetaMorphForCausalLM(nn.Module):
         head tied to the embedding). That masks in the graph itself, so it holds under DDP and
         FSDP alike, with no hooks. The other rows get an exact-zero gradient: with AdamW they
         stay put only with weight decay 0 on this weight (the paper uses 0 everywhere).
-        The slot embedding (``config.visual_pos_embed``) belongs to the connector and trains in both.
+        The slot and image-ordinal embeddings (``config.visual_pos_embed``, ``image_index_embed``)
+        belong to the connector and train in both.
         ``vpit`` (stage 2): everything in this module (the vision encoder is not part of it).
         """
         if stage not in TRAIN_STAGES:
@@ -274,8 +282,9 @@ class MetaMorphForCausalLM(nn.Module):
         else:
             self.requires_grad_(False)
             self.projector.requires_grad_(True)
-            if self.visual_pos_embed is not None:  # part of the connector
-                self.visual_pos_embed.requires_grad_(True)
+            for p in (self.visual_pos_embed, self.image_index_embed):  # part of the connector
+                if p is not None:
+                    p.requires_grad_(True)
             self.llm.get_input_embeddings().weight.requires_grad_(True)
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
@@ -292,12 +301,43 @@ class MetaMorphForCausalLM(nn.Module):
             x_BLd = torch.where(special_BL[..., None], x_BLd, x_BLd.detach())
         return x_BLd
 
-    def project(self, feats_KD: torch.Tensor, slot_K: Optional[torch.Tensor | int] = None) -> torch.Tensor:
+    def project(self, feats_KD: torch.Tensor, slot_K: Optional[torch.Tensor | int] = None,
+                image_K: Optional[torch.Tensor | int] = None) -> torch.Tensor:
         """Visual tokens (L2-normalised, [..., D]) -> LLM input embeddings [..., d].
 
         With ``config.visual_pos_embed`` the embedding of each token's slot in its image is added:
         ``slot_K`` gives the slots (an int for one fed-back token at generation); None means
-        ``feats_KD`` [K, D] is whole images, N rows each in slot order (how visual_mask lays them out)."""
+        ``feats_KD`` [K, D] is whole images, N rows each in slot order (how visual_mask lays them out).
+        With ``config.image_index_embed`` the embedding of each token's image ordinal in its sample
+        is added too: ``image_K`` (an int for one image; see ``image_ordinals``), required then."""
+        x_Kd = self._project_slots(feats_KD, slot_K)
+        if self.image_index_embed is None:
+            return x_Kd
+        if image_K is None:
+            raise ValueError("project: this model embeds image ordinals (config.image_index_embed); pass image_K")
+        if not isinstance(image_K, int):
+            image_K = image_K.clamp(max=self.image_index_embed.shape[0] - 1)
+        else:
+            image_K = min(image_K, self.image_index_embed.shape[0] - 1)
+        return x_Kd + self.image_index_embed[image_K].to(x_Kd.dtype)
+
+    def image_ordinals(self, input_ids_BL: torch.Tensor, visual_mask_BL: torch.Tensor,
+                       segment_ids_BL: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """[K]: for each visual position (in visual_mask's row-major order), the ordinal of its
+        image in its sample (0 for the first), counted by ``<image_start>`` tokens since the
+        sample's start; None without ``config.image_index_embed``."""
+        if self.image_index_embed is None:
+            return None
+        B, L = input_ids_BL.shape
+        starts_BL = (input_ids_BL == self.config.image_start_id).long()
+        seen_BL = starts_BL.cumsum(1)  # <image_start>s up to and including each position
+        if segment_ids_BL is not None:
+            ar_L = torch.arange(L, device=input_ids_BL.device)
+            first_BL = torch.where(segment_changes(segment_ids_BL), ar_L, 0).cummax(1).values
+            seen_BL = seen_BL - (seen_BL - starts_BL).gather(1, first_BL)
+        return (seen_BL - 1)[visual_mask_BL]
+
+    def _project_slots(self, feats_KD: torch.Tensor, slot_K: Optional[torch.Tensor | int] = None) -> torch.Tensor:
         w = self.projector[0].weight
         x_Kd = self.projector(feats_KD.to(w.dtype))
         if self.visual_pos_embed is None:
@@ -421,14 +461,15 @@ class MetaMorphForCausalLM(nn.Module):
         attn, attn_kwargs = self._packing(segment_ids, x_BLd.dtype)
         proj_Kd = None
         if vision_feats is not None:
+            image_K = self.image_ordinals(input_ids, visual_mask, segment_ids)
             feats_in_KD = vision_feats
             if self_feed > 0 and self.train_stage != "connector" and torch.is_grad_enabled() and bool(response_visual_mask.any()):
                 candidates_BL = response_visual_mask
                 if self_feed_scope == "read":
                     candidates_BL = self._read_images(input_ids, labels, segment_ids, visual_mask, response_visual_mask)
                 feats_in_KD = self._self_fed(x_BLd, vision_feats, visual_mask, response_visual_mask, position_ids,
-                                             segment_ids, self_feed, candidates_BL)
-            proj_Kd = self.project(feats_in_KD)
+                                             segment_ids, self_feed, candidates_BL, image_K)
+            proj_Kd = self.project(feats_in_KD, image_K=image_K)
             x_BLd = x_BLd.masked_scatter(visual_mask[..., None], proj_Kd.to(x_BLd.dtype))
 
         h_BLd = self.decode(x_BLd, position_ids, attention_mask=attn, **attn_kwargs)
@@ -490,7 +531,8 @@ class MetaMorphForCausalLM(nn.Module):
 
     @torch.no_grad()
     def _self_fed(self, x_BLd, vision_feats_KD, visual_mask_BL, response_visual_mask_BL, position_ids_BL,
-                  segment_ids_BL, fraction: float, candidates_BL: torch.Tensor) -> torch.Tensor:
+                  segment_ids_BL, fraction: float, candidates_BL: torch.Tensor,
+                  image_K: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``vision_feats_KD`` with a random ``fraction`` of the response images replaced, as
         inputs, by what the model predicts for them in a teacher-forced pass (no gradient). Only
         images whose positions ``candidates_BL`` marks are drawn from.
@@ -528,7 +570,7 @@ class MetaMorphForCausalLM(nn.Module):
         j_J = torch.arange(int(len_G.max()), device=dev)
         valid_GJ = j_J < len_G[:, None]
         at_GJ = torch.where(valid_GJ, s_G[:, None] + j_J, s_G[:, None])  # padding repeats the start
-        x0_BLd = x_BLd.masked_scatter(visual_mask_BL[..., None], self.project(vision_feats_KD).to(x_BLd.dtype))
+        x0_BLd = x_BLd.masked_scatter(visual_mask_BL[..., None], self.project(vision_feats_KD, image_K=image_K).to(x_BLd.dtype))
         x_GJd = x0_BLd[b_G[:, None], at_GJ]
         pos_GJ = position_ids_BL[b_G[:, None], at_GJ]
         attn, attn_kwargs = self._packing(valid_GJ.long(), x_GJd.dtype)  # one sample per row: plain causal

@@ -85,6 +85,7 @@ def library_config(config: MetaMorphVPiTConfig) -> MetaMorphConfig:
         vision_dim=config.vision_dim,
         n_tokens=config.n_tokens,
         visual_pos_embed=bool(getattr(config, "visual_pos_embed", False)),
+        image_index_embed=int(getattr(config, "image_index_embed", 0) or 0),
         image_start_id=config.image_start_token_id,
         image_end_id=config.image_end_token_id,
         pad_id=config.pad_token_id if config.pad_token_id is not None else 0,

@@ -34,13 +34,14 @@ def tok():
     return train_bpe(texts, TokenizerConfig(vocab_size=400))
 
 
-def _model(tok, eos_id=None, visual_pos_embed=False):
+def _model(tok, eos_id=None, visual_pos_embed=False, image_index_embed=0):
     ids = special_ids(tok)
     cfg = MetaMorphConfig(
         llm=LLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                       intermediate_size=64, max_position=256),
         vision_dim=16, n_tokens=4, image_start_id=ids.image_start, image_end_id=ids.image_end, pad_id=ids.pad,
         bos_id=ids.bos, eos_id=ids.eot if eos_id is None else eos_id, visual_pos_embed=visual_pos_embed,
+        image_index_embed=image_index_embed,
     )
     return MetaMorphForCausalLM.from_config(cfg, seed=3)
 
@@ -52,11 +53,14 @@ def _export(model, tok, d: Path) -> Path:
     return d
 
 
-@pytest.mark.parametrize("visual_pos_embed", [False, True])
-def test_vpit_export_is_a_transformers_model(tok, tmp_path, visual_pos_embed):
+EMBEDS = [(False, 0), (True, 0), (True, 3)]  # (visual_pos_embed, image_index_embed)
+
+
+@pytest.mark.parametrize("visual_pos_embed,image_index_embed", EMBEDS)
+def test_vpit_export_is_a_transformers_model(tok, tmp_path, visual_pos_embed, image_index_embed):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = _model(tok, visual_pos_embed=visual_pos_embed)
+    model = _model(tok, visual_pos_embed=visual_pos_embed, image_index_embed=image_index_embed)
     d = _export(model, tok, tmp_path / "m")
     ids = special_ids(tok)
     cfg = json.loads((d / "config.json").read_text())
@@ -68,7 +72,7 @@ def test_vpit_export_is_a_transformers_model(tok, tmp_path, visual_pos_embed):
     for c in (cfg, cfg["text_config"], json.loads((d / "generation_config.json").read_text())):
         assert (c["bos_token_id"], c["eos_token_id"], c["pad_token_id"]) == (ids.bos, ids.eot, ids.pad)
     assert (cfg["image_start_token_id"], cfg["image_end_token_id"]) == (ids.image_start, ids.image_end)
-    assert cfg["visual_pos_embed"] is visual_pos_embed
+    assert cfg["visual_pos_embed"] is visual_pos_embed and cfg["image_index_embed"] == image_index_embed
     # the remote code: copies of the library's own files, importing nothing of metamorph
     for name in REMOTE_CODE_FILES:
         src = (Path(__import__("metamorph.model").model.__file__).parent / name).read_text()
@@ -94,11 +98,11 @@ def test_vpit_export_is_a_transformers_model(tok, tmp_path, visual_pos_embed):
     assert AutoTokenizer.from_pretrained(d).chat_template == tok.chat_template
 
 
-@pytest.mark.parametrize("visual_pos_embed", [False, True])
-def test_generate_through_the_auto_class_matches_the_library(tok, tmp_path, visual_pos_embed):
+@pytest.mark.parametrize("visual_pos_embed,image_index_embed", EMBEDS)
+def test_generate_through_the_auto_class_matches_the_library(tok, tmp_path, visual_pos_embed, image_index_embed):
     from transformers import AutoModelForCausalLM
 
-    model = _model(tok, visual_pos_embed=visual_pos_embed)
+    model = _model(tok, visual_pos_embed=visual_pos_embed, image_index_embed=image_index_embed)
     d = _export(model, tok, tmp_path / "m")
     hf = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
     ids = special_ids(tok)

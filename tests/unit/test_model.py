@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from metamorph.model.config import LLMConfig, MetaMorphConfig
+from metamorph.model.generation import GenerationConfig, Prompt
 from metamorph.model.modeling import PACKED_SDPA, MetaMorphForCausalLM, _feature_rows, packed_sdpa_attention
 from metamorph.model.modeling_metamorph import load_vpit
 
@@ -21,15 +22,15 @@ BOS, USER, ASSIST, EOT, PAD = 1, 5, 6, 2, 0
 START, END = 38, 39
 
 
-def _cfg(visual_pos_embed: bool = False, **llm_kw) -> MetaMorphConfig:
+def _cfg(visual_pos_embed: bool = False, image_index_embed: int = 0, **llm_kw) -> MetaMorphConfig:
     llm = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=V)
     llm.update(llm_kw)
     return MetaMorphConfig(llm=LLMConfig(**llm), vision_dim=D, n_tokens=N, image_start_id=START, image_end_id=END,
-                           visual_pos_embed=visual_pos_embed)
+                           visual_pos_embed=visual_pos_embed, image_index_embed=image_index_embed)
 
 
-def _model(visual_pos_embed: bool = False, **llm_kw) -> MetaMorphForCausalLM:
-    return MetaMorphForCausalLM.from_config(_cfg(visual_pos_embed, **llm_kw), seed=0)
+def _model(visual_pos_embed: bool = False, image_index_embed: int = 0, **llm_kw) -> MetaMorphForCausalLM:
+    return MetaMorphForCausalLM.from_config(_cfg(visual_pos_embed, image_index_embed, **llm_kw), seed=0)
 
 
 def _example():
@@ -456,3 +457,67 @@ def test_visual_pos_embed_round_trip(tmp_path):
     assert torch.equal(back.visual_pos_embed, model.visual_pos_embed)
     with torch.no_grad():
         assert torch.equal(model(**_example()).logits, back(**_example()).logits)
+
+
+def _clip(n_frames: int, feats_KD: torch.Tensor) -> dict:
+    """One sample: n_frames prompt images in a row, a question, an answer ('7')."""
+    ids = [BOS, USER] + ([START] + [PAD] * N + [END]) * n_frames + [9, ASSIST, 7, EOT]
+    vm = [i >= 2 and ids[i] == PAD for i in range(len(ids))]
+    return dict(ids=ids, labels=[-100] * (len(ids) - 2) + [7, EOT], vm=vm, feats=feats_KD[: n_frames * N])
+
+
+def test_image_index_embed_tells_the_frames_of_a_sample_apart(tmp_path):
+    """Frames that look the same get different inputs by their ordinal in their own sample (the
+    first image 0, later ones past the table share its last row); a sample packed after another
+    is embedded as it is alone; generation feeds a drawn image back with the ordinal training gives it."""
+    model = _model(visual_pos_embed=True, image_index_embed=2)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        model.image_index_embed.add_(torch.randn(model.image_index_embed.shape, generator=g))
+    frame_ND = F.normalize(torch.randn(N, D, generator=g), dim=-1)
+    same_KD = frame_ND.repeat(3, 1)  # three identical frames
+    a, b = _clip(3, same_KD), _clip(1, same_KD)
+    L = len(a["ids"]) + len(b["ids"])
+    packed = dict(
+        input_ids=torch.tensor([a["ids"] + b["ids"]]), labels=torch.tensor([a["labels"] + b["labels"]]),
+        position_ids=torch.tensor([list(range(len(a["ids"]))) + list(range(len(b["ids"])))]),
+        segment_ids=torch.tensor([[1] * len(a["ids"]) + [2] * len(b["ids"])]),
+        visual_mask=torch.tensor([a["vm"] + b["vm"]]), vision_feats=torch.cat([a["feats"], b["feats"]]))
+    assert model.image_ordinals(packed["input_ids"], packed["visual_mask"], packed["segment_ids"]).tolist() == \
+        [0] * N + [1] * N + [2] * N + [0] * N
+    with torch.no_grad():
+        x_Kd = model.project(packed["vision_feats"], image_K=torch.tensor([0] * N + [1] * N + [2] * N + [0] * N))
+        assert not torch.allclose(x_Kd[:N], x_Kd[N : 2 * N])  # frame 0 and frame 1 differ
+        assert torch.equal(x_Kd[N : 2 * N], x_Kd[2 * N : 3 * N])  # ordinals past the table share its last row
+        assert torch.equal(x_Kd[:N], x_Kd[3 * N :])  # every sample starts at 0
+        fwd = model(**packed)
+        alone = model(input_ids=torch.tensor([b["ids"]]), labels=torch.tensor([b["labels"]]),
+                      visual_mask=torch.tensor([b["vm"]]), vision_feats=b["feats"])
+        assert torch.allclose(fwd.logits[0, len(a["ids"]) :], alone.logits[0], atol=1e-5)
+        assert L == fwd.logits.shape[1]
+    with pytest.raises(ValueError, match="image_K"):
+        model.project(frame_ND)
+    # generation: after a prompt image, the drawn image is image 1, as teacher forcing embeds it
+    prompt = [BOS, USER, START] + [PAD] * N + [END, ASSIST, START]
+    vm = [False] * 3 + [True] * N + [False] * 3
+    out = model.generate(Prompt(input_ids=prompt, visual_mask=vm, vision_feats=frame_ND), GenerationConfig(max_new_tokens=1))
+    drawn_ND = out.images[0]
+    ids = prompt + [PAD] * N + [END]
+    vm_full = vm + [True] * N + [False]
+    rvm = [False] * len(prompt) + [True] * N + [False]
+    with torch.no_grad():
+        h = model.decode(model.embed_tokens(torch.tensor([ids])).masked_scatter(
+            torch.tensor([vm_full])[..., None],
+            model.project(torch.cat([frame_ND, drawn_ND]), image_K=torch.tensor([0] * N + [1] * N))),
+            torch.arange(len(ids))[None])
+        want = F.normalize(model.predict_visual(h[0, len(prompt) - 1 : len(prompt) + N - 1]), dim=-1)
+    assert torch.allclose(drawn_ND, want, atol=1e-5)
+    assert model.image_ordinals(torch.tensor([ids]), torch.tensor([rvm])).tolist() == [1] * N
+    # part of the connector, saved and loaded with the model
+    assert "image_index_embed" in model.set_trainable("connector")
+    model.set_trainable("vpit")
+    model.save_pretrained(tmp_path / "m")
+    back = load_vpit(tmp_path / "m")
+    assert back.config == model.config and back.config.image_index_embed == 2
+    with torch.no_grad():
+        assert torch.equal(back(**packed).logits, fwd.logits)
