@@ -179,9 +179,10 @@ def generate(
         out = GenerationOutput(token_ids=[])
         h_d = cond.flush()
         # a prompt that ends in <image_start> asks for an image right away (forced t2i)
-        in_image = int(torch.as_tensor(prompt.input_ids)[-1]) == start_id
+        ids_T = torch.as_tensor(prompt.input_ids)
+        in_image = int(ids_T[-1]) == start_id
         # the ordinal of the next image drawn in this sample (images are counted by <image_start>)
-        n_prompt_images = int((torch.as_tensor(prompt.input_ids) == start_id).sum()) - int(in_image)
+        n_prompt_images = int((ids_T == start_id).sum()) - int(in_image)
         while True:
             if in_image:
                 # h_d is the state at <image_start>: it predicts the first visual token
@@ -193,7 +194,7 @@ def generate(
                         raw_D = raw_u_D + cfg.image_cfg_scale * (raw_D - raw_u_D)
                     v_D = F.normalize(raw_D, dim=-1)
                     feats.append(v_D)
-                    image = n_prompt_images + len(out.images) if model.image_index_embed is not None else None
+                    image = n_prompt_images + len(out.images)
                     h_d = feed(model.project(v_D, slot, image)[None, None].to(h_d.dtype))
                 out.images.append(torch.stack(feats).cpu())
                 in_image = False

@@ -108,6 +108,13 @@ def segment_changes(segment_ids_BL: torch.Tensor) -> torch.Tensor:
     return change_BL
 
 
+def segment_starts(segment_ids_BL: torch.Tensor) -> torch.Tensor:
+    """[B, L] long: for each position, the position where its run of equal segment id starts."""
+    L = segment_ids_BL.shape[1]
+    at_L = torch.arange(L, device=segment_ids_BL.device)
+    return torch.where(segment_changes(segment_ids_BL), at_L, 0).cummax(1).values
+
+
 def segment_spans(segment_ids_BL: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
     """Per row, the (start, end) runs of equal segment id (packed samples, then padding)."""
     L = segment_ids_BL.shape[1]
@@ -315,10 +322,7 @@ class MetaMorphForCausalLM(nn.Module):
             return x_Kd
         if image_K is None:
             raise ValueError("project: this model embeds image ordinals (config.image_index_embed); pass image_K")
-        if not isinstance(image_K, int):
-            image_K = image_K.clamp(max=self.image_index_embed.shape[0] - 1)
-        else:
-            image_K = min(image_K, self.image_index_embed.shape[0] - 1)
+        image_K = torch.as_tensor(image_K, device=x_Kd.device).clamp(max=self.image_index_embed.shape[0] - 1)
         return x_Kd + self.image_index_embed[image_K].to(x_Kd.dtype)
 
     def image_ordinals(self, input_ids_BL: torch.Tensor, visual_mask_BL: torch.Tensor,
@@ -328,13 +332,10 @@ class MetaMorphForCausalLM(nn.Module):
         sample's start; None without ``config.image_index_embed``."""
         if self.image_index_embed is None:
             return None
-        B, L = input_ids_BL.shape
         starts_BL = (input_ids_BL == self.config.image_start_id).long()
         seen_BL = starts_BL.cumsum(1)  # <image_start>s up to and including each position
-        if segment_ids_BL is not None:
-            ar_L = torch.arange(L, device=input_ids_BL.device)
-            first_BL = torch.where(segment_changes(segment_ids_BL), ar_L, 0).cummax(1).values
-            seen_BL = seen_BL - (seen_BL - starts_BL).gather(1, first_BL)
+        if segment_ids_BL is not None:  # minus those before the sample's first position
+            seen_BL = seen_BL - (seen_BL - starts_BL).gather(1, segment_starts(segment_ids_BL))
         return (seen_BL - 1)[visual_mask_BL]
 
     def _project_slots(self, feats_KD: torch.Tensor, slot_K: Optional[torch.Tensor | int] = None) -> torch.Tensor:
@@ -561,8 +562,7 @@ class MetaMorphForCausalLM(nn.Module):
         b_T, t_T = response_visual_mask_BL.nonzero(as_tuple=True)  # row-major: the order of row_R
         b_T, t_T = b_T[keep_R], t_T[keep_R] - 1
         # the sample (packed segment) each of them sits in, by its first position
-        start_BL = torch.where(segment_changes(segment_ids_BL), torch.arange(L, device=dev), 0).cummax(1).values
-        s_T = start_BL[b_T, t_T]
+        s_T = segment_starts(segment_ids_BL)[b_T, t_T]
         key_G, g_T = torch.unique(b_T * L + s_T, return_inverse=True)
         b_G, s_G = key_G // L, key_G % L
         end_G = torch.zeros_like(key_G).scatter_reduce(0, g_T, t_T + 1, reduce="amax")
