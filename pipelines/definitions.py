@@ -14,7 +14,7 @@ from pipelines.graph import Pipeline
 
 
 def vpit_pipeline() -> Pipeline:
-    """The MetaMorph DAG: curate -> mix -> tokenize -> connector -> VPiT, decoder, evaluate."""
+    """The MetaMorph DAG: curate -> mix -> tokenize -> connector -> VPiT, decoder, judge, evaluate."""
     from stages.curate_generation import CurateGeneration
     from stages.curate_image_edit import CurateImageEdit
     from stages.curate_understanding import CurateUnderstanding
@@ -25,6 +25,7 @@ def vpit_pipeline() -> Pipeline:
     from stages.tokenize import TokenizeStage
     from stages.train_connector import TrainConnector
     from stages.train_decoder import TrainDecoder
+    from stages.train_judge import TrainJudgeStage
     from stages.train_vpit import TrainVPiT
     from stages.vision_encoder import VisionEncoderStage
     from stages.world import WorldStage
@@ -44,6 +45,7 @@ def vpit_pipeline() -> Pipeline:
             TrainConnector(),
             TrainVPiT(),
             TrainDecoder(),
+            TrainJudgeStage(),
             EvaluateStage(),
         ],
         targets=("evaluate",),

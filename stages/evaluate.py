@@ -4,7 +4,8 @@ the run report.
     metamorph run --preset tiny --only evaluate      # after the rest of the DAG is cached
 
 Inputs: ``vpit_model`` (weights + tokenizer), ``decoder``, ``vision_encoder``, ``tokenizer``,
-``mixture`` (its ``heldout/`` samples). Output ``eval_report/``:
+``mixture`` (its ``heldout/`` samples), ``judge`` (the ``train_judge`` stage's attribute judge).
+Output ``eval_report/``:
 
 * ``metrics.json``: every metric (also logged to this stage's MLflow child run); the headline
   ones (``eval/...``) are logged to the pipeline's parent run too, so runs line up in the MLflow
@@ -13,12 +14,12 @@ Inputs: ``vpit_model`` (weights + tokenizer), ``decoder``, ``vision_encoder``, `
   judged attributes per CFG scale, or benchmark row).
 * ``report.html``: metric tables and sample grids with inline images (logged as an artifact).
 
-Steps (``metamorph.eval.run.evaluate_all``; this module is the Ray and MLflow glue): train the attribute judge on fresh toy-world renders
-(its accuracy gates the judged generation scores: ``judge_ok``; on CPU a Ray task beside the QA pass
-and the generations, ``judge_beside_qa``); held-out QA (exact match per
-task/attribute vs the majority baseline); generation (t2i, image edit, frame prediction) at each
-visual-token CFG scale; VLMEvalKit TSV benchmarks; FID / CLIP score when weights are given.
-With ``use_gpu`` the whole evaluation runs as one Ray task holding a GPU (the driver may have none).
+Steps (``metamorph.eval.run.evaluate_all``; this module is the Ray and MLflow glue): held-out QA
+(exact match per task/attribute vs the majority baseline); generation (t2i, image edit, frame
+prediction) at each visual-token CFG scale, judged by the attribute judge (its own test's accuracy
+gates the judged scores: ``judge_ok``); on CPU the generations run as a Ray task beside the QA pass
+(``gen_beside_qa``); VLMEvalKit TSV benchmarks; FID / CLIP score when weights are given. With
+``use_gpu`` the whole evaluation runs as one Ray task holding a GPU (the driver may have none).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any, Optional
 from metamorph.eval.run import GALLERY_FILE, EvalConfig, evaluate_all
 from pipelines.stage import Stage, StageConfig, StageContext, operational
 
-_EVAL_LOGGER = "metamorph.eval.run"  # evaluate_all's log, where the judge's epochs belong
+_EVAL_LOGGER = "metamorph.eval.run"  # evaluate_all's log, where the generation task's lines belong
 
 
 @dataclass(kw_only=True)
@@ -49,12 +50,12 @@ class EvaluateConfig(StageConfig, EvalConfig):
     # figures do not depend on where the driver runs (a `ray job submit` entrypoint and a
     # terminal start torch with different thread counts, and float sums follow them)
     cpus: float = field(default=1.0, metadata=operational())
-    # On CPU, train the attribute judge as a Ray task (cpus CPUs, as many torch threads as the
-    # stage's own) while the QA pass and the generations run, instead of before them; the images
-    # are judged at the end. The judge is deterministic in its config, so every figure is the same
-    # either way; tiny's evaluate 50 s -> 31 s. False (or Ray not started, as when the stage runs
-    # on its own): train it in the stage's process first (the only way with use_gpu).
-    judge_beside_qa: bool = field(default=True, metadata=operational())
+    # On CPU, run the generations (and their decoding and judging) as a Ray task holding cpus CPUs
+    # (as many torch threads as the QA pass here) while the QA pass runs, instead of after it. Both
+    # halves are deterministic, so every figure is the same either way; tiny's evaluate 52 -> ~30 s.
+    # False (or Ray not started, as when the stage runs on its own): one after the other here (the
+    # only way with use_gpu).
+    gen_beside_qa: bool = field(default=True, metadata=operational())
 
     def __post_init__(self) -> None:
         EvalConfig.__post_init__(self)
@@ -68,8 +69,9 @@ class EvaluateConfig(StageConfig, EvalConfig):
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    version = "2"  # 2: visual thinking also answered after the true crop (qa_acc_true_crop)
-    inputs = ("vpit_model", "decoder", "vision_encoder", "tokenizer", "mixture")
+    # 2: visual thinking also answered after the true crop (qa_acc_true_crop); 3: the judge is an input
+    version = "3"
+    inputs = ("vpit_model", "decoder", "vision_encoder", "tokenizer", "mixture", "judge")
     outputs = ("eval_report",)
     config_cls = EvaluateConfig
     description = "held-out QA + generation (judged), TSV benchmarks, FID/CLIP; report.html"
@@ -86,7 +88,7 @@ class EvaluateStage(Stage):
                 raise ValueError(f"evaluate.tsv_paths: {p} is not a file")
 
     def resources(self, cfg: EvaluateConfig) -> dict[str, float]:
-        # on CPU the evaluation runs in the driver; the Ray CPUs are the judge task's
+        # on CPU the QA pass runs in the driver; the Ray CPUs are the generation task's
         return {"CPU": cfg.cpus, **({"GPU": 1.0} if cfg.use_gpu else {})}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
@@ -102,28 +104,28 @@ class EvaluateStage(Stage):
             from metamorph.threads import torch_threads
             from stages._training import ray_is_up
 
-            starter = _judge_task(cfg.cpus) if cfg.judge_beside_qa and ray_is_up() else None
+            starter = _generation_task(cfg.cpus) if cfg.gen_beside_qa and ray_is_up() else None
             with torch_threads(int(cfg.cpus)):
                 metrics, headline, params = evaluate_all(paths, cfg.library(), str(out), ctx.seed, "cpu",
-                                                         start_judge=starter)
+                                                         start_generation=starter)
         return publish(ctx, out, metrics, headline, params)
 
 
-def _train_judge(judge_cfg: Any, geometry: dict, threads: int) -> tuple[Any, dict[str, float]]:
-    """The judge task's body: train on ``threads`` torch threads."""
-    from metamorph.eval.judge import Judge
+def _generate(paths: dict, cfg: Any, samples: list, seed: int, threads: int) -> Any:
+    """The generation task's body: the generation half on ``threads`` torch threads."""
+    from metamorph.eval.run import generate_and_judge
     from metamorph.threads import torch_threads
 
     with torch_threads(threads):
-        return Judge.train(judge_cfg, geometry, log=logging.getLogger(_EVAL_LOGGER).info)
+        return generate_and_judge(paths, cfg, samples, seed, "cpu", log=logging.getLogger(_EVAL_LOGGER).info)
 
 
-def _judge_task(cpus: float):
-    """A ``JudgeStarter`` that trains the judge as a Ray task holding ``cpus`` CPUs."""
+def _generation_task(cpus: float):
+    """A ``GenerationStarter`` that runs the generation half as a Ray task holding ``cpus`` CPUs."""
     from stages._training import start_task
 
-    return lambda judge_cfg, geometry: start_task(_train_judge, judge_cfg, geometry, int(cpus), cpus=cpus,
-                                                  logger=_EVAL_LOGGER)
+    return lambda paths, cfg, samples, seed: start_task(_generate, paths, cfg, samples, seed, int(cpus), cpus=cpus,
+                                                        logger=_EVAL_LOGGER)
 
 
 def publish(ctx: StageContext, out: Path, metrics: dict[str, float], headline: dict[str, float],

@@ -65,7 +65,7 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
             if not cond:
-                raise ValueError(f"evaluate.judge.{key}: {msg}")
+                raise ValueError(f"train_judge.{key}: {msg}")
 
         need(self.n_train >= 10, "n_train", "must be >= 10 (use a few thousand)")
         need(self.n_test >= 10, "n_test", "must be >= 10")

@@ -3,7 +3,7 @@ background off an image, so generated images can be scored against exact attribu
 
     python -m metamorph.eval.judge      # trains on fresh renders, prints held-out accuracy
 
-It is trained inside the evaluate stage on **fresh** renders from ``metamorph.world`` (never on
+It is trained by the ``train_judge`` stage (``Judge.save``; ``evaluate`` loads it) on **fresh** renders from ``metamorph.world`` (never on
 the pipeline's own data), then tested on more fresh renders; its per-attribute accuracy there is
 reported, and generation scores only count (``judge_ok``) when every attribute clears
 ``threshold``: a judge that cannot read real renders says nothing about generated ones.
@@ -25,8 +25,11 @@ Tensor names: B batch, S image side, G = 9 grid cells, c crop side.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -100,7 +103,7 @@ class JudgeNet(nn.Module):
 
     def __init__(self, width: int = 16):
         super().__init__()
-        w = width
+        self.width = w = width
         # BatchNorm: without it the same net needed ~3x the epochs to reach the same loss
         self.features = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.GELU(),
@@ -172,6 +175,10 @@ def render_dataset(n: int, cfg: JudgeConfig, geometry: dict[str, float], seed: i
     return x, torch.from_numpy(np.stack(labs)), metas
 
 
+JUDGE_WEIGHTS = "judge.safetensors"
+JUDGE_META = "judge.json"  # width, geometry, its own test's accuracy (stats), config; or why it was skipped
+
+
 class Judge:
     """A trained JudgeNet with the geometry it was trained for."""
 
@@ -179,6 +186,40 @@ class Judge:
         self.net = net.eval()
         self.geometry = dict(geometry)
         self.image_size = int(geometry["image_size"])
+
+    def save(self, path: str | Path, stats: dict[str, float], cfg: Optional[JudgeConfig] = None) -> None:
+        """Weights (safetensors) + ``judge.json`` (width, geometry, the test's stats, config)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path / JUDGE_WEIGHTS))
+        meta = {"width": self.net.width, "geometry": self.geometry, "stats": stats,
+                "config": dataclasses.asdict(cfg) if cfg is not None else None}
+        (path / JUDGE_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    @staticmethod
+    def save_skipped(path: str | Path, reason: str) -> None:
+        """A judge directory that says why there is no judge (no toy-world scenes to judge)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / JUDGE_META).write_text(json.dumps({"skipped": reason}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[Optional["Judge"], dict[str, Any]]:
+        """(judge, stats) from a ``save`` directory; (None, {"skipped": reason}) from ``save_skipped``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_file = path / JUDGE_META
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} is missing: not a judge directory (the train_judge stage writes one)")
+        meta = json.loads(meta_file.read_text())
+        if "skipped" in meta:
+            return None, {"skipped": meta["skipped"]}
+        net = JudgeNet(int(meta["width"]))
+        net.load_state_dict(load_file(str(path / JUDGE_WEIGHTS)))
+        return cls(net, meta["geometry"]), dict(meta["stats"])
 
     @classmethod
     def train(cls, cfg: JudgeConfig, geometry: Optional[dict[str, float]] = None, log=None) -> tuple["Judge", dict[str, float]]:

@@ -3,12 +3,14 @@ half of the ``evaluate`` stage (no Ray, no MLflow; ``stages/evaluate.py`` is the
 
     python -c "from metamorph.eval.run import EvalConfig, evaluate_all; help(evaluate_all)"
 
-``evaluate_all(paths, cfg, out_dir)`` trains the attribute judge on fresh toy-world renders (its
-accuracy gates the judged generation scores: ``judge_ok``), scores held-out QA (exact match per
-task/attribute vs the majority baseline), generation (t2i, image edit, frame prediction) at each
-visual-token CFG scale, VLMEvalKit TSV benchmarks and FID / CLIP score when weights are given, and
-writes ``metrics.json``, ``samples.jsonl``, ``report.html`` and the generation gallery into
-``out_dir``. ``EvalConfig`` is a plain dataclass: the stage config extends it with the Ray knobs.
+``evaluate_all(paths, cfg, out_dir)`` scores held-out QA (exact match per task/attribute vs the
+majority baseline), generation (t2i, image edit, frame prediction) at each visual-token CFG scale,
+judged by the attribute judge in ``paths["judge"]`` (the ``train_judge`` stage's; its own test's
+accuracy gates the judged generation scores: ``judge_ok``), VLMEvalKit TSV benchmarks and FID /
+CLIP score when weights are given, and writes ``metrics.json``, ``samples.jsonl``, ``report.html``
+and the generation gallery into ``out_dir``. The generation half (``generate_and_judge``) can run
+elsewhere while the QA pass runs here (the evaluate stage: a Ray task). ``EvalConfig`` is a plain
+dataclass: the stage config extends it with the Ray knobs.
 """
 
 from __future__ import annotations
@@ -22,17 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from metamorph.eval.config import FIDConfig, JudgeConfig
+from metamorph.eval.config import FIDConfig
 from metamorph.fields import operational
 
 QA_TASKS = ("image_qa", "video_qa", "visual_thinking")
+GEN_TASKS = ("t2i", "image_edit", "frame_prediction")
 HEADLINE_PREFIX = "eval/"
-
-# How the judge gets trained: (config, geometry) -> a zero-argument callable that returns
-# (judge, stats). Starting may return at once with the training under way elsewhere (the evaluate
-# stage runs it as a Ray task beside the QA pass); evaluate_all asks for the result only when the
-# generation scores need it.
-JudgeStarter = Callable[[JudgeConfig, dict], Callable[[], tuple[Any, dict[str, float]]]]
 
 
 @dataclass(kw_only=True)
@@ -64,7 +61,6 @@ class EvalConfig:
     decoder_guidance: Optional[float] = None
     decoder_steps: Optional[int] = None
     recon: bool = True  # also decode the true tokens (decoder-only upper bound)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
     # VLMEvalKit TSV files (MMBench / SEED / ScienceQA exports), scored by option-letter likelihood.
     tsv_paths: list[str] = field(default_factory=list)
     tsv_limit: int = 0  # rows per file (0 = all)
@@ -122,31 +118,85 @@ def _log(msg: str) -> None:
     logging.getLogger("metamorph.eval.run").info(msg)
 
 
-def train_judge_here(log: Callable[[str], None] = _log) -> JudgeStarter:
-    """The default ``JudgeStarter``: train in this process, before anything else is scored."""
+@dataclass
+class GenerationResult:
+    """What the generation half returns (picklable: it may come back from a Ray task)."""
+
+    metrics: dict[str, float]  # evaluate_generation's keys, judged ones withheld when the judge failed
+    records: list[dict[str, Any]]
+    gallery: dict[str, list]
+    collected: dict[str, dict[str, list]]  # every generated image, for FID / CLIP score (when asked)
+    judge_stats: dict[str, float]  # judge_acc_* / judge_ok (judge_ok 0 when there is no judge)
+    params: dict[str, Any]  # judge geometry, or why nothing was judged
+
+
+# How the generation half runs: (paths, cfg, samples, seed) -> a zero-argument callable returning
+# its GenerationResult. Starting may return at once with the work under way elsewhere (the
+# evaluate stage runs it as a Ray task while the QA pass runs here).
+GenerationStarter = Callable[[dict, "EvalConfig", list, int], Callable[[], GenerationResult]]
+
+
+def generate_and_judge(paths: dict[str, str], cfg: EvalConfig, samples: list, seed: int, device: str = "cpu",
+                       log: Callable[[str], None] = _log, runner: Any = None) -> GenerationResult:
+    """The generation half of the evaluation: generate every held-out generation item (``samples``:
+    (Sample, images) pairs of t2i / image_edit / frame_prediction) at each CFG scale, decode, and
+    judge with the judge in ``paths["judge"]`` (none given: nothing is judged). Deterministic in
+    its inputs and thread count, wherever it runs."""
+    from metamorph.eval.generation import evaluate_generation, gen_items
+    from metamorph.eval.inference import VPiTRunner
     from metamorph.eval.judge import Judge
 
-    def start(cfg: JudgeConfig, geometry: dict) -> Callable[[], tuple[Any, dict[str, float]]]:
-        done = Judge.train(cfg, geometry, log=log)
-        return lambda: done
+    runner = runner or VPiTRunner.from_dirs(paths["vpit_model"], paths["tokenizer"], paths["vision_encoder"],
+                                            paths["decoder"], device)
+    items = [it for s, ims in samples for it in gen_items(s, ims)]
+    judge, judge_stats, params = None, {"judge_ok": 0.0}, {}
+    if not any(it.truth is not None for it in items):
+        params["judge_skipped"] = "no held-out generation sample carries toy-world scene meta"
+    elif not paths.get("judge"):
+        params["judge_skipped"] = "no judge given (the train_judge stage's output)"
+    else:
+        judge, judge_stats = Judge.load(paths["judge"])
+        if judge is None:
+            params["judge_skipped"] = judge_stats.pop("skipped")
+            judge_stats = {"judge_ok": 0.0}
+        else:
+            params.update({f"judge_{k}": v for k, v in judge.geometry.items()})
+            log(f"judge: min accuracy {judge_stats['judge_acc_min']:.3f}, ok={bool(judge_stats['judge_ok'])}")
+    collected: dict[str, dict[str, list]] = {}
+    want_real = cfg.fid.inception_path is not None or cfg.fid.clip_path is not None
+    gen_metrics, records, gallery = evaluate_generation(
+        runner, items, cfg.cfg_scales, judge=judge, decoder_guidance=cfg.decoder_guidance,
+        decoder_steps=cfg.decoder_steps, recon=cfg.recon, seed=seed, keep_images=cfg.report_samples,
+        collect=collected if want_real else None, log=log, retrieval_pool=cfg.retrieval_pool,
+    )
+    judge_ok = bool(judge_stats["judge_ok"])
+    # the judge failed its own test (or there is none): its verdicts on generations do not count
+    # (its reading of the real held-out images still shows, to say why)
+    kept = {k: v for k, v in gen_metrics.items() if judge_ok or "/judge/" not in k or "/reference/" in k}
+    return GenerationResult(kept, records, gallery, collected, judge_stats, params)
+
+
+def generate_here(device: str = "cpu", log: Callable[[str], None] = _log, runner: Any = None) -> GenerationStarter:
+    """The default ``GenerationStarter``: run the generation half in this process, when asked."""
+    def start(paths, cfg, samples, seed):
+        return lambda: generate_and_judge(paths, cfg, samples, seed, device, log, runner)
 
     return start
 
 
 def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_seed: int = 0,
                  device: str = "cpu", log: Callable[[str], None] = _log,
-                 start_judge: Optional[JudgeStarter] = None,
+                 start_generation: Optional[GenerationStarter] = None,
                  ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     """Run every evaluation, write metrics.json / samples.jsonl / report.html into ``out_dir``;
-    returns (all metrics, headline metrics, protocol params). ``start_judge`` trains the
-    attribute judge (default: here, first); the judge is deterministic in its config, so where it
-    trains does not change a figure as long as it runs on the same number of threads."""
+    returns (all metrics, headline metrics, protocol params). ``paths``: vpit_model, tokenizer,
+    vision_encoder, decoder, mixture and (optional) judge directories. ``start_generation`` runs
+    the generation half (default: here, after the QA pass); it is deterministic, so where it runs
+    does not change a figure as long as it runs on the same number of threads."""
     import torch
 
-    from metamorph.eval.generation import evaluate_generation, gen_items
     from metamorph.eval.heldout import iter_train, load_heldout
     from metamorph.eval.inference import VPiTRunner
-    from metamorph.eval.judge import infer_geometry
     from metamorph.eval.understanding import answer_prior, evaluate_qa, every_question_items, qa_items, summarise
 
     t0 = time.perf_counter()
@@ -158,21 +208,11 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
     runner = VPiTRunner.from_dirs(paths["vpit_model"], paths["tokenizer"], paths["vision_encoder"], paths["decoder"], device)
     heldout = load_heldout(paths["mixture"], cfg.caps(), seed)
     metrics: dict[str, float] = {f"heldout_n/{t}": float(len(v)) for t, v in heldout.items()}
-    params: dict[str, Any] = {}
     log("held-out items: " + ", ".join(f"{t}={len(v)}" for t, v in heldout.items()))
 
-    # --- the judge: trained on fresh renders whose geometry matches the held-out scenes
-    gen_samples = [(s, ims) for t in ("t2i", "image_edit", "frame_prediction") for s, ims in heldout.get(t, [])]
-    items = [it for s, ims in gen_samples for it in gen_items(s, ims)]
-    judge_result = None
-    if any(it.truth is not None for it in items):
-        geometry = infer_geometry(cfg.judge, [s.meta for s, _ in gen_samples if s.task in ("t2i", "image_edit")])
-        judge_cfg = JudgeConfig(**{**cfg.judge.__dict__, "seed": cfg.judge.seed + seed})
-        judge_result = (start_judge or train_judge_here(log))(judge_cfg, geometry)
-        params.update({f"judge_{k}": v for k, v in geometry.items()})
-    else:
-        metrics["judge_ok"] = 0.0
-        params["judge_skipped"] = "no held-out generation sample carries toy-world scene meta"
+    # --- generation: started first, so it can run elsewhere while the QA pass runs here
+    gen_samples = [si for t in GEN_TASKS for si in heldout.get(t, [])]
+    generation = (start_generation or generate_here(device, log, runner))(paths, cfg, gen_samples, seed)
 
     # --- understanding: held-out QA
     t = time.perf_counter()
@@ -194,27 +234,13 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
             f"(training answers; held-out answers' own majority {metrics['qa_majority_heldout']:.3f}) "
             f"({time.perf_counter() - t:.1f}s)")
 
-    def trained_judge():
-        """The judge, once generation needs its verdicts (it may have been training meanwhile)."""
-        judge, jstats = judge_result()
-        metrics.update(jstats)
-        log(f"judge: min accuracy {jstats['judge_acc_min']:.3f} (threshold {cfg.judge.threshold}), ok={bool(jstats['judge_ok'])}")
-        return judge
-
-    # --- generation
-    collected: dict[str, dict[str, list]] = {}
-    want_real = cfg.fid.inception_path is not None or cfg.fid.clip_path is not None
-    gen_metrics, gen_records, gallery = evaluate_generation(
-        runner, items, cfg.cfg_scales, judge=trained_judge if judge_result is not None else None,
-        decoder_guidance=cfg.decoder_guidance, decoder_steps=cfg.decoder_steps, recon=cfg.recon, seed=seed,
-        keep_images=cfg.report_samples, collect=collected if want_real else None, log=log,
-        retrieval_pool=cfg.retrieval_pool,
-    )
+    # --- generation's results
+    gen = generation()
+    metrics.update(gen.judge_stats)
+    metrics.update({f"gen/{k}": v for k, v in gen.metrics.items()})
+    params: dict[str, Any] = dict(gen.params)
     judge_ok = bool(metrics["judge_ok"])
-    for k, v in gen_metrics.items():
-        if "/judge/" in k and not judge_ok and "/reference/" not in k:
-            continue  # the judge failed its own test: its verdicts on generations do not count
-        metrics[f"gen/{k}"] = v
+    gen_records, gallery, collected = gen.records, gen.gallery, gen.collected
 
     # --- real-data metrics (FID / CLIP score) on the t2i generations at the first scale
     from metamorph.eval.fid import real_data_metrics

@@ -93,19 +93,20 @@ def test_data_files_are_hashed_while_writing(smoke_run):
     assert seen >= 7 * 2, seen
 
 
-def test_judge_beside_qa_gives_the_same_figures(smoke_run, tmp_path):
-    """The smoke run's evaluate trained its judge as a Ray task beside the QA pass
-    (judge_beside_qa, the default); training it first in this process gives every figure the same."""
+def test_gen_beside_qa_gives_the_same_figures(smoke_run, tmp_path):
+    """The smoke run's evaluate ran its generations as a Ray task beside the QA pass (gen_beside_qa,
+    the default) with the train_judge stage's judge; running them after the QA pass in this
+    process gives every figure the same."""
     from metamorph.eval.run import evaluate_all
     from metamorph.threads import torch_threads
 
     summary, loaded = smoke_run["summary"], smoke_run["loaded"]
     cfg = loaded.stage("evaluate")
-    assert cfg.judge_beside_qa
+    assert cfg.gen_beside_qa
     d = summary.out_dirs
     paths = {"vpit_model": d["train_vpit"] / "vpit_model", "decoder": d["train_decoder"] / "decoder",
              "vision_encoder": d["vision_encoder"] / "vision_encoder", "tokenizer": d["tokenize"] / "tokenizer",
-             "mixture": d["mix"] / "mixture"}
+             "mixture": d["mix"] / "mixture", "judge": d["train_judge"] / "judge"}
     with torch_threads(int(cfg.cpus)):
         metrics, _, _ = evaluate_all({k: str(v) for k, v in paths.items()}, cfg.library(), str(tmp_path),
                                      loaded.typed.seed, "cpu")
@@ -114,3 +115,5 @@ def test_judge_beside_qa_gives_the_same_figures(smoke_run, tmp_path):
     figures = {k for k in metrics if "seconds" not in k}
     assert "judge_acc_min" in figures and "qa_acc" in figures  # the smoke judge's own test scores
     assert {k: metrics[k] for k in figures} == {k: before[k] for k in figures}
+    # and every sample: answers, generated-token scores, judged attributes
+    assert (tmp_path / "samples.jsonl").read_text() == (d["evaluate"] / "eval_report" / "samples.jsonl").read_text()

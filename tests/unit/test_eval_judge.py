@@ -98,3 +98,20 @@ def test_geometry_and_labels():
     assert infer_geometry(JudgeConfig(image_size=64), [])["image_size"] == 64
     lab = scene_labels(meta)
     assert lab[1:10].sum() == 2  # two occupied cells
+
+
+def test_saved_judge_loads_and_judges_the_same(trained, tmp_path):
+    """The train_judge stage's artifact: safetensors + judge.json; evaluate loads the same verdicts."""
+    judge, stats = trained
+    judge.save(tmp_path / "judge", stats, JudgeConfig(**SMALL))
+    assert sorted(p.name for p in (tmp_path / "judge").iterdir()) == ["judge.json", "judge.safetensors"]
+    loaded, loaded_stats = Judge.load(tmp_path / "judge")
+    assert loaded_stats == stats and loaded.geometry == judge.geometry
+    rng = np.random.default_rng(7)
+    images = [render(sample_scene(rng, image_size=32, n_objects=2)) for _ in range(20)]
+    assert loaded.predict(images) == judge.predict(images)
+    # a mixture without toy-world scenes: the directory says why there is no judge
+    Judge.save_skipped(tmp_path / "none", "no toy-world scenes")
+    assert Judge.load(tmp_path / "none") == (None, {"skipped": "no toy-world scenes"})
+    with pytest.raises(FileNotFoundError, match="judge.json"):
+        Judge.load(tmp_path)

@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from metamorph.eval.judge import JudgeConfig
 from pipelines.testing import run_stage
 from stages.evaluate import EvaluateConfig, EvaluateStage
+from stages.train_judge import TrainJudgeConfig, TrainJudgeStage
 from tests.unit.eval_fixtures import build_run
 
 pytestmark = pytest.mark.timeout(300)
@@ -22,9 +22,11 @@ def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalrun")
     paths = build_run(root, n_per_task=2)
     # an untrained judge: it must fail its own test and its verdicts on generations must not count
-    cfg = EvaluateConfig(judge=JudgeConfig(n_train=30, n_test=60, epochs=1), decoder_steps=1, cfg_scales=[1.0, 2.0],
-                         max_new_tokens=4)
-    out, stats = run_stage(EvaluateStage(), cfg, inputs=paths, root=root / "runs")
+    judge_dir, judge_stats = run_stage(TrainJudgeStage(), TrainJudgeConfig(n_train=30, n_test=60, epochs=1),
+                                       inputs={"mixture": paths["mixture"]}, root=root / "runs")
+    assert judge_stats["judge_ok"] == 0.0
+    cfg = EvaluateConfig(decoder_steps=1, cfg_scales=[1.0, 2.0], max_new_tokens=4)
+    out, stats = run_stage(EvaluateStage(), cfg, inputs={**paths, "judge": judge_dir / "judge"}, root=root / "runs")
     return out / "eval_report", stats
 
 
