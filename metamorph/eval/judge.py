@@ -30,7 +30,6 @@ import json
 import math
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
