@@ -65,6 +65,7 @@ def llm_worker(job: WorkerJob) -> None:
     from metamorph.train.loop import flops_per_token, train_loop
     from metamorph.train.reader import ShardReader
 
+    t_start = time.time()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = TrainConfig(**job.train)
     # one intra-op thread per reserved CPU: more would oversubscribe the cores other workers hold
@@ -72,6 +73,7 @@ def llm_worker(job: WorkerJob) -> None:
     _record_worker(Path(job.workers_dir), rank)
 
     model = job.build_model()
+    t_model = time.time()
     reader = ShardReader(
         job.shards,
         rank=rank,
@@ -82,6 +84,9 @@ def llm_worker(job: WorkerJob) -> None:
         collate=functools.partial(collate, feature_dim=job.feature_dim),
         columns=BATCH_KEYS,  # skip sample_ids/num_tokens: nothing in the batch reads them
     )
+    if rank == 0:  # where a stage's start-up goes (Ray Train's worker group start is before t_start)
+        log.info("worker ready %.1fs after its function started: model built in %.1fs, shards opened in %.1fs",
+                 time.time() - t_start, t_model - t_start, time.time() - t_model)
     llm_cfg = getattr(getattr(model, "config", None), "llm", None)
     fpt = flops_per_token(
         model,

@@ -37,7 +37,7 @@ NOISE = ("(raylet)", "(pid=", "TrainingReport", "PlacementGroupCleaner", "worker
          "ray.data", "ray.train", "Traceback")
 STAGES = ("world", "vision_encoder", "curate_understanding", "curate_generation", "curate_video",
           "curate_visual_thinking", "curate_image_edit", "mix", "tokenize", "train_connector", "train_vpit",
-          "train_decoder", "evaluate")
+          "train_decoder", "train_judge", "evaluate")
 
 
 def _env(tmp: Path, name: str) -> dict[str, str]:

@@ -29,7 +29,7 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     expected = {
         "world", "curate_understanding", "curate_generation", "curate_video", "curate_visual_thinking",
         "curate_image_edit", "mix", "vision_encoder", "tokenize", "train_connector", "train_vpit",
-        "train_decoder", "evaluate",
+        "train_decoder", "train_judge", "evaluate",
     }
     assert set(summary.statuses) == expected
     assert set(summary.statuses.values()) == {"ran"}
