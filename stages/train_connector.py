@@ -50,7 +50,7 @@ def build_connector_model(model_cfg: MetaMorphConfig, seed: int):
 
 class TrainConnector(Stage):
     name = "train_connector"
-    version = "1"
+    version = "2"  # 2: AdamW spares the slot and image-ordinal tables (model.no_weight_decay)
     inputs = ("tokenized", "tokenizer")
     outputs = ("connector_model",)
     config_cls = TrainConnectorConfig

@@ -64,7 +64,7 @@ def build_vpit_model(connector_dir: str):
 
 class TrainVPiT(Stage):
     name = "train_vpit"
-    version = "1"
+    version = "2"  # 2: AdamW spares the slot and image-ordinal tables (model.no_weight_decay)
     inputs = ("tokenized", "connector_model")
     outputs = ("vpit_model",)
     config_cls = TrainVPiTConfig

@@ -177,16 +177,10 @@ def train_loop(
         raise ValueError("no trainable parameters: call set_trainable(...) before train_loop")
     train_model = _wrap(model, cfg, device, world, bf16)
 
-    # --- optimizer and schedule: decay matrices only (norms/biases never), paper uses wd 0 anyway
+    # --- optimizer and schedule
     params = [p for p in train_model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
     peak_lr = effective_lr(cfg, world)
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=peak_lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     plan = plan_steps(cfg, reader)
     total_steps = plan.total_steps
     scheduler = warmup_cosine_scheduler(
@@ -327,6 +321,20 @@ def train_loop(
 
 
 # ---- helpers (kept small; the loop above is the part to read)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: weight decay on matrices only, never on norms,
+    biases or what ``model.no_weight_decay()`` names (timm's convention for position tables; the
+    MetaMorph model's slot and image-ordinal embeddings). The paper trains at wd 0 anyway.
+    Parameters are read off the unwrapped model (DDP's wrapper and FSDP2 hold the same objects)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if p.ndim >= 2 and n not in skip], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if p.ndim < 2 or n in skip], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int, bf16: bool) -> nn.Module:

@@ -521,3 +521,28 @@ def test_image_index_embed_tells_the_frames_of_a_sample_apart(tmp_path):
     assert back.config == model.config and back.config.image_index_embed == 2
     with torch.no_grad():
         assert torch.equal(back(**packed).logits, fwd.logits)
+
+
+def test_weight_decay_spares_the_position_tables():
+    """AdamW with weight decay shrinks the LLM's matrices but not the slot / image-ordinal tables
+    (they carry where a token sits and which image it is in), nor norms and biases."""
+    from metamorph.train.loop import param_groups
+
+    model = _model(visual_pos_embed=True, image_index_embed=2)
+    model.set_trainable("vpit")
+    groups = param_groups(model, 0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert {"visual_pos_embed", "image_index_embed"} <= spared
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(groups, lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # only the decay moves anything
+    opt.step()
+    after = dict(model.named_parameters())
+    assert torch.equal(after["visual_pos_embed"], before["visual_pos_embed"])
+    assert torch.equal(after["image_index_embed"], before["image_index_embed"])
+    decayed = [n for n in before if n not in spared]
+    assert decayed and all(after[n].norm() < before[n].norm() for n in decayed)
+    # without the tables the model names nothing to spare
+    assert _model().no_weight_decay() == set()
