@@ -508,6 +508,18 @@ def init_ray(ray_cfg, address: str | None = None) -> str:
     """
     import ray
 
+    # the stage libraries' imports overlap Ray's start-up (mostly waiting on its daemons); no stage
+    # thread runs yet, so they are still imported before any stage can touch them
+    failed: list[BaseException] = []
+
+    def _import() -> None:
+        try:
+            import_stage_libraries()
+        except BaseException as e:  # raised below, on the caller's thread
+            failed.append(e)
+
+    importing = threading.Thread(target=_import, name="import-stage-libraries", daemon=True)
+    importing.start()
     if ray.is_initialized():
         where = "existing"
     else:
@@ -525,6 +537,9 @@ def init_ray(ray_cfg, address: str | None = None) -> str:
                     log_to_driver=False,
                 )
             where = "local"
+    importing.join()  # before ray.data's imports: two threads importing one package can see it half-initialised
+    if failed:
+        raise failed[0]
     import ray.data  # configures its loggers on import: route them (and Ray's) to our files
 
     from pipelines.logs import quiet_library_loggers
@@ -533,7 +548,6 @@ def init_ray(ray_cfg, address: str | None = None) -> str:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     quiet_library_loggers()
-    import_stage_libraries()
     return where
 
 
