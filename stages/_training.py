@@ -92,13 +92,20 @@ def ray_is_up() -> bool:
     return ray.is_initialized()
 
 
-def start_task(fn: Callable[..., Any], *args: Any, cpus: float, logger: str) -> Callable[[], Any]:
+def start_task(fn: Callable[..., Any], *args: Any, cpus: float, logger: str, nice: int = 0) -> Callable[[], Any]:
     """Run ``fn(*args)`` as a Ray task holding ``cpus`` CPUs; return a zero-argument callable that
     waits for its result. The INFO lines ``logger`` wrote in the task are replayed into this
-    process's ``logger`` then (a task's output does not reach the stage's log)."""
+    process's ``logger`` then (a task's output does not reach the stage's log).
+
+    ``nice`` > 0: the task runs at that lower CPU priority, in a worker process of its own that
+    exits after it (a niceness cannot be undone, and Ray reuses workers): for work off the
+    critical path, so stages that others wait for keep the cores when they contend."""
     import ray
 
-    ref = ray.remote(num_cpus=cpus)(_logged_call).remote(fn, logger, *args)
+    options: dict[str, Any] = {"num_cpus": cpus}
+    if nice > 0:
+        options["max_calls"] = 1
+    ref = ray.remote(**options)(_logged_call).remote(fn, logger, nice, *args)
 
     def result() -> Any:
         out, lines = ray.get(ref)
@@ -109,7 +116,11 @@ def start_task(fn: Callable[..., Any], *args: Any, cpus: float, logger: str) -> 
     return result
 
 
-def _logged_call(fn: Callable[..., Any], logger: str, *args: Any) -> tuple[Any, list[str]]:
+def _logged_call(fn: Callable[..., Any], logger: str, nice: int, *args: Any) -> tuple[Any, list[str]]:
+    import os
+
+    if nice > 0:
+        os.nice(nice)
     lines: list[str] = []
 
     class _Keep(logging.Handler):

@@ -17,8 +17,8 @@ Output ``eval_report/``:
 Steps (``metamorph.eval.run.evaluate_all``; this module is the Ray and MLflow glue): held-out QA
 (exact match per task/attribute vs the majority baseline); generation (t2i, image edit, frame
 prediction) at each visual-token CFG scale, judged by the attribute judge (its own test's accuracy
-gates the judged scores: ``judge_ok``); on CPU the generations run as a Ray task beside the QA pass
-(``gen_beside_qa``); VLMEvalKit TSV benchmarks; FID / CLIP score when weights are given. With
+gates the judged scores: ``judge_ok``); on CPU the QA pass runs as a Ray task beside the generations
+(``qa_beside_generation``); VLMEvalKit TSV benchmarks; FID / CLIP score when weights are given. With
 ``use_gpu`` the whole evaluation runs as one Ray task holding a GPU (the driver may have none).
 """
 
@@ -34,7 +34,7 @@ from typing import Any, Optional
 from metamorph.eval.run import GALLERY_FILE, EvalConfig, evaluate_all
 from pipelines.stage import Stage, StageConfig, StageContext, operational
 
-_EVAL_LOGGER = "metamorph.eval.run"  # evaluate_all's log, where the generation task's lines belong
+_EVAL_LOGGER = "metamorph.eval.run"  # evaluate_all's log, where the QA task's lines belong
 
 
 @dataclass(kw_only=True)
@@ -50,12 +50,13 @@ class EvaluateConfig(StageConfig, EvalConfig):
     # figures do not depend on where the driver runs (a `ray job submit` entrypoint and a
     # terminal start torch with different thread counts, and float sums follow them)
     cpus: float = field(default=1.0, metadata=operational())
-    # On CPU, run the generations (and their decoding and judging) as a Ray task holding cpus CPUs
-    # (as many torch threads as the QA pass here) while the QA pass runs, instead of after it. Both
-    # halves are deterministic, so every figure is the same either way; tiny's evaluate 52 -> ~30 s.
-    # False (or Ray not started, as when the stage runs on its own): one after the other here (the
-    # only way with use_gpu).
-    gen_beside_qa: bool = field(default=True, metadata=operational())
+    # On CPU, run the QA pass as a Ray task holding cpus CPUs (as many torch threads as this
+    # process) while the generations, their decoding and judging run here (this process has the
+    # libraries imported and the decoder loaded, the task starts cold: ~5 s, so it takes the
+    # shorter half). Both halves are deterministic, so every figure is the same either way; tiny's
+    # evaluate 52 s -> ~32 s. False (or Ray not started, as when the stage runs on its own): one
+    # after the other here (the only way with use_gpu).
+    qa_beside_generation: bool = field(default=True, metadata=operational())
 
     def __post_init__(self) -> None:
         EvalConfig.__post_init__(self)
@@ -88,7 +89,7 @@ class EvaluateStage(Stage):
                 raise ValueError(f"evaluate.tsv_paths: {p} is not a file")
 
     def resources(self, cfg: EvaluateConfig) -> dict[str, float]:
-        # on CPU the QA pass runs in the driver; the Ray CPUs are the generation task's
+        # on CPU the generations run in the driver; the Ray CPUs are the QA task's
         return {"CPU": cfg.cpus, **({"GPU": 1.0} if cfg.use_gpu else {})}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
@@ -104,28 +105,26 @@ class EvaluateStage(Stage):
             from metamorph.threads import torch_threads
             from stages._training import ray_is_up
 
-            starter = _generation_task(cfg.cpus) if cfg.gen_beside_qa and ray_is_up() else None
+            starter = _qa_task(cfg.cpus) if cfg.qa_beside_generation and ray_is_up() else None
             with torch_threads(int(cfg.cpus)):
-                metrics, headline, params = evaluate_all(paths, cfg.library(), str(out), ctx.seed, "cpu",
-                                                         start_generation=starter)
+                metrics, headline, params = evaluate_all(paths, cfg.library(), str(out), ctx.seed, "cpu", start_qa=starter)
         return publish(ctx, out, metrics, headline, params)
 
 
-def _generate(paths: dict, cfg: Any, samples: list, seed: int, threads: int) -> Any:
-    """The generation task's body: the generation half on ``threads`` torch threads."""
-    from metamorph.eval.run import generate_and_judge
+def _answer(paths: dict, cfg: Any, samples: list, threads: int) -> Any:
+    """The QA task's body: the QA pass on ``threads`` torch threads."""
+    from metamorph.eval.run import answer_questions
     from metamorph.threads import torch_threads
 
     with torch_threads(threads):
-        return generate_and_judge(paths, cfg, samples, seed, "cpu", log=logging.getLogger(_EVAL_LOGGER).info)
+        return answer_questions(paths, cfg, samples, "cpu", log=logging.getLogger(_EVAL_LOGGER).info)
 
 
-def _generation_task(cpus: float):
-    """A ``GenerationStarter`` that runs the generation half as a Ray task holding ``cpus`` CPUs."""
+def _qa_task(cpus: float):
+    """A ``QAStarter`` that runs the QA pass as a Ray task holding ``cpus`` CPUs."""
     from stages._training import start_task
 
-    return lambda paths, cfg, samples, seed: start_task(_generate, paths, cfg, samples, seed, int(cpus), cpus=cpus,
-                                                        logger=_EVAL_LOGGER)
+    return lambda paths, cfg, samples: start_task(_answer, paths, cfg, samples, int(cpus), cpus=cpus, logger=_EVAL_LOGGER)
 
 
 def publish(ctx: StageContext, out: Path, metrics: dict[str, float], headline: dict[str, float],

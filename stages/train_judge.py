@@ -37,9 +37,16 @@ class TrainJudgeConfig(StageConfig, JudgeConfig):
     # CPUs the training task reserves, also its torch thread count (the judge is deterministic in
     # its config and thread count, so its figures do not depend on where it runs)
     cpus: float = field(default=1.0, metadata=operational())
+    # CPU priority of the training task (0: normal; up to 19). Nothing but evaluate waits for the
+    # judge, so by default it yields the cores: in tiny it starts while vision_encoder pretrains
+    # and was still training when tokenize and train_decoder started, three busy processes on two
+    # cores (tokenize 20 -> 25-27 s, on the critical path). The figures do not depend on it.
+    nice: int = field(default=10, metadata=operational())
 
     def __post_init__(self) -> None:
         JudgeConfig.__post_init__(self)
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"train_judge.nice={self.nice} must be in 0..19 (0: normal priority)")
         if self.cpus < 1:
             raise ValueError(f"train_judge.cpus={self.cpus} must be >= 1 (it is also the torch thread count)")
 
@@ -77,7 +84,8 @@ class TrainJudgeStage(Stage):
         recipe = cfg.recipe(ctx.seed)
         geometry = infer_geometry(recipe, metas)
         if ray_is_up():  # a Ray task holding its CPUs, beside the vision encoder's pretraining
-            judge, stats = start_task(train_judge, recipe, geometry, int(cfg.cpus), cpus=cfg.cpus, logger=_LOGGER)()
+            judge, stats = start_task(train_judge, recipe, geometry, int(cfg.cpus), cpus=cfg.cpus, logger=_LOGGER,
+                                      nice=cfg.nice)()
         else:
             judge, stats = train_judge(recipe, geometry, int(cfg.cpus))
         judge.save(out, stats, recipe)

@@ -8,8 +8,8 @@ majority baseline), generation (t2i, image edit, frame prediction) at each visua
 judged by the attribute judge in ``paths["judge"]`` (the ``train_judge`` stage's; its own test's
 accuracy gates the judged generation scores: ``judge_ok``), VLMEvalKit TSV benchmarks and FID /
 CLIP score when weights are given, and writes ``metrics.json``, ``samples.jsonl``, ``report.html``
-and the generation gallery into ``out_dir``. The generation half (``generate_and_judge``) can run
-elsewhere while the QA pass runs here (the evaluate stage: a Ray task). ``EvalConfig`` is a plain
+and the generation gallery into ``out_dir``. The QA pass (``answer_questions``) can run elsewhere
+while the generations run here (the evaluate stage: a Ray task). ``EvalConfig`` is a plain
 dataclass: the stage config extends it with the Ray knobs.
 """
 
@@ -120,7 +120,7 @@ def _log(msg: str) -> None:
 
 @dataclass
 class GenerationResult:
-    """What the generation half returns (picklable: it may come back from a Ray task)."""
+    """What the generation half returns."""
 
     metrics: dict[str, float]  # evaluate_generation's keys, judged ones withheld when the judge failed
     records: list[dict[str, Any]]
@@ -130,10 +130,64 @@ class GenerationResult:
     params: dict[str, Any]  # judge geometry, or why nothing was judged
 
 
-# How the generation half runs: (paths, cfg, samples, seed) -> a zero-argument callable returning
-# its GenerationResult. Starting may return at once with the work under way elsewhere (the
-# evaluate stage runs it as a Ray task while the QA pass runs here).
-GenerationStarter = Callable[[dict, "EvalConfig", list, int], Callable[[], GenerationResult]]
+@dataclass
+class QAResult:
+    """What the QA pass returns (picklable: it may come back from a Ray task)."""
+
+    records: list[dict[str, Any]]  # one per asked item, in the order asked
+    metrics: dict[str, float]  # accuracy per task / attribute, the majority baselines, intervals
+    seconds: float
+
+
+# How the QA pass runs: (paths, cfg, samples) -> a zero-argument callable returning its QAResult.
+# Starting may return at once with the work under way elsewhere (the evaluate stage runs it as a
+# Ray task while the generations run here).
+QAStarter = Callable[[dict, "EvalConfig", list], Callable[[], QAResult]]
+
+
+def question_items(cfg: EvalConfig, samples: list) -> list:
+    """The QA items asked of held-out QA ``samples`` ((Sample, images) pairs), in order."""
+    from metamorph.eval.understanding import every_question_items, qa_items
+
+    ask = every_question_items if cfg.every_question else qa_items
+    return [it for s, ims in samples for it in ask(s, ims)]
+
+
+def answer_questions(paths: dict[str, str], cfg: EvalConfig, samples: list, device: str = "cpu",
+                     log: Callable[[str], None] = _log, runner: Any = None) -> QAResult:
+    """The QA pass: ask every question of the held-out QA ``samples`` and score the answers by
+    exact match against the majority baseline of the training answers (the mixture's training
+    QA items; no image is decoded). Deterministic in its inputs and thread count, wherever it runs."""
+    from metamorph.eval.heldout import iter_train
+    from metamorph.eval.inference import VPiTRunner
+    from metamorph.eval.understanding import answer_prior, evaluate_qa, qa_items, summarise
+
+    t = time.perf_counter()
+    runner = runner or VPiTRunner.from_dirs(paths["vpit_model"], paths["tokenizer"], paths["vision_encoder"], None, device)
+    qa = question_items(cfg, samples)
+    records = evaluate_qa(runner, qa, cfg.max_new_tokens)
+    prior, n_prior = {}, 0
+    if qa:
+        train_qa = ({"task": it.task, "attribute": it.attribute, "format": it.format, "truth": it.truth}
+                    for s, ims in iter_train(paths["mixture"], QA_TASKS) for it in qa_items(s, ims))
+        prior, n_prior = answer_prior(train_qa, cfg.prior_max_items)
+    metrics = {"qa_prior_items": float(n_prior), **summarise(records, prior)}
+    if records:
+        vt = [r["crop_cosine"] for r in records if "crop_cosine" in r]
+        if vt:
+            metrics["qa_crop_cosine/visual_thinking"] = sum(vt) / len(vt)
+        log(f"QA: {len(records)} items, acc {metrics['qa_acc']:.3f} vs majority {metrics['qa_majority']:.3f} "
+            f"(training answers; held-out answers' own majority {metrics['qa_majority_heldout']:.3f}) "
+            f"({time.perf_counter() - t:.1f}s)")
+    return QAResult(records, metrics, time.perf_counter() - t)
+
+
+def ask_here(device: str = "cpu", log: Callable[[str], None] = _log, runner: Any = None) -> QAStarter:
+    """The default ``QAStarter``: run the QA pass in this process, when its result is asked for."""
+    def start(paths, cfg, samples):
+        return lambda: answer_questions(paths, cfg, samples, device, log, runner)
+
+    return start
 
 
 def generate_and_judge(paths: dict[str, str], cfg: EvalConfig, samples: list, seed: int, device: str = "cpu",
@@ -176,28 +230,19 @@ def generate_and_judge(paths: dict[str, str], cfg: EvalConfig, samples: list, se
     return GenerationResult(kept, records, gallery, collected, judge_stats, params)
 
 
-def generate_here(device: str = "cpu", log: Callable[[str], None] = _log, runner: Any = None) -> GenerationStarter:
-    """The default ``GenerationStarter``: run the generation half in this process, when asked."""
-    def start(paths, cfg, samples, seed):
-        return lambda: generate_and_judge(paths, cfg, samples, seed, device, log, runner)
-
-    return start
-
-
 def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_seed: int = 0,
                  device: str = "cpu", log: Callable[[str], None] = _log,
-                 start_generation: Optional[GenerationStarter] = None,
+                 start_qa: Optional[QAStarter] = None,
                  ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     """Run every evaluation, write metrics.json / samples.jsonl / report.html into ``out_dir``;
     returns (all metrics, headline metrics, protocol params). ``paths``: vpit_model, tokenizer,
-    vision_encoder, decoder, mixture and (optional) judge directories. ``start_generation`` runs
-    the generation half (default: here, after the QA pass); it is deterministic, so where it runs
-    does not change a figure as long as it runs on the same number of threads."""
+    vision_encoder, decoder, mixture and (optional) judge directories. ``start_qa`` runs the QA
+    pass (default: here, after the generations); both halves are deterministic, so where the QA
+    pass runs does not change a figure as long as it runs on the same number of threads."""
     import torch
 
-    from metamorph.eval.heldout import iter_train, load_heldout
+    from metamorph.eval.heldout import load_heldout
     from metamorph.eval.inference import VPiTRunner
-    from metamorph.eval.understanding import answer_prior, evaluate_qa, every_question_items, qa_items, summarise
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -210,37 +255,21 @@ def evaluate_all(paths: dict[str, str], cfg: EvalConfig, out_dir: str, pipeline_
     metrics: dict[str, float] = {f"heldout_n/{t}": float(len(v)) for t, v in heldout.items()}
     log("held-out items: " + ", ".join(f"{t}={len(v)}" for t, v in heldout.items()))
 
-    # --- generation: started first, so it can run elsewhere while the QA pass runs here
-    gen_samples = [si for t in GEN_TASKS for si in heldout.get(t, [])]
-    generation = (start_generation or generate_here(device, log, runner))(paths, cfg, gen_samples, seed)
+    # --- understanding: the QA pass, started first so it can run elsewhere meanwhile
+    qa_samples = [si for t in QA_TASKS for si in heldout.get(t, [])]
+    answers = (start_qa or ask_here(device, log, runner))(paths, cfg, qa_samples)
 
-    # --- understanding: held-out QA
-    t = time.perf_counter()
-    ask = every_question_items if cfg.every_question else qa_items
-    qa = [it for task in QA_TASKS for s, ims in heldout.get(task, []) for it in ask(s, ims)]
-    qa_records = evaluate_qa(runner, qa, cfg.max_new_tokens)
-    prior, n_prior = {}, 0
-    if qa:  # the baseline's answers: the training QA items' (no image is decoded)
-        train_qa = ({"task": it.task, "attribute": it.attribute, "format": it.format, "truth": it.truth}
-                    for s, ims in iter_train(paths["mixture"], QA_TASKS) for it in qa_items(s, ims))
-        prior, n_prior = answer_prior(train_qa, cfg.prior_max_items)
-    metrics["qa_prior_items"] = float(n_prior)
-    metrics.update(summarise(qa_records, prior))
-    if qa_records:
-        vt = [r["crop_cosine"] for r in qa_records if "crop_cosine" in r]
-        if vt:
-            metrics["qa_crop_cosine/visual_thinking"] = sum(vt) / len(vt)
-        log(f"QA: {len(qa_records)} items, acc {metrics['qa_acc']:.3f} vs majority {metrics['qa_majority']:.3f} "
-            f"(training answers; held-out answers' own majority {metrics['qa_majority_heldout']:.3f}) "
-            f"({time.perf_counter() - t:.1f}s)")
-
-    # --- generation's results
-    gen = generation()
+    # --- generation, decoded and judged, here (this process has the decoder loaded already)
+    gen = generate_and_judge(paths, cfg, [si for t in GEN_TASKS for si in heldout.get(t, [])], seed, device, log, runner)
     metrics.update(gen.judge_stats)
     metrics.update({f"gen/{k}": v for k, v in gen.metrics.items()})
     params: dict[str, Any] = dict(gen.params)
     judge_ok = bool(metrics["judge_ok"])
     gen_records, gallery, collected = gen.records, gen.gallery, gen.collected
+
+    qa_result = answers()
+    qa, qa_records = question_items(cfg, qa_samples), qa_result.records
+    metrics.update(qa_result.metrics)
 
     # --- real-data metrics (FID / CLIP score) on the t2i generations at the first scale
     from metamorph.eval.fid import real_data_metrics

@@ -93,16 +93,16 @@ def test_data_files_are_hashed_while_writing(smoke_run):
     assert seen >= 7 * 2, seen
 
 
-def test_gen_beside_qa_gives_the_same_figures(smoke_run, tmp_path):
-    """The smoke run's evaluate ran its generations as a Ray task beside the QA pass (gen_beside_qa,
-    the default) with the train_judge stage's judge; running them after the QA pass in this
-    process gives every figure the same."""
+def test_qa_beside_generation_gives_the_same_figures(smoke_run, tmp_path):
+    """The smoke run's evaluate ran its QA pass as a Ray task beside the generations
+    (qa_beside_generation, the default), judged with the train_judge stage's judge; both in this
+    process, one after the other, give every figure and sample the same."""
     from metamorph.eval.run import evaluate_all
     from metamorph.threads import torch_threads
 
     summary, loaded = smoke_run["summary"], smoke_run["loaded"]
     cfg = loaded.stage("evaluate")
-    assert cfg.gen_beside_qa
+    assert cfg.qa_beside_generation
     d = summary.out_dirs
     paths = {"vpit_model": d["train_vpit"] / "vpit_model", "decoder": d["train_decoder"] / "decoder",
              "vision_encoder": d["vision_encoder"] / "vision_encoder", "tokenizer": d["tokenize"] / "tokenizer",
