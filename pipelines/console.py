@@ -160,6 +160,8 @@ def _dur(s: float | None) -> str:
 # what a curation stage kept and set aside.
 HEADLINE_FIRST = ("eval/qa_acc", "eval/retrieval_top1", "eval/gen_attr_acc")
 HEADLINE_COUNTS = ("samples_out", "heldout_out", "quarantined")
+# the attribute judge's own test: its weakest attribute and whether its verdicts count
+HEADLINE_JUDGE = ("judge_acc_min", "judge_ok")
 
 
 def headline(stats: dict[str, Any], n: int = 3) -> str:
@@ -168,6 +170,7 @@ def headline(stats: dict[str, Any], n: int = 3) -> str:
     nums = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     order = [k for k in HEADLINE_FIRST if k in nums]
     order += [k for k in nums if k.startswith("eval/") and k not in order]
+    order += [k for k in HEADLINE_JUDGE if k in nums and k not in order]
     order += [k for k in nums if k.startswith("final") and k not in order]
     order += [k for k in nums if "loss" in k and not k.startswith("first") and k not in order]
     order += [k for k in nums if k.startswith("n_") and k not in order]

@@ -85,6 +85,9 @@ def test_headline_prefers_eval_then_final_losses():
     # a curation stage: what it kept and set aside, not its timings
     assert headline({"seconds": 4.2, "images_per_s": 45.0, "samples_out": 120, "quarantined": 0}) == \
         "samples_out=120  quarantined=0"
+    # the judge: its own test's weakest attribute and whether its verdicts count, not its timings
+    assert headline({"judge_acc_shape": 0.958, "judge_acc_min": 0.958, "judge_ok": 1.0, "judge_seconds": 25.0}) == \
+        "judge_acc_min=0.958  judge_ok=1"
 
 
 def test_router_files_records_by_stage_thread(tmp_path):
