@@ -15,9 +15,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 if "METAMORPH_CLI_CACHE_DIR" not in os.environ:  # remembered CLI resolutions: per test session
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["METAMORPH_CLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="metamorph-cli-cache-")
+    atexit.register(shutil.rmtree, os.environ["METAMORPH_CLI_CACHE_DIR"], True)  # not one dir left per session
 
 import pytest
 
